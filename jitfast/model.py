@@ -163,6 +163,12 @@ class JiT(nn.Module):
         if in_context_len > 0 and not 0 <= in_context_start < depth:
             raise ValueError(f"in_context_start {in_context_start} must lie in [0, depth={depth})")
         self.backend = check_backend(backend)
+        self.config = dict(  # the architecture, as stored in checkpoints (backend excluded)
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            attn_drop=attn_drop, proj_drop=proj_drop, num_classes=num_classes,
+            bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
+            in_context_start=in_context_start, attn_scores_fp32=attn_scores_fp32)
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = self.out_channels = in_channels

@@ -1,0 +1,66 @@
+"""Exponential moving averages of a model's parameters (JiT keeps two: 0.9999 and 0.9996)."""
+from contextlib import contextmanager
+
+import torch
+
+
+class EMA:
+    """Copies of `model`'s parameters, one set per decay, updated with foreach kernels.
+
+    ``update()`` does ema ← decay·ema + (1 - decay)·param for every set (the official update);
+    ``swapped(k)`` temporarily puts set k (1-based) into the model, e.g. for sampling;
+    ``state_dict(k)`` gives the model's state dict with set k's values, the official
+    ``model_ema{k}`` entry of a checkpoint.
+    """
+
+    def __init__(self, model, decays=(0.9999, 0.9996)):
+        for decay in decays:
+            if not 0.0 <= decay < 1.0:
+                raise ValueError(f"EMA decays must lie in [0, 1), got {decay}")
+        self.model = model
+        self.decays = tuple(decays)
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.shadows = [[p.detach().clone() for p in self.params] for _ in self.decays]
+
+    @torch.no_grad()
+    def update(self):
+        current = [p.detach() for p in self.params]
+        for decay, shadow in zip(self.decays, self.shadows):
+            torch._foreach_mul_(shadow, decay)
+            torch._foreach_add_(shadow, current, alpha=1.0 - decay)
+
+    def _index(self, which):
+        if not 1 <= which <= len(self.decays):
+            raise ValueError(f"EMA index must be in 1..{len(self.decays)}, got {which}")
+        return which - 1
+
+    @contextmanager
+    def swapped(self, which=1):
+        """Within the block the model holds EMA set `which`; its own weights come back after."""
+        shadow = self.shadows[self._index(which)]
+        with torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.detach() for p in self.params], shadow)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], backup)
+
+    def state_dict(self, which=1):
+        """The model's state dict with EMA set `which` in place of the parameters."""
+        state = self.model.state_dict()
+        for name, value in zip(self.names, self.shadows[self._index(which)]):
+            state[name] = value.detach().clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state, which=1):
+        """Set EMA set `which` from a state dict with the model's parameter names."""
+        missing = [name for name in self.names if name not in state]
+        if missing:
+            raise KeyError(f"EMA state dict lacks parameters: {', '.join(missing)}")
+        shadow = self.shadows[self._index(which)]
+        torch._foreach_copy_(shadow, [state[name].to(s.device, s.dtype)
+                                      for name, s in zip(self.names, shadow)])

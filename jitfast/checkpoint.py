@@ -44,8 +44,8 @@ def read_checkpoint(path, map_location="cpu"):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: ([^\n]*)", str(err))
-        what = found.group(1).strip() if found else str(err).splitlines()[0]
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f"it references {found.group(1)}" if found else str(err).splitlines()[0]
         raise CheckpointError(
             f"{path!r} refused: loading it would need arbitrary unpickling ({what}). Only "
             f"tensors, plain Python data and argparse.Namespace are allowed. If you trust the "
@@ -93,11 +93,12 @@ def _require(state, key):
     return state[key]
 
 
-def infer_config(state, ckpt=None):
-    """JiT constructor keywords from the tensor shapes (plus the stored config or args)."""
+def infer_config(state, ckpt=None, **overrides):
+    """JiT constructor keywords: the stored config, else the tensor shapes (plus the official
+    args); `overrides` win over both."""
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None
     if isinstance(stored, dict):
-        return dict(stored)
+        return {**stored, **overrides}
     pos = _require(state, "pos_embed")
     proj1 = _require(state, "x_embedder.proj1.weight")
     hidden, num_patches = pos.shape[-1], pos.shape[1]
@@ -113,7 +114,9 @@ def infer_config(state, ckpt=None):
                   bottleneck_dim=proj1.shape[0], in_context_len=0 if ic is None else ic.shape[1])
     if int(int(hidden * 4.0) * 2 / 3) == mlp_hidden:
         config["mlp_ratio"] = 4.0
-    config["in_context_start"] = _in_context_start(config, ckpt)
+    config.update(overrides)
+    if "in_context_start" not in config:
+        config["in_context_start"] = _in_context_start(config, ckpt)
     return config
 
 
@@ -164,8 +167,7 @@ def load_checkpoint(path, weights="ema1", device="cpu", backend="auto", **overri
     """
     ckpt = read_checkpoint(path)
     state = select_weights(ckpt, weights)
-    config = {**infer_config(state, ckpt), **overrides}
-    model = JiT(**config, backend=backend)
+    model = JiT(**infer_config(state, ckpt, **overrides), backend=backend)
     check_state_dict(model, state)
     model.load_state_dict(state)
     return model.to(device).eval()

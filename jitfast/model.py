@@ -28,7 +28,8 @@ class TimestepEmbedder(nn.Module):
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # a bf16 model takes bf16
 
 
 class LabelEmbedder(nn.Module):

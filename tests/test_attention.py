@@ -1,0 +1,43 @@
+import math
+
+import torch
+
+from jitfast.attention import attention, attention_backend
+
+
+def explicit_attention(q, k, v):
+    weights = (q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
+    return weights @ v.double()
+
+
+def test_backends_agree_with_the_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=g) for _ in range(3))
+    expected = explicit_attention(q, k, v)
+    for scores_fp32 in (False, True):
+        out = attention(q, k, v, scores_fp32=scores_fp32)
+        assert out.shape == (3, 2, 7, 8) and out.dtype == torch.float32
+        assert torch.allclose(out.double(), expected, atol=1e-6)
+
+
+def test_fp32_scores_accept_bf16_inputs():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 9, 16, generator=g).bfloat16() * 3 for _ in range(3))
+    expected = explicit_attention(q, k, v)
+    out = attention(q, k, v, scores_fp32=True)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - expected).abs().max() < 0.05
+
+
+def test_backend_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_backend(cpu, torch.float32) == "math"
+    assert attention_backend(cpu, torch.bfloat16, scores_fp32=True) == "fp32"
+    assert attention_backend(cuda, torch.float32) == "sdpa"  # flash-attn needs half precision
+
+
+def test_dropout_is_applied_only_when_asked():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 5, 4) for _ in range(3))
+    assert torch.equal(attention(q, k, v), attention(q, k, v))
+    assert not torch.allclose(attention(q, k, v, dropout_p=0.5), attention(q, k, v))

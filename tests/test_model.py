@@ -1,0 +1,135 @@
+"""JiT network: parity with the official code, the official layout, presets, input checks."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from jitfast import JiT, JiT_models
+from jitfast.presets import preset_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL = torch.load(FIXTURES / "official_tiny.pt", weights_only=True)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def official_tiny(**kwargs):
+    net = JiT(**OFFICIAL["config"], **kwargs)
+    net.load_state_dict(OFFICIAL["state_dict"])
+    return net.eval()
+
+
+def official_layout():
+    """B/16 {key: shape} and {preset: (image size, parameter count)} from the official listing."""
+    text = (FIXTURES / "official_state_dict.txt").read_text()
+    shapes = {key: tuple(int(d) for d in dims.split(",") if d.strip())
+              for key, dims in re.findall(r"^(\S+)\t\(([\d, ]*)\)$", text, flags=re.M)}
+    counts = {name: (int(size), int(n)) for name, size, n in
+              re.findall(r"^## (JiT-\S+) \((\d+)px.*: (\d+) parameters", text, flags=re.M)}
+    return shapes, counts
+
+
+@pytest.mark.parametrize("scores_fp32", [False, True])
+def test_forward_matches_official(scores_fp32):
+    f = OFFICIAL["forward"]
+    out = official_tiny(backend="torch", attn_scores_fp32=scores_fp32)(f["x"], f["t"], f["y"])
+    assert out.shape == f["expected"].shape
+    assert rel_err(out, f["expected"]) < 1e-5
+
+
+def test_b16_state_dict_layout_is_official():
+    shapes, _ = official_layout()
+    with torch.device("meta"):
+        net = JiT_models["JiT-B/16"](input_size=256, num_classes=1000)
+    ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert list(ours) == list(shapes)
+    assert ours == shapes
+
+
+def test_preset_parameter_counts_are_official():
+    _, counts = official_layout()
+    assert set(counts) == {"JiT-B/16", "JiT-B/32", "JiT-L/16", "JiT-H/16"}
+    for name, (size, expected) in counts.items():
+        with torch.device("meta"):
+            net = JiT_models[name](input_size=size, num_classes=1000)
+        assert sum(p.numel() for p in net.parameters()) == expected, name
+
+
+def test_preset_names():
+    official = {f"JiT-{a}/{p}" for a in "BLH" for p in (16, 32)}
+    assert official | {"JiT-G/16", "JiT-G/32"} <= set(JiT_models)
+    assert preset_config("JiT-G/16")["hidden_size"] == 1664
+    with pytest.raises(KeyError, match="unknown preset"):
+        preset_config("JiT-B/8")
+
+
+def test_official_initialisation():
+    torch.manual_seed(0)
+    net = JiT(input_size=16, patch_size=4, hidden_size=48, depth=2, num_heads=3,
+              num_classes=5, bottleneck_dim=8, in_context_len=2, in_context_start=1)
+    for block in net.blocks:  # adaLN zero-initialised: every block starts as the identity
+        assert block.adaLN_modulation[-1].weight.abs().sum() == 0
+    assert net.final_layer.linear.weight.abs().sum() == 0
+    assert net.blocks[0].attn.qkv.bias.abs().sum() == 0
+    assert 0.01 < net.y_embedder.embedding_table.weight.std() < 0.03
+    assert not net.pos_embed.requires_grad
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert net(x, t, torch.tensor([0, 5])).abs().max() == 0  # zero output head
+
+
+def test_all_parameters_get_gradients():
+    torch.manual_seed(0)
+    net = JiT(input_size=16, patch_size=4, hidden_size=48, depth=3, num_heads=3,
+              num_classes=5, bottleneck_dim=8, in_context_len=2, in_context_start=1)
+    for p in net.parameters():  # leave the zero init so every path carries gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    net(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 5])).square().sum().backward()
+    for name, p in net.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_no_in_context_tokens():
+    net = JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
+              num_classes=3, bottleneck_dim=8, in_context_len=0, in_context_start=0)
+    assert "in_context_posemb" not in net.state_dict()
+    assert net(torch.randn(1, 3, 16, 16), torch.rand(1)).shape == (1, 3, 16, 16)
+
+
+def test_dropout_only_in_middle_half():
+    net = JiT(input_size=16, patch_size=4, hidden_size=32, depth=8, num_heads=2, num_classes=3,
+              bottleneck_dim=8, in_context_len=2, in_context_start=1, attn_drop=0.2,
+              proj_drop=0.2)
+    assert [b.attn.attn_drop for b in net.blocks] == [0, 0, .2, .2, .2, .2, 0, 0]
+    assert [b.mlp.ffn_dropout.p for b in net.blocks] == [0, 0, .2, .2, .2, .2, 0, 0]
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((torch.randn(3, 3, 16, 16), torch.rand(3)), ValueError, r"\(B, 3, 32, 32\)"),
+    ((torch.randn(3, 1, 32, 32), torch.rand(3)), ValueError, r"got \(3, 1, 32, 32\)"),
+    ((torch.zeros(3, 3, 32, 32, dtype=torch.uint8), torch.rand(3)), TypeError, "floating"),
+    ((torch.randn(3, 3, 32, 32), torch.rand(2)), ValueError, r"t must .* shape \(3,\)"),
+    ((torch.randn(3, 3, 32, 32), torch.tensor([0.1, 1.5, 0.2])), ValueError, r"\[0, 1\].*1.5"),
+    ((torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([0, 11, 2])), ValueError,
+     r"\[0, 10\].*11"),
+    ((torch.randn(3, 3, 32, 32), torch.rand(3), torch.tensor([0., 1., 2.])), ValueError,
+     "integer"),
+])
+def test_input_checks(args, error, message):
+    with pytest.raises(error, match=message):
+        official_tiny(backend="torch")(*args)
+
+
+def test_constructor_checks():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        JiT(input_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="in_context_start"):
+        JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
+            in_context_len=4, in_context_start=2)
+    with pytest.raises(ValueError, match="backend"):
+        JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
+            in_context_start=1, backend="cuda")

@@ -54,6 +54,7 @@ class Denoiser(nn.Module):
         self.noise_scale, self.t_eps = noise_scale, t_eps
         self.label_drop_prob = label_drop_prob
         self.num_classes = net.num_classes
+        self.graph_cache = {}  # CUDA graphs of the sampler, see jitfast.sampling
 
     def sample_t(self, n, device=None, generator=None):
         z = torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean
@@ -104,7 +105,7 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def generate(self, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
-                 generator=None):
+                 generator=None, cuda_graphs=None):
         """Sample images for labels y by integrating the ODE from t = 0 to 1; see
         ``jitfast.sampling.generate``. Returns float32 images (B, C, H, W), unclipped."""
-        return generate(self, y, steps, method, cfg, interval, z0, generator)
+        return generate(self, y, steps, method, cfg, interval, z0, generator, cuda_graphs)

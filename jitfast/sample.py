@@ -1,0 +1,192 @@
+"""Sample images from a JiT checkpoint: PNG files, a grid, an ADM-layout .npz, optional FID/IS.
+
+Image i's starting noise is drawn from its own seed (seed, i), and batches have fixed
+boundaries, so an interrupted run continues where it stopped (finished batches are skipped,
+PNGs are written atomically) and gives the same images as an uninterrupted one.
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from jitfast.checkpoint import load_checkpoint, read_checkpoint
+from jitfast.diffusion import Denoiser
+from jitfast.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
+from jitfast.images import image_grid, load_png, save_png, to_uint8
+from jitfast.presets import preset_config
+from jitfast.progress import ProgressBar
+
+GRID_IMAGES = 64
+# settings that change the images: a folder is resumed only with the same ones
+RUN_SETTINGS = ("ckpt", "weights", "labels", "cfg", "interval", "steps", "method", "batch",
+                "seed", "noise_scale", "t_eps", "dtype")
+
+
+class SampleError(ValueError):
+    """Bad sampling input, with what is wrong and what to do."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jitfast.sample", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--ckpt", required=True, help="checkpoint file (official or jitfast layout)")
+    add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
+    add("--model", default=None, help="assert the checkpoint is this preset, e.g. JiT-B/16")
+    add("--classes", default=None, help="comma-separated class ids; default: every class")
+    add("--num-per-class", type=int, default=1, help="images per class")
+    add("--cfg", type=float, default=2.9, help="classifier-free guidance scale")
+    add("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LO", "HI"),
+        help="guidance applies for LO < t < HI (LO = 0: t < HI)")
+    add("--steps", type=int, default=50, help="ODE steps")
+    add("--method", default="heun", choices=("heun", "euler"), help="ODE solver")
+    add("--batch", type=int, default=64, help="images per network batch")
+    add("--seed", type=int, default=0, help="image i starts from the noise of seed (seed, i)")
+    add("--noise-scale", type=float, default=None,
+        help="noise std; default: the checkpoint's training setting, else 1.0 (2.0 from 512 px)")
+    add("--t-eps", type=float, default=0.05, help="clamp of 1 - t in the velocity")
+    add("--out", required=True, help="output folder (an existing run in it is resumed)")
+    add("--device", default=None, help="default: cuda when available, else cpu")
+    add("--dtype", default=None, choices=("fp32", "bf16"),
+        help="network precision (the ODE state is always float32); default: bf16 on cuda")
+    add("--no-graphs", action="store_true", help="do not replay steps from CUDA graphs")
+    add("--fid", action="store_true", help="compute FID and IS with torch-fidelity")
+    add("--fid-stats", default=None, help="reference statistics .npz (official fid_stats/*)")
+    add("--inception-weights", default=None,
+        help="local Inception weights for torch-fidelity (when it cannot download them)")
+    return p.parse_args(argv)
+
+
+def training_setting(ckpt, name, default):
+    """A value of the checkpoint's training args (official Namespace or jitfast dict)."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+    return default if value is None else value
+
+
+def check_preset(net, name):
+    expected = preset_config(name)
+    diffs = [f"{k} {net.config[k]} (preset: {v})" for k, v in expected.items()
+             if net.config[k] != v]
+    if diffs:
+        raise SampleError(f"the checkpoint is not a {name}: " + ", ".join(diffs))
+
+
+def class_labels(classes, num_per_class, num_classes):
+    if num_per_class < 1:
+        raise SampleError(f"--num-per-class must be >= 1, got {num_per_class}")
+    try:
+        ids = list(range(num_classes)) if classes is None else \
+            [int(c) for c in classes.split(",") if c.strip()]
+    except ValueError:
+        raise SampleError(f"--classes must be comma-separated integers, got {classes!r}") from None
+    bad = [c for c in ids if not 0 <= c < num_classes]
+    if bad or not ids:
+        raise SampleError(f"class ids must lie in [0, {num_classes - 1}] for this checkpoint, "
+                          f"got {bad or 'none'}")
+    return [c for c in ids for _ in range(num_per_class)]  # class-major, as the official
+
+
+def prepare_out(out, settings):
+    """Create the folder (checking it is writable) and resume only a run of the same settings."""
+    images = os.path.join(out, "images")
+    try:
+        os.makedirs(images, exist_ok=True)
+        probe = os.path.join(out, f".probe-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise SampleError(f"cannot write to the output folder {out!r}: {err.strerror}; choose "
+                          f"another --out") from None
+    manifest = os.path.join(out, "run.json")
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            previous = json.load(f)
+        changed = [k for k in RUN_SETTINGS if previous.get(k) != settings[k]]
+        if changed:
+            raise SampleError(f"{out!r} holds a run with other settings ({', '.join(changed)}); "
+                              f"use another --out, or the same settings to resume it")
+    else:
+        with open(manifest, "w") as f:
+            json.dump(settings, f, indent=1)
+    return images
+
+
+def initial_noise(indices, shape, seed):
+    """Standard-normal start of each image from its own generator: batch-size independent.
+    (torch's CPU generator keeps 32 bits of a seed, so (seed, i) is hashed into 32 bits.)"""
+    seeds = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0]) for i in indices]
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+def run(args):
+    if args.fid and not args.fid_stats:
+        raise SampleError("--fid needs --fid-stats, the reference statistics .npz")
+    if args.fid:
+        check_fid_inputs(args.fid_stats, args.inception_weights)
+    if args.batch < 1:
+        raise SampleError(f"--batch must be >= 1, got {args.batch}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ckpt = read_checkpoint(args.ckpt)
+    net = load_checkpoint(args.ckpt, weights=args.weights, device=device)
+    if args.model:
+        check_preset(net, args.model)
+    if dtype == "bf16":
+        net = net.to(torch.bfloat16)
+    labels = class_labels(args.classes, args.num_per_class, net.num_classes)
+    default_scale = 2.0 if net.input_size >= 512 else 1.0
+    noise_scale = args.noise_scale or training_setting(ckpt, "noise_scale", default_scale)
+    denoiser = Denoiser(net, noise_scale=noise_scale, t_eps=args.t_eps)
+    settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, labels=labels,
+                    cfg=args.cfg, interval=list(args.interval), steps=args.steps,
+                    method=args.method, batch=args.batch, seed=args.seed,
+                    noise_scale=noise_scale, t_eps=args.t_eps, dtype=dtype)
+    images_dir = prepare_out(args.out, settings)
+    shape = (net.in_channels, net.input_size, net.input_size)
+    paths = [os.path.join(images_dir, f"{i:06d}.png") for i in range(len(labels))]
+    done = sum(os.path.exists(p) for p in paths)
+    progress, start, made = ProgressBar(len(labels), first=done), time.perf_counter(), 0
+    for first in range(0, len(labels), args.batch):
+        batch = range(first, min(first + args.batch, len(labels)))
+        if all(os.path.exists(paths[i]) for i in batch):
+            continue
+        y = torch.tensor([labels[i] for i in batch], device=device)
+        images = denoiser.generate(y, args.steps, args.method, args.cfg, tuple(args.interval),
+                                   z0=initial_noise(batch, shape, args.seed).to(device),
+                                   cuda_graphs=device.type == "cuda" and not args.no_graphs)
+        for i, image in zip(batch, to_uint8(images)):
+            save_png(image, paths[i])
+        made += len(batch)
+        progress.update(first + len(batch), **{"img/s": made / (time.perf_counter() - start)})
+    progress.close()
+    arrays = np.stack([load_png(p) for p in paths])
+    save_png(image_grid(arrays[:GRID_IMAGES]), os.path.join(args.out, "grid.png"))
+    npz = os.path.join(args.out, "samples.npz")
+    np.savez(npz + ".tmp.npz", arr_0=arrays, arr_1=np.array(labels, dtype=np.int64))
+    os.replace(npz + ".tmp.npz", npz)
+    print(f"wrote {len(paths)} images to {images_dir}, the grid and {npz} (arr_0: uint8 "
+          f"{arrays.shape}, NHWC)")
+    if args.fid:
+        scores = fid_and_inception_score(images_dir, args.fid_stats, device.type == "cuda",
+                                         args.inception_weights)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(scores, f, indent=1)
+        print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return npz
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, EvaluationError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

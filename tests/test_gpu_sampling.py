@@ -1,0 +1,32 @@
+"""CUDA-graph sampling on a GPU (run with `pytest -m gpu` on the device machine)."""
+import pytest
+import torch
+
+from jitfast import Denoiser, JiT_models
+
+pytestmark = pytest.mark.gpu
+
+
+def denoiser(dtype):
+    torch.manual_seed(0)
+    net = JiT_models["JiT-B/16"](input_size=64, num_classes=10).cuda().eval()
+    for p in net.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    return Denoiser(net.to(dtype))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_graph_replay_equals_eager(dtype, tolerance, batch):
+    d = denoiser(dtype)
+    y = torch.arange(batch, device="cuda") % 10
+    z0 = torch.randn(batch, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kwargs = dict(steps=6, cfg=2.5, interval=(0.1, 1.0), z0=z0)
+    eager = d.generate(y, cuda_graphs=False, **kwargs)
+    graphed = d.generate(y, cuda_graphs=True, **kwargs)
+    again = d.generate(y, cuda_graphs=True, **kwargs)  # replays the cached graphs
+    assert graphed.dtype == torch.float32
+    assert torch.equal(graphed, again)
+    assert ((graphed - eager).norm() / eager.norm()).item() < tolerance
+    assert len(d.graph_cache) == 2  # guided and unguided evaluations, captured once each

@@ -1,0 +1,162 @@
+"""python -m jitfast.sample: outputs, the ADM npz layout, exact resume, bad input."""
+import sys
+import types
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import jitfast.sample as sample_cli
+from jitfast import EMA, Denoiser, JiT, save_checkpoint
+from jitfast.images import to_uint8
+
+OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
+FAST = ["--steps", "3", "--cfg", "2.0", "--interval", "0.0", "1.0"]
+
+
+def lively_net():
+    """The official tiny config with weights large enough that images depend on the noise."""
+    torch.manual_seed(0)
+    net = JiT(**OFFICIAL["config"])
+    for p in net.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    denoiser = Denoiser(lively_net())
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pth"
+    save_checkpoint(path, denoiser, EMA(denoiser), args={"noise_scale": 1.0})
+    return str(path)
+
+
+def sample(ckpt, out, *extra):
+    sample_cli.main(["--ckpt", ckpt, "--out", str(out), *FAST, *extra])
+    return np.load(Path(out) / "samples.npz")
+
+
+def test_npz_layout_and_images_equal_the_api(ckpt, tmp_path):
+    data = sample(ckpt, tmp_path / "a", "--classes", "1,7", "--num-per-class", "2", "--batch",
+                  "3")
+    assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (4, 32, 32, 3)
+    assert data["arr_1"].tolist() == [1, 1, 7, 7]
+    assert (tmp_path / "a" / "grid.png").exists()
+    assert sorted(p.name for p in (tmp_path / "a" / "images").iterdir()) == \
+        [f"{i:06d}.png" for i in range(4)]
+    denoiser = Denoiser(lively_net())
+    z0 = sample_cli.initial_noise(range(4), (3, 32, 32), seed=0)
+    expected = denoiser.generate(torch.tensor([1, 1, 7, 7]), steps=3, cfg=2.0,
+                                 interval=(0.0, 1.0), z0=z0)
+    assert np.array_equal(data["arr_0"], to_uint8(expected))
+
+
+def test_same_seed_same_images(ckpt, tmp_path):
+    a = sample(ckpt, tmp_path / "a", "--classes", "3", "--num-per-class", "2")["arr_0"]
+    b = sample(ckpt, tmp_path / "b", "--classes", "3", "--num-per-class", "2")["arr_0"]
+    c = sample(ckpt, tmp_path / "c", "--classes", "3", "--num-per-class", "2", "--seed",
+               "1")["arr_0"]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_interrupted_run_resumes_to_the_same_result(ckpt, tmp_path, monkeypatch):
+    args = ("--classes", "0,4,9", "--num-per-class", "3", "--batch", "2")  # 9 images, 5 batches
+    full = sample(ckpt, tmp_path / "full", *args)["arr_0"]
+    written = []
+    real_save = sample_cli.save_png
+
+    def crash_after_five(image, path):
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(path)
+        real_save(image, path)
+
+    monkeypatch.setattr(sample_cli, "save_png", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        sample(ckpt, tmp_path / "cut", *args)
+    monkeypatch.setattr(sample_cli, "save_png", real_save)
+    assert len(list((tmp_path / "cut" / "images").iterdir())) == 5  # no half-written files
+    generated = []
+    real_generate = Denoiser.generate
+    monkeypatch.setattr(Denoiser, "generate", lambda self, y, *a, **k: generated.append(
+        y.tolist()) or real_generate(self, y, *a, **k))
+    resumed = sample(ckpt, tmp_path / "cut", *args)["arr_0"]
+    assert np.array_equal(resumed, full)
+    # batches 0 and 1 (images 0-3) were complete and are not regenerated; batch 2 was cut
+    assert generated == [[4, 4], [9, 9], [9]]
+
+
+def test_other_settings_do_not_resume(ckpt, tmp_path):
+    sample(ckpt, tmp_path, "--classes", "1")
+    with pytest.raises(SystemExit, match=r"other settings \(cfg\)"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path), "--classes", "1",
+                         "--steps", "3", "--cfg", "3.0", "--interval", "0.0", "1.0"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--classes", "3,10"], r"class ids must lie in \[0, 9\].*\[10\]"),
+    (["--classes", "a,b"], "comma-separated integers"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--cfg", "-1"], "cfg must be >= 0"),
+    (["--interval", "0.2", "1.5"], "interval must satisfy"),
+    (["--model", "JiT-B/16"], "not a JiT-B/16: .*depth 4 \\(preset: 12\\)"),
+    (["--fid"], "--fid needs --fid-stats"),
+    (["--fid", "--fid-stats", "/nonexistent/stats.npz"], "do not exist"),
+])
+def test_bad_input(ckpt, tmp_path, extra, message):
+    argv = ["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--classes", "1", "--steps", "2"]
+    with pytest.raises(SystemExit, match=message):
+        sample_cli.main(argv + extra)
+
+
+def test_unwritable_output_folder(ckpt, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write to the output folder"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path / "file" / "o")])
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        sample_cli.main(["--ckpt", str(tmp_path / "none.pth"), "--out", str(tmp_path)])
+
+
+def test_fid_needs_torch_fidelity(ckpt, tmp_path, monkeypatch):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)
+    with pytest.raises(SystemExit, match="pip install torch-fidelity"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--fid", "--fid-stats",
+                         str(tmp_path / "stats.npz")])
+    np.savez(tmp_path / "bad.npz", mean=np.zeros(4))
+    with pytest.raises(SystemExit, match="needs arrays 'mu' and 'sigma'"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path / "o"), "--fid", "--fid-stats",
+                         str(tmp_path / "bad.npz")])
+
+
+def test_fid_says_how_to_provide_inception_weights(monkeypatch, tmp_path):
+    """torch-fidelity cannot reach the network: the error names the file and --inception-weights."""
+    from jitfast.fid import EvaluationError, fid_and_inception_score
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    fake = {"torch_fidelity": {}, "torch_fidelity.metric_fid": {
+        "fid_featuresdict_to_statistics": None, "fid_statistics_to_metric": None},
+        "torch_fidelity.metric_isc": {"isc_featuresdict_to_metric": None},
+        "torch_fidelity.utils": {"create_feature_extractor": offline,
+                                 "extract_featuresdict_from_input_id": None,
+                                 "resolve_feature_extractor": lambda **k: "inception-v3-compat",
+                                 "resolve_feature_layer_for_metric": lambda m, **k: m}}
+    for name, attrs in fake.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+    with pytest.raises(EvaluationError, match=r"could not be obtained.*no network.*"
+                                              r"weights-inception-2015-12-05.*--inception-weights"):
+        fid_and_inception_score(str(tmp_path), str(tmp_path / "stats.npz"), cuda=False)
+
+
+def test_cuda_graphs_need_cuda():
+    denoiser = Denoiser(JiT(**OFFICIAL["config"]))
+    with pytest.raises(ValueError, match="cuda_graphs=True needs"):
+        denoiser.generate(torch.tensor([1]), steps=1, cuda_graphs=True)

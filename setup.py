@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="jitfast",
@@ -7,12 +7,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["jitfast", "jitfast.kernels"],
+    packages=find_packages(include=["jitfast", "jitfast.*"]) + ["jitfast.kernels"],
     package_dir={"jitfast": "jitfast", "jitfast.kernels": "kernels"},
-    install_requires=["torch>=2.5", "numpy"],
+    install_requires=["torch>=2.5", "numpy", "pillow"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "triton"],
+        # triton as on the GPU image; its CPU interpreter breaks with numpy >= 2.4
+        "dev": ["pytest", "pytest-benchmark", "triton==3.6.0", "numpy<2.4"],
         "flash": ["flash-attn"],
         "profile": ["nvtx"],
+        "eval": ["torch-fidelity"],
     },
 )

@@ -4,8 +4,6 @@ A backend is a module exposing the functions of ``jitfast.ops`` under the same n
 signatures. "torch" is the pure-PyTorch reference; "triton" is ``jitfast.kernels``; "auto" picks
 the kernels for CUDA tensors when they can be imported and the reference everywhere else.
 """
-import importlib
-
 from jitfast import ops as torch_ops
 
 BACKENDS = ("torch", "triton", "auto")
@@ -18,14 +16,16 @@ def check_backend(backend):
 
 
 def triton_ops():
-    """The Triton kernel module, or an ImportError that says what is missing."""
+    """The Triton kernel module, or an ImportError that says what is missing. (An import
+    statement, not importlib, so that torch.compile traces through it.)"""
     try:
-        return importlib.import_module("jitfast.kernels")
+        from jitfast import kernels
     except ImportError as err:
         raise ImportError(
             f"backend='triton' needs the fused kernels in jitfast.kernels, which could not be "
             f"imported ({err}). Install Triton (pip install 'jitfast[dev]') or use "
             f"backend='torch'.") from err
+    return kernels
 
 
 def ops_for(backend, device):

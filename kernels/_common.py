@@ -1,0 +1,123 @@
+"""What every kernel module shares: when to launch Triton, and how to split row reductions.
+
+Kernels run for CUDA tensors. Under ``TRITON_INTERPRET=1`` (read once, before Triton decorates
+any kernel) they also run for CPU tensors, which is how the test suite exercises them without a
+GPU; otherwise CPU tensors go to the pure-PyTorch reference in ``jitfast.ops``.
+"""
+import os
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_kernel(tensor):
+    """Whether the Triton kernel (rather than the PyTorch reference) handles this tensor."""
+    return tensor.is_cuda or INTERPRET
+
+
+@lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def row_split(groups, rows, device):
+    """Split each of `groups` runs of `rows` rows into chunks, one program per chunk, so that a
+    kernel which also reduces over rows (weight grads) has about two programs per SM.
+    Returns (chunks, rows per chunk); the partial sums are then (groups, chunks, ...)."""
+    programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 2
+    per_chunk = triton.cdiv(rows, max(1, min(rows, triton.cdiv(programs, groups))))
+    return triton.cdiv(rows, per_chunk), per_chunk
+
+
+def block(n, least=16):
+    """The power-of-two block that covers n (at least `least`, the tl.dot minimum)."""
+    return max(least, triton.next_power_of_2(n))
+
+
+def dot_precision(dtype):
+    """float32 operands multiply in IEEE float32 (faithful to the reference), not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def autocast_operands(*tensors):
+    """The matmul operands as autocast would pass them to a matmul (cast to its dtype) when it is
+    enabled for their device, so a fused op computes in the dtype the reference would."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def tile_grid(**extents):
+    """Launch grid of an autotuned kernel: one program per block of each extent, e.g.
+    tile_grid(BLOCK_M=M) for blocks of BLOCK_M rows, whatever size the tuner picked."""
+    return lambda meta: tuple(triton.cdiv(n, meta[name]) for name, n in extents.items())
+
+
+def autotune(configs, key):
+    """triton.autotune over a few configs on a GPU; under the interpreter only the first (its
+    timings mean nothing). Tuning benchmarks the kernel, so run each shape once before
+    capturing a CUDA graph."""
+    return triton.autotune(configs[:1] if INTERPRET else configs, key=key)
+
+
+def empty(like):
+    """The placeholder for an output or gradient an op variant does not produce."""
+    return like.new_empty(0)
+
+
+@triton.jit
+def patch_offsets(tok, j, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                  CHANNEL_LAST: tl.constexpr):
+    """Element offsets into an NCHW image of entry j of token tok's patch vector.
+
+    tok (BLOCK_M, 1) and j (1, BLOCK_J) are flat token and patch-vector indices; the vector is
+    laid out (c, p, q) (the patch embedding's input) or (p, q, c) (the output head's).
+    """
+    b = tok // n_tok
+    t = tok % n_tok
+    row0 = (t // grid_w) * p
+    col0 = (t % grid_w) * p
+    if CHANNEL_LAST:
+        c = j % channels
+        dy = j // (p * channels)
+        dx = (j // channels) % p
+    else:
+        c = j // (p * p)
+        dy = (j // p) % p
+        dx = j % p
+    return b.to(tl.int64) * s_b + c * s_c + (row0 + dy) * s_h + (col0 + dx) * s_w
+
+
+@triton.jit
+def gather_matmul(IMG, W, tok, n_rows, out, n_out, n_cols, s_wj, s_wo,
+                  n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, CHANNEL_LAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """acc[m, o] = sum_j patch(tok[m])[j] · W[j·s_wj + out[o]·s_wo], accumulated in float32.
+
+    The patch vectors (n_cols long) are gathered straight from the NCHW image; tok (BLOCK_M, 1)
+    is valid below n_rows, out (1, BLOCK_O) below n_out.
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    for j0 in range(0, n_cols, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        img = tl.load(IMG + patch_offsets(tok, j[None, :], n_tok, grid_w, p, channels,
+                                          s_b, s_c, s_h, s_w, CHANNEL_LAST),
+                      mask=(tok < n_rows) & (j[None, :] < n_cols), other=0.0)
+        w = tl.load(W + j[:, None] * s_wj + out * s_wo,
+                    mask=(j[:, None] < n_cols) & (out < n_out), other=0.0)
+        acc += tl.dot(img.to(W.dtype.element_ty), w, input_precision=PRECISION)
+    return acc
+
+
+def image_geometry(image, p):
+    """The (n_tok, grid_w, p, channels, strides...) arguments of patch_offsets for an NCHW image
+    cut into p×p patches."""
+    _, C, H, W = image.shape
+    return ((H // p) * (W // p), W // p, p, C, *image.stride())

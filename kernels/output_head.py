@@ -1,0 +1,220 @@
+"""Output head: the final Linear (D → p²·C) with the unpatchify scatter in its epilogue, writing
+the NCHW image directly (a patch's output vector is laid out (p, q, c)).
+
+Velocity epilogues replace the store of x̂ by (x̂ - ref)/max(1 - t, t_eps): with the clean image
+as ref, the velocity error of JiT's v-loss (``output_head_v_loss``); with the ODE state, the
+sampler's velocity, classifier-free guided in the same pass (``output_head_velocity``).
+
+The backward kernel gathers dout's patch vectors straight from NCHW for du = dout·W; the weight
+and bias grads, reductions over all tokens, go to cuBLAS on the gathered (M, p²·C) matrix.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from jitfast import ops as ref_ops
+
+from ._common import (autocast_operands, autotune, dot_precision, gather_matmul,
+                      image_geometry, patch_offsets, tile_grid, use_kernel)
+
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": 32, "BLOCK_N": n}, num_warps=w)
+           for m, n, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8))]
+
+
+@triton.jit
+def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """U[tok] · W[cols]ᵀ + BIAS[cols] in float32, for token rows tok < M and columns cols < P."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        u = tl.load(U + tok.to(tl.int64) * D + kk[None, :],
+                    mask=(tok < M) & (kk[None, :] < D), other=0.0)
+        w = tl.load(W + cols * D + kk[:, None], mask=(kk[:, None] < D) & (cols < P), other=0.0)
+        acc += tl.dot(u.to(W.dtype.element_ty), w, input_precision=PRECISION)
+    return acc + tl.load(BIAS + cols, mask=cols < P, other=0.0).to(tl.float32)
+
+
+@autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED"])
+@triton.jit
+def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, M, D, P, n_tok, grid_w, p, channels,
+             s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr, GUIDED: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = (x̂ - REF)/max(1 - T, t_eps);
+    with GUIDED too, U has M conditional rows then M unconditional ones, combined as
+    v_u + CFG·(v_c - v_u)."""
+    tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    out = _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
+    offs = patch_offsets(tok, cols, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, True)
+    mask = (tok < M) & (cols < P)
+    if VELOCITY:
+        t = tl.load(T + tok // n_tok, mask=tok < M, other=0.0).to(tl.float32)
+        ref = tl.load(REF + offs, mask=mask, other=0.0).to(tl.float32)
+        denominator = tl.maximum(1.0 - t, t_eps)
+        out = (out - ref) / denominator
+        if GUIDED:
+            uncond = _linear_tile(U + M * D, W, BIAS, tok, cols, M, D, P, PRECISION, BLOCK_M,
+                                  BLOCK_K, BLOCK_N)
+            uncond = (uncond - ref) / denominator
+            out = uncond + tl.load(CFG).to(tl.float32) * (out - uncond)
+    tl.store(OUT + offs, out, mask=mask)
+
+
+@autotune(CONFIGS, key=["D", "P"])
+@triton.jit
+def _backward(DOUT, W, DU, M, D, P, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """du = gather(dout) · W, tiles of BLOCK_M tokens × BLOCK_N hidden, over P in BLOCK_K."""
+    tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
+    dd = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    du = gather_matmul(DOUT, W, tok, M, dd, D, P, D, 1,
+                       n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, True,
+                       BLOCK_M, BLOCK_K, BLOCK_N, PRECISION)
+    tl.store(DU + tok.to(tl.int64) * D + dd, du, mask=(tok < M) & (dd < D))
+
+
+def _image_shape(u, p, channels, guided=False):
+    """NCHW shape of the head's output; a guided batch stacks two halves into one image batch."""
+    B, N, _ = u.shape
+    side = int(N ** 0.5) * p
+    return B // 2 if guided else B, channels, side, side
+
+
+def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0):
+    """Launch the forward: x̂, or the velocity (float32) if ref is given, as NCHW."""
+    u, weight, bias = u.contiguous(), weight.contiguous(), bias.contiguous()
+    D, P = u.shape[-1], weight.shape[0]
+    shape = _image_shape(u, p, channels, guided=cfg is not None)
+    M = shape[0] * u.shape[1]
+    out = u.new_empty(shape, dtype=u.dtype if ref is None else torch.float32)
+    if ref is not None:
+        ref, t = ref.contiguous(), t.expand(shape[0]).contiguous()
+    _forward[tile_grid(BLOCK_M=M, BLOCK_N=P)](u, weight, bias, out, ref, t, cfg, t_eps, M, D, P,
+                                              *image_geometry(out, p), VELOCITY=ref is not None,
+                                              GUIDED=cfg is not None,
+                                              PRECISION=dot_precision(weight.dtype))
+    return out
+
+
+@torch.library.custom_op("jitfast::output_head", mutates_args=())
+def output_head_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int,
+                   channels: int) -> torch.Tensor:
+    return _head(u, weight, bias, p, channels)
+
+
+@output_head_op.register_fake
+def _(u, weight, bias, p, channels):
+    return u.new_empty(_image_shape(u, p, channels))
+
+
+@torch.library.custom_op("jitfast::output_head_velocity", mutates_args=())
+def output_head_velocity_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            ref: torch.Tensor, t: torch.Tensor, cfg: Optional[torch.Tensor],
+                            p: int, t_eps: float) -> torch.Tensor:
+    """(x̂ - ref)/max(1 - t, t_eps) in float32 for x̂ = head(u), the x-prediction; t is (B,) or
+    (1,). With cfg (a (1,) tensor), u holds the conditional then the unconditional batch and the
+    two velocities are combined as v_u + cfg·(v_c - v_u)."""
+    return _head(u, weight, bias, p, ref.shape[1], ref, t, cfg, t_eps)
+
+
+@output_head_velocity_op.register_fake
+def _(u, weight, bias, ref, t, cfg, p, t_eps):
+    return torch.empty_like(ref, dtype=torch.float32)
+
+
+@torch.library.custom_op("jitfast::output_head_backward", mutates_args=())
+def output_head_backward(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
+                         p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads (du, dweight, dbias)."""
+    dout, u, weight = dout.contiguous(), u.contiguous(), weight.contiguous()
+    M, D, P = u.numel() // u.shape[-1], u.shape[-1], weight.shape[0]
+    du = torch.empty_like(u)
+    _backward[tile_grid(BLOCK_M=M, BLOCK_N=D)](dout, weight, du, M, D, P,
+                                               *image_geometry(dout, p),
+                                               PRECISION=dot_precision(weight.dtype))
+    B, C, H, W = dout.shape
+    patches = dout.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(M, P)
+    dweight = patches.t().float() @ u.reshape(M, D).float()
+    return du, dweight.to(weight.dtype), patches.sum(0).to(weight.dtype)
+
+
+@output_head_backward.register_fake
+def _(dout, u, weight, p):
+    return torch.empty_like(u), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, _, p, *_ = inputs
+    ctx.p = p
+    ctx.save_for_backward(u, weight)
+
+
+def _backward_fn(ctx, dout):
+    du, dweight, dbias = output_head_backward(dout, *ctx.saved_tensors, ctx.p)
+    return du, dweight, dbias, None, None
+
+
+output_head_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def _velocity_setup_context(ctx, inputs, output):
+    u, weight, _, ref, t, cfg, p, t_eps = inputs
+    ctx.p = p
+    ctx.save_for_backward(u, weight, (1 - t).clamp_min(t_eps), cfg)
+
+
+def _velocity_backward(ctx, dv):
+    """dv/dx̂ = 1/max(1 - t, t_eps), split cfg : 1 - cfg between the conditional and the
+    unconditional rows when guided; ref, t and cfg get no grad (data, not parameters)."""
+    u, weight, denominator, cfg = ctx.saved_tensors
+    dout = dv / denominator.view(-1, 1, 1, 1)
+    if cfg is not None:
+        dout = torch.cat([cfg * dout, (1 - cfg) * dout])
+    du, dweight, dbias = output_head_backward(dout.to(u.dtype), u, weight, ctx.p)
+    return du, dweight, dbias, None, None, None, None, None
+
+
+output_head_velocity_op.register_autograd(_velocity_backward,
+                                          setup_context=_velocity_setup_context)
+
+
+def output_head(x, weight, bias, p, channels):
+    """``ops.output_head``; under autocast it runs in autocast's dtype, like F.linear."""
+    if not use_kernel(x):
+        return ref_ops.output_head(x, weight, bias, p, channels)
+    return output_head_op(*autocast_operands(x, weight, bias), p, channels)
+
+
+def output_head_velocity(u, weight, bias, z, t, p, t_eps=0.05, cfg=None):
+    """The sampler's velocity (x̂ - z)/max(1 - t, t_eps) of the x-prediction x̂ = head(u) at the
+    float32 state z (B, C, H, W), time t ((B,) or (1,) tensor); with cfg, u is the batched
+    conditional + unconditional pass (2B rows) and the result is v_u + cfg·(v_c - v_u).
+    x̂ is never written."""
+    if cfg is not None and not torch.is_tensor(cfg):
+        cfg = torch.full((1,), cfg, dtype=torch.float32, device=z.device)
+    if not use_kernel(u):
+        return _velocity_reference(u, weight, bias, z, t, p, t_eps, cfg)
+    u, weight, bias = autocast_operands(u, weight, bias)
+    return output_head_velocity_op(u, weight, bias, z, t, cfg, p, t_eps)
+
+
+def output_head_v_loss(u, weight, bias, x, t, p, t_eps=0.05):
+    """JiT's training loss fused into the head: mean((v̂ - v)²) for the x-prediction
+    x̂ = head(u) of clean images x (B, C, H, W) at times t (B,), where
+    v̂ - v = (x̂ - x)/max(1 - t, t_eps) (the noisy state cancels). x̂ is never written."""
+    return output_head_velocity(u, weight, bias, x, t, p, t_eps).square().mean()
+
+
+def _velocity_reference(u, weight, bias, ref, t, p, t_eps, cfg):
+    """The PyTorch composition of what output_head_velocity_op computes, for CPU tensors."""
+    image = ref_ops.output_head(u, weight, bias, p, ref.shape[1]).float()
+    denominator = (1 - t.float()).clamp_min(t_eps).view(-1, 1, 1, 1)
+    if cfg is None:
+        return (image - ref) / denominator
+    cond, uncond = ((half - ref) / denominator for half in image.chunk(2))
+    return uncond + cfg * (cond - uncond)

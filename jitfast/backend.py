@@ -40,3 +40,13 @@ def ops_for(backend, device):
         return triton_ops()
     except ImportError:
         return torch_ops
+
+
+def head_kernels(net, device):
+    """jitfast.kernels when `net` is a JiT whose ops run as Triton kernels on `device`, so that a
+    caller can fuse its epilogue into the output head (``JiT.forward``'s ``head``); else None."""
+    backend = getattr(net, "backend", None)
+    if backend is None:
+        return None
+    ops = ops_for(backend, device)
+    return None if ops is torch_ops else ops

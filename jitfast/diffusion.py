@@ -9,6 +9,7 @@ and by t (from e) clamped at t_eps:
 import torch
 import torch.nn as nn
 
+from jitfast.backend import head_kernels
 from jitfast.sampling import generate
 
 SPACES = ("x", "e", "v")
@@ -36,6 +37,8 @@ class Denoiser(nn.Module):
     Training times t ~ sigmoid(N(P_mean, P_std²)); noise e = noise_scale · N(0, I); labels are
     replaced by the null class with probability label_drop_prob in training mode.
     The state dict carries the network under the prefix ``net.``, as official checkpoints do.
+    For a JiT on the Triton kernels, JiT's loss (x-pred, v-loss) and the sampler's velocity and
+    state update are computed in the output head's epilogue (see ``jitfast.kernels``).
     """
 
     def __init__(self, net, pred="x", loss="v", P_mean=-0.8, P_std=0.8, noise_scale=1.0,
@@ -90,6 +93,11 @@ class Denoiser(nn.Module):
         t_b = t.view(-1, 1, 1, 1).to(x.dtype)
         e = noise * self.noise_scale
         z = t_b * x + (1 - t_b) * e
+        kernels = head_kernels(self.net, x.device)
+        if kernels is not None and (self.pred, self.loss_space) == ("x", "v"):
+            # v̂ - v = (x̂ - x)/max(1 - t, t_eps) in the head's epilogue: x̂ never reaches memory
+            return self.net(z, t, y, head=lambda u, weight, bias: kernels.output_head_v_loss(
+                u, weight, bias, x, t, self.net.patch_size, self.t_eps))
         truth = {"x": x, "e": e, "v": x - e}[self.pred]
         out = self.net(z, t, y)
         target = convert(truth, self.pred, self.loss_space, z, t_b, self.t_eps)

@@ -126,9 +126,13 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = adaln(hidden_size, 2)
 
-    def forward(self, x, c, ops):
+    def forward(self, x, c, ops, head=None):
+        """RMSNorm and modulation of the tokens x, then the Linear and the unpatchify to NCHW, or
+        head(u, weight, bias) of the modulated tokens u and the Linear's parameters."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         u = ops.rms_norm_modulate(x, self.norm_final.weight, shift, scale)
+        if head is not None:
+            return head(u, self.linear.weight, self.linear.bias)
         return ops.output_head(u, self.linear.weight, self.linear.bias, self.patch_size,
                                self.out_channels)
 
@@ -144,6 +148,11 @@ class JiT(nn.Module):
     """Just image Transformer. ``forward(x, t, y)`` returns the network output for noisy images
     x (B, C, H, W), times t (B,) in [0, 1] and labels y (B,) in [0, num_classes] (the last being
     the null class); under the default training objective it is the x-prediction.
+
+    ``forward(x, t, y, head)`` replaces the output head (the final Linear and the unpatchify) by
+    ``head(u, weight, bias)`` of its input tokens u (B, N, D) and the Linear's parameters, so that
+    a caller can fuse its epilogue into the head (``jitfast.kernels.output_head_v_loss``); it
+    runs inside forward, so module hooks (FSDP's parameter gathering) still apply.
 
     Beyond the official keywords: ``backend`` ("torch" | "triton" | "auto") selects the op
     implementations, ``attn_scores_fp32`` computes attention scores in float32 as the official
@@ -252,7 +261,7 @@ class JiT(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
                              f"the null class), got values in [{y.min().item()}, {y.max().item()}]")
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, head=None):
         self.check_inputs(x, t, y)
         ops = ops_for(self.backend, x.device)
         if y is None:
@@ -269,4 +278,4 @@ class JiT(nn.Module):
             else:
                 rope = (self.rope_in_context_cos, self.rope_in_context_sin)
             x = block(x, c, rope, ops)
-        return self.final_layer(x[:, self.in_context_len:], c, ops)
+        return self.final_layer(x[:, self.in_context_len:], c, ops, head)

@@ -4,6 +4,8 @@ interval of t. The state stays float32 whatever the network's dtype.
 """
 import torch
 
+from jitfast.backend import head_kernels
+
 METHODS = ("heun", "euler")
 
 
@@ -37,70 +39,107 @@ def check_sampling_args(denoiser, y, steps, method, cfg, interval, z0):
         raise ValueError(f"z0 must have shape {shape}, got {tuple(z0.shape)}")
 
 
+def network_inputs(denoiser, y, z, t, guided):
+    """The network's (z, t, y) for an evaluation at float32 state z, time t (a (1,) tensor): the
+    batch, or when guided the conditional batch then its unconditional (null-class) copy."""
+    if guided:
+        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, denoiser.num_classes)])
+    return z.to(next(denoiser.net.parameters()).dtype), t.expand(z.shape[0]), y
+
+
 def network_velocity(denoiser, y, z, t, w, guided):
     """The velocity at float32 state z (B, C, H, W), time t (a (1,) float32 tensor).
 
     Unguided: one conditional pass. Guided: cond and uncond as one batched forward, combined as
-    v_u + w·(v_c - v_u). Tensor-only, so it can be captured in a CUDA graph.
+    v_u + w·(v_c - v_u).
     """
-    net = denoiser.net
-    dtype = next(net.parameters()).dtype
+    out = denoiser.net(*network_inputs(denoiser, y, z, t, guided)).float()
+    t = t.expand(z.shape[0])
     if not guided:
-        t_vec = t.expand(z.shape[0])
-        return denoiser.velocity(net(z.to(dtype), t_vec, y).float(), z, t_vec)
-    z2 = torch.cat([z, z])
-    t_vec = t.expand(z2.shape[0])
-    y2 = torch.cat([y, torch.full_like(y, denoiser.num_classes)])
-    v_cond, v_uncond = denoiser.velocity(net(z2.to(dtype), t_vec, y2).float(), z2, t_vec).chunk(2)
+        return denoiser.velocity(out, z, t)
+    v_cond, v_uncond = (denoiser.velocity(half, z, t) for half in out.chunk(2))
     return v_uncond + w * (v_cond - v_uncond)
 
 
-class CapturedVelocity:
-    """``network_velocity`` for one batch size and guidance mode, captured once as a CUDA graph
-    over static input buffers and replayed for every evaluation."""
+def ode_update(v, z, dt, v_prev=None, base=None):
+    """(state, v) after evaluating the velocity v at state z: the Euler step z + dt·v; or for
+    Heun's second evaluation, at z = base + dt·v_prev, the step base + dt·(v_prev + v)/2 (whose v
+    nothing needs: the fused kernel leaves it empty)."""
+    if v_prev is None:
+        return z + dt * v, v
+    return base + dt * (0.5 * (v_prev + v)), v
 
-    def __init__(self, denoiser, z, y, guided):
-        self.z, self.y = z.clone(), y.clone()
-        self.t = torch.zeros(1, device=z.device)
+
+def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None):
+    """One network evaluation of the velocity at float32 state z, time t, guidance weight w, and
+    the ODE state it leads to: ``ode_update(v, z, dt, v_prev, base)``, t and dt being (1,)
+    float32 tensors.
+
+    For a JiT on the Triton kernels with x-prediction, the output head computes both in its
+    epilogue (``jitfast.kernels.output_head_step``), guidance included. Tensor-only, so it can be
+    captured in a CUDA graph.
+    """
+    net = denoiser.net
+    kernels = head_kernels(net, z.device)
+    if kernels is None or denoiser.pred != "x":
+        return ode_update(network_velocity(denoiser, y, z, t, w, guided), z, dt, v_prev, base)
+
+    def head(u, weight, bias):
+        return kernels.output_head_step(u, weight, bias, z, t, dt, net.patch_size,
+                                        denoiser.t_eps, w if guided else None, v_prev, base)
+    return net(*network_inputs(denoiser, y, z, t, guided), head=head)
+
+
+class CapturedStep:
+    """``network_step`` for one batch size, guidance mode and kind of evaluation (Heun's second,
+    or any other), captured once as a CUDA graph over static input buffers and replayed for every
+    evaluation."""
+
+    def __init__(self, denoiser, y, z, guided, heun_second):
+        self.y, self.z = y.clone(), z.clone()
+        self.t, self.dt = torch.zeros(1, device=z.device), torch.zeros(1, device=z.device)
         self.w = torch.ones((), device=z.device)
-        args = (denoiser, self.y, self.z, self.t, self.w, guided)
+        self.heun = (z.clone(), z.clone()) if heun_second else ()  # v_prev, base
+        args = (denoiser, self.y, self.z, self.t, self.w, guided, self.dt, *self.heun)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen before capture
             for _ in range(2):
-                network_velocity(*args)
+                network_step(*args)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = network_velocity(*args)
+            self.out = network_step(*args)
 
-    def __call__(self, z, y, t, w):
-        self.z.copy_(z)
-        self.y.copy_(y)
-        self.t.fill_(t)
-        self.w.fill_(w)
+    def __call__(self, z, y, t, w, dt, *heun):
+        for buffer, value in zip((self.z, self.y, *self.heun), (z, y, *heun)):
+            buffer.copy_(value)
+        for buffer, value in ((self.t, t), (self.w, w), (self.dt, dt)):
+            buffer.fill_(value)
         self.graph.replay()
-        return self.out.clone()  # the next replay overwrites self.out
+        return tuple(out.clone() for out in self.out)  # the next replay overwrites self.out
 
 
-def velocity_function(denoiser, y, cuda_graphs):
-    """v(z, t, w) for python floats t and w; replays cached CUDA graphs when asked."""
+def step_function(denoiser, y, cuda_graphs):
+    """step(z, t, w, dt, *heun) -> ``network_step``'s (state, v) for python floats t, w (the
+    guidance weight) and dt, with heun = (v_prev, base) for Heun's second evaluation; replays
+    cached CUDA graphs when asked."""
     if not cuda_graphs:
-        def velocity(z, t, w):
-            t = torch.full((1,), t, device=z.device)
-            return network_velocity(denoiser, y, z, t, w, w != 1.0)
-        return velocity
+        def step(z, t, w, dt, *heun):
+            t, dt = (torch.full((1,), s, device=z.device) for s in (t, dt))
+            return network_step(denoiser, y, z, t, w, w != 1.0, dt, *heun)
+        return step
     net = denoiser.net
     first = next(net.parameters())
     cache = denoiser.graph_cache
 
-    def velocity(z, t, w):
+    def step(z, t, w, dt, *heun):
         # graphs hold raw pointers: recapture if the weights were moved or re-typed
-        key = (z.shape[0], w != 1.0, first.data_ptr(), first.dtype)
+        key = (z.shape[0], w != 1.0, bool(heun), first.data_ptr(), first.dtype)
         if key not in cache:
-            cache[key] = CapturedVelocity(denoiser, z, y, w != 1.0)
-        return cache[key](z, y, t, w)
-    return velocity
+            cache[key] = CapturedStep(denoiser, y, z, w != 1.0, bool(heun))
+        return cache[key](z, y, t, w, dt, *heun)
+    return step
 
 
 def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
@@ -124,17 +163,16 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
     timesteps = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
     weights = guidance_weights(timesteps, cfg, interval)
     times = timesteps.tolist()
-    velocity = velocity_function(denoiser, y, cuda_graphs)
+    step = step_function(denoiser, y, cuda_graphs)
     was_training = net.training
     net.eval()
     try:
         for i in range(steps):
-            t, t_next, dt = times[i], times[i + 1], (timesteps[i + 1] - timesteps[i]).item()
-            v = velocity(z, t, weights[i])
+            dt = (timesteps[i + 1] - timesteps[i]).item()
+            z_next, v = step(z, times[i], weights[i], dt)
             if method == "heun" and i < steps - 1:  # the last step is always Euler
-                v_next = velocity(z + dt * v, t_next, weights[i + 1])
-                v = 0.5 * (v + v_next)
-            z = z + dt * v
+                z_next, _ = step(z_next, times[i + 1], weights[i + 1], dt, v, z)
+            z = z_next
     finally:
         net.train(was_training)
     return z

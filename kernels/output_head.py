@@ -3,7 +3,8 @@ the NCHW image directly (a patch's output vector is laid out (p, q, c)).
 
 Velocity epilogues replace the store of x̂ by (x̂ - ref)/max(1 - t, t_eps): with the clean image
 as ref, the velocity error of JiT's v-loss (``output_head_v_loss``); with the ODE state, the
-sampler's velocity, classifier-free guided in the same pass (``output_head_velocity``).
+sampler's velocity, classifier-free guided in the same pass (``output_head_velocity``), and with
+the sampler's Euler or Heun update of the float32 state in the same pass (``output_head_step``).
 
 The backward kernel gathers dout's patch vectors straight from NCHW for du = dout·W; the weight
 and bias grads, reductions over all tokens, go to cuBLAS on the gathered (M, p²·C) matrix.
@@ -15,8 +16,9 @@ import triton
 import triton.language as tl
 
 from jitfast import ops as ref_ops
+from jitfast.sampling import ode_update
 
-from ._common import (autocast_operands, autotune, dot_precision, gather_matmul,
+from ._common import (autocast_operands, autotune, dot_precision, empty, gather_matmul,
                       image_geometry, patch_offsets, tile_grid, use_kernel)
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": 32, "BLOCK_N": n}, num_warps=w)
@@ -37,15 +39,17 @@ def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_
     return acc + tl.load(BIAS + cols, mask=cols < P, other=0.0).to(tl.float32)
 
 
-@autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED"])
+@autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED", "UPDATE"])
 @triton.jit
-def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, M, D, P, n_tok, grid_w, p, channels,
-             s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr, GUIDED: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = (x̂ - REF)/max(1 - T, t_eps);
-    with GUIDED too, U has M conditional rows then M unconditional ones, combined as
-    v_u + CFG·(v_c - v_u)."""
+def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D, P, n_tok,
+             grid_w, p, channels, s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr,
+             GUIDED: tl.constexpr, UPDATE: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = v = (x̂ - REF)/max(1 - T,
+    t_eps); with GUIDED too, U has M conditional rows then M unconditional ones, combined as
+    v_u + CFG·(v_c - v_u). UPDATE also writes the ODE state STATE: "euler" REF + DT·v;
+    "heun" (the second evaluation, at REF = BASE + DT·V_PREV) BASE + DT·(V_PREV + v)/2, and
+    then OUT, which nothing needs, is not written."""
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     out = _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
@@ -61,7 +65,14 @@ def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, M, D, P, n_tok, grid_w, p, cha
                                   BLOCK_K, BLOCK_N)
             uncond = (uncond - ref) / denominator
             out = uncond + tl.load(CFG).to(tl.float32) * (out - uncond)
-    tl.store(OUT + offs, out, mask=mask)
+        if UPDATE == "euler":
+            tl.store(STATE + offs, ref + tl.load(DT) * out, mask=mask)
+        if UPDATE == "heun":
+            mean = 0.5 * (tl.load(V_PREV + offs, mask=mask, other=0.0) + out)
+            tl.store(STATE + offs, tl.load(BASE + offs, mask=mask, other=0.0) + tl.load(DT) * mean,
+                     mask=mask)
+    if UPDATE != "heun":
+        tl.store(OUT + offs, out, mask=mask)
 
 
 @autotune(CONFIGS, key=["D", "P"])
@@ -85,26 +96,35 @@ def _image_shape(u, p, channels, guided=False):
     return B // 2 if guided else B, channels, side, side
 
 
-def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0):
-    """Launch the forward: x̂, or the velocity (float32) if ref is given, as NCHW."""
+def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, dt=None,
+          v_prev=None, base=None):
+    """Launch the forward: x̂, or the velocity (float32) if ref is given, as NCHW; with dt also the
+    next ODE state (see _forward). Returns (x̂ or the velocity — empty for Heun's second
+    evaluation, the state or None)."""
     u, weight, bias = u.contiguous(), weight.contiguous(), bias.contiguous()
     D, P = u.shape[-1], weight.shape[0]
     shape = _image_shape(u, p, channels, guided=cfg is not None)
     M = shape[0] * u.shape[1]
-    out = u.new_empty(shape, dtype=u.dtype if ref is None else torch.float32)
+    update = "" if dt is None else "euler" if v_prev is None else "heun"
+    out = u.new_empty(0 if update == "heun" else shape,
+                      dtype=u.dtype if ref is None else torch.float32)
+    state = None if dt is None else u.new_empty(shape, dtype=torch.float32)
     if ref is not None:
         ref, t = ref.contiguous(), t.expand(shape[0]).contiguous()
-    _forward[tile_grid(BLOCK_M=M, BLOCK_N=P)](u, weight, bias, out, ref, t, cfg, t_eps, M, D, P,
-                                              *image_geometry(out, p), VELOCITY=ref is not None,
-                                              GUIDED=cfg is not None,
-                                              PRECISION=dot_precision(weight.dtype))
-    return out
+    if update == "heun":
+        v_prev, base = v_prev.contiguous(), base.contiguous()
+    _forward[tile_grid(BLOCK_M=M, BLOCK_N=P)](u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev,
+                                              base, state, M, D, P,
+                                              *image_geometry(out if ref is None else ref, p),
+                                              VELOCITY=ref is not None, GUIDED=cfg is not None,
+                                              UPDATE=update, PRECISION=dot_precision(weight.dtype))
+    return out, state
 
 
 @torch.library.custom_op("jitfast::output_head", mutates_args=())
 def output_head_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, p: int,
                    channels: int) -> torch.Tensor:
-    return _head(u, weight, bias, p, channels)
+    return _head(u, weight, bias, p, channels)[0]
 
 
 @output_head_op.register_fake
@@ -119,12 +139,32 @@ def output_head_velocity_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """(x̂ - ref)/max(1 - t, t_eps) in float32 for x̂ = head(u), the x-prediction; t is (B,) or
     (1,). With cfg (a (1,) tensor), u holds the conditional then the unconditional batch and the
     two velocities are combined as v_u + cfg·(v_c - v_u)."""
-    return _head(u, weight, bias, p, ref.shape[1], ref, t, cfg, t_eps)
+    return _head(u, weight, bias, p, ref.shape[1], ref, t, cfg, t_eps)[0]
 
 
 @output_head_velocity_op.register_fake
 def _(u, weight, bias, ref, t, cfg, p, t_eps):
     return torch.empty_like(ref, dtype=torch.float32)
+
+
+@torch.library.custom_op("jitfast::output_head_step", mutates_args=())
+def output_head_step_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        z: torch.Tensor, t: torch.Tensor, cfg: Optional[torch.Tensor],
+                        dt: torch.Tensor, v_prev: Optional[torch.Tensor],
+                        base: Optional[torch.Tensor], p: int,
+                        t_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One evaluation of the sampler: the velocity v of output_head_velocity_op at the float32
+    state z, and the state it leads to, as ``jitfast.sampling.ode_update``: (z + dt·v, v), or
+    given Heun's first velocity v_prev from state base, (base + dt·(v_prev + v)/2, empty).
+    Inference only (no autograd)."""
+    v, state = _head(u, weight, bias, p, z.shape[1], z, t, cfg, t_eps, dt, v_prev, base)
+    return state, v
+
+
+@output_head_step_op.register_fake
+def _(u, weight, bias, z, t, cfg, dt, v_prev, base, p, t_eps):
+    state = torch.empty_like(z, dtype=torch.float32)
+    return state, torch.empty_like(state) if v_prev is None else empty(state)
 
 
 @torch.library.custom_op("jitfast::output_head_backward", mutates_args=())
@@ -190,17 +230,37 @@ def output_head(x, weight, bias, p, channels):
     return output_head_op(*autocast_operands(x, weight, bias), p, channels)
 
 
+def _scalar_tensor(value, device):
+    """A python number as the (1,) float32 tensor a kernel reads; tensors and None pass."""
+    if value is None or torch.is_tensor(value):
+        return value
+    return torch.full((1,), value, dtype=torch.float32, device=device)
+
+
 def output_head_velocity(u, weight, bias, z, t, p, t_eps=0.05, cfg=None):
     """The sampler's velocity (x̂ - z)/max(1 - t, t_eps) of the x-prediction x̂ = head(u) at the
     float32 state z (B, C, H, W), time t ((B,) or (1,) tensor); with cfg, u is the batched
     conditional + unconditional pass (2B rows) and the result is v_u + cfg·(v_c - v_u).
     x̂ is never written."""
-    if cfg is not None and not torch.is_tensor(cfg):
-        cfg = torch.full((1,), cfg, dtype=torch.float32, device=z.device)
+    cfg = _scalar_tensor(cfg, z.device)
     if not use_kernel(u):
         return _velocity_reference(u, weight, bias, z, t, p, t_eps, cfg)
     u, weight, bias = autocast_operands(u, weight, bias)
     return output_head_velocity_op(u, weight, bias, z, t, cfg, p, t_eps)
+
+
+def output_head_step(u, weight, bias, z, t, dt, p, t_eps=0.05, cfg=None, v_prev=None,
+                     base=None):
+    """``output_head_velocity`` and the sampler's state update in one pass: returns
+    ``jitfast.sampling.ode_update(v, z, dt, v_prev, base)`` for the velocity v at state z, with
+    v left empty after Heun's second evaluation (v_prev given), which needs none. dt is a (1,)
+    tensor or a float."""
+    cfg, dt = _scalar_tensor(cfg, z.device), _scalar_tensor(dt, z.device)
+    if not use_kernel(u):
+        v = output_head_velocity(u, weight, bias, z, t, p, t_eps, cfg)
+        return ode_update(v, z, dt, v_prev, base)
+    u, weight, bias = autocast_operands(u, weight, bias)
+    return output_head_step_op(u, weight, bias, z, t, cfg, dt, v_prev, base, p, t_eps)
 
 
 def output_head_v_loss(u, weight, bias, x, t, p, t_eps=0.05):

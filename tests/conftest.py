@@ -1,8 +1,21 @@
 """Shared test setup. Without a GPU, the Triton kernels run on CPU tensors under Triton's
 interpreter; the switch must be set before Triton is first imported, hence here."""
+import importlib.util
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TRITON = pytest.param("triton", marks=[
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                       reason="the fused kernels need Triton"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")])
+
+
+@pytest.fixture(params=["torch", TRITON])
+def backend(request):
+    """A JiT op backend: the PyTorch reference, then the fused kernels (interpreted on CPU)."""
+    return request.param

@@ -1,5 +1,8 @@
 """The whole JiT on backend="triton" against backend="torch" (forward and every parameter
-gradient), against the official parity fixture, and traced by torch.compile(fullgraph=True)."""
+gradient), against the official parity fixture, and traced by torch.compile(fullgraph=True); the
+Denoiser's loss and sampler, whose epilogues the triton backend fuses into the output head,
+against the torch backend. (Official loss and sampling parity on both backends: test_diffusion.py
+and test_sampling.py.)"""
 from pathlib import Path
 
 import pytest
@@ -8,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="the fused kernels need Triton")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
 
-from jitfast import JiT  # noqa: E402
+from jitfast import Denoiser, JiT, kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
 FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny.pt"
@@ -73,6 +76,53 @@ def test_compile_fullgraph_traces_the_kernels():
     assert rel_err(got, want) < 1e-6
     for name, grad in want_grads.items():
         assert rel_err(got_grads[name], grad) < 1e-6, name
+
+
+def spy(monkeypatch, name):
+    """The argument tuples of every call of jitfast.kernels.<name> from now on."""
+    calls, fn = [], getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *args: calls.append(args) or fn(*args))
+    return calls
+
+
+def test_denoiser_loss_matches_torch_backend(monkeypatch):
+    """JiT's objective (x-pred, v-loss) fused into the head equals the torch backend's loss, and
+    so do all parameter grads; with noise_scale 2, labels dropped in training mode (the same
+    draws on both backends), and t = 0.98 where max(1 - t, t_eps) clamps."""
+    (reference, fused), _ = tiny_pair()
+    fused_calls = spy(monkeypatch, "output_head_v_loss")
+    x = torch.rand(3, 3, 16, 16, device=DEVICE) * 2 - 1
+    inputs = (x, torch.tensor([0, 4, 2], device=DEVICE),
+              torch.tensor([0.3, 0.7, 0.98], device=DEVICE), torch.randn_like(x))
+    losses, grads = [], []
+    for net in (reference, fused):
+        torch.manual_seed(1)
+        loss = Denoiser(net, noise_scale=2.0, label_drop_prob=0.5).train().loss(*inputs)
+        loss.backward()
+        losses.append(loss)
+        grads.append({name: p.grad for name, p in net.named_parameters() if p.requires_grad})
+    assert len(fused_calls) == 1
+    assert rel_err(losses[1], losses[0]) < 1e-5
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        assert rel_err(grads[1][name], grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("method,steps,cfg,interval,heun_second", [
+    ("heun", 3, 2.0, (0.3, 1.0), [False, True, False, True, False]),  # unguided at t = 0 only
+    ("euler", 2, 3.0, (0.0, 0.4), [False, False]),  # guided at t = 0 only
+])
+def test_generate_matches_torch_backend(monkeypatch, method, steps, cfg, interval, heun_second):
+    """Velocity, guidance and the Euler/Heun state update fused into the head at every
+    evaluation (``heun_second``: whether each is Heun's second) equal the torch backend."""
+    (reference, fused), _ = tiny_pair()
+    fused_calls = spy(monkeypatch, "output_head_step")
+    y = torch.tensor([1, 3], device=DEVICE)
+    z0 = torch.randn(2, 3, 16, 16, device=DEVICE)
+    want, got = (Denoiser(net, noise_scale=2.0).generate(y, steps, method, cfg, interval, z0)
+                 for net in (reference, fused))
+    assert [args[-2] is not None for args in fused_calls] == heun_second  # v_prev given
+    assert rel_err(got, want) < 1e-5
 
 
 @pytest.mark.gpu

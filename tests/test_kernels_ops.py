@@ -1,6 +1,6 @@
 """Each fused Triton kernel against the PyTorch reference of the same name in jitfast.ops:
-forward and every gradient in float32 on small odd shapes; the head's v-loss and sampling
-velocity epilogues against the Denoiser/sampler formulas; torch.library.opcheck of every
+forward and every gradient in float32 on small odd shapes; the head's v-loss, sampling velocity
+and sampler-step epilogues against the Denoiser/sampler formulas; torch.library.opcheck of every
 registered op; bf16 on the GPU (marked gpu). Without a GPU the kernels run on CPU tensors under
 TRITON_INTERPRET=1 (set in conftest.py)."""
 import importlib
@@ -15,6 +15,7 @@ from jitfast import ops as ref  # noqa: E402
 from jitfast.diffusion import convert  # noqa: E402
 from jitfast.kernels import _common  # noqa: E402
 from jitfast.positions import rope_2d  # noqa: E402
+from jitfast.sampling import ode_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")
@@ -166,7 +167,7 @@ def v_loss_reference(u, weight, bias, x, t, p, t_eps):
 def velocity_reference(u, weight, bias, z, t, p, t_eps, cfg=None):
     """The sampler's velocity as sampling.network_velocity forms it (x-prediction)."""
     guided = cfg is not None
-    z2, t2 = (torch.cat([z, z]), t.repeat(2)) if guided else (z, t)
+    z2, t2 = (torch.cat([z, z]), t.expand(z.shape[0]).repeat(2)) if guided else (z, t)
     v = convert(ref.output_head(u, weight, bias, p, z.shape[1]).float(), "x", "v", z2,
                 t2.view(-1, 1, 1, 1), t_eps)
     if not guided:
@@ -217,6 +218,32 @@ def test_output_head_velocity(B, grid, p, C, D, per_sample_t, guided):
                                head_inputs(B * (1 + guided), grid, p, C, D), z, t, p, 0.05, cfg)
 
 
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("heun_second", [False, True])
+def test_output_head_step(guided, heun_second):
+    """The sampler's state after an Euler step (with the velocity, which Heun's first evaluation
+    keeps) or after Heun's second evaluation (at t = 0.97, where 1 - t clamps), against
+    ode_update of the sampler's velocity; dt as a float or a (1,) tensor."""
+    torch.manual_seed(0)
+    B, grid, p, C, D = 3, 3, 4, 3, 72
+    u, weight, bias = head_inputs(B * (1 + guided), grid, p, C, D)
+    base = randn(B, C, grid * p, grid * p)
+    dt = torch.tensor([0.4], device=DEVICE) if guided else 0.4
+    heun = (randn(*base.shape), base) if heun_second else ()  # v_prev, base
+    z = base + dt * heun[0] if heun_second else base
+    t = torch.tensor([0.97 if heun_second else 0.3], device=DEVICE)
+    cfg = torch.tensor([2.5], device=DEVICE) if guided else None
+    want_state, want_v = ode_update(velocity_reference(u, weight, bias, z, t, p, 0.05, cfg), z,
+                                    dt, *heun)
+    state, v = kernels.output_head_step(u, weight, bias, z, t, dt, p, 0.05, cfg, *heun)
+    assert state.dtype == torch.float32
+    assert rel_err(state - base, want_state - base) < 1e-5  # the increment dt·v
+    if heun_second:
+        assert v.numel() == 0
+    else:
+        assert rel_err(v, want_v) < 1e-5
+
+
 @pytest.mark.parametrize("name,make", [case for case in CASES if case.values[0] in
                                        ("patch_embed", "output_head")])
 def test_autocast_output_dtype_matches_reference(name, make):
@@ -262,6 +289,11 @@ def opcheck_cases():
                                    None, p, 0.05)),
         (jf.output_head_velocity, (u, wo, bo, randn(1, C, 8, 8), torch.rand(1, device=DEVICE),
                                    randn(1), p, 0.05)),
+        (jf.output_head_step, (u, wo, bo, randn(B, C, 8, 8), torch.rand(1, device=DEVICE), None,
+                               torch.rand(1, device=DEVICE), None, None, p, 0.05)),
+        (jf.output_head_step, (u, wo, bo, randn(1, C, 8, 8), torch.rand(1, device=DEVICE),
+                               randn(1), torch.rand(1, device=DEVICE), randn(1, C, 8, 8),
+                               randn(1, C, 8, 8), p, 0.05)),
     ]
 
 
@@ -271,8 +303,9 @@ OPCHECK_IDS = [f"{op.__name__}-{i}" for i, (op, _) in enumerate(opcheck_cases())
 @pytest.mark.parametrize("case", range(len(OPCHECK_IDS)), ids=OPCHECK_IDS)
 def test_opcheck(case):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes) checks; the
-    forward ops get inputs that require grad, so their backward is exercised too."""
+    forward ops get inputs that require grad, so their backward is exercised too (all but the
+    sampler's step, which is inference only)."""
     op, args = opcheck_cases()[case]
-    if not op.__name__.endswith("_backward"):
+    if not op.__name__.endswith("_backward") and op.__name__ != "output_head_step":
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)

@@ -4,6 +4,12 @@ from contextlib import contextmanager
 import torch
 
 
+def copy_into(dst, src):
+    """dst[i].copy_(src[i]) per tensor: unlike _foreach_copy_, this works on FSDP2's DTensors."""
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
 class EMA:
     """Copies of `model`'s parameters, one set per decay, updated with foreach kernels.
 
@@ -41,12 +47,12 @@ class EMA:
         shadow = self.shadows[self._index(which)]
         with torch.no_grad():
             backup = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.detach() for p in self.params], shadow)
+            copy_into([p.detach() for p in self.params], shadow)
         try:
             yield self.model
         finally:
             with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], backup)
+                copy_into([p.detach() for p in self.params], backup)
 
     def state_dict(self, which=1):
         """The model's state dict with EMA set `which` in place of the parameters."""
@@ -62,5 +68,5 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state dict lacks parameters: {', '.join(missing)}")
         shadow = self.shadows[self._index(which)]
-        torch._foreach_copy_(shadow, [state[name].to(s.device, s.dtype)
-                                      for name, s in zip(self.names, shadow)])
+        copy_into(shadow, [state[name].to(s.device, s.dtype)
+                           for name, s in zip(self.names, shadow)])

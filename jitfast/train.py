@@ -1,0 +1,414 @@
+"""Train a JiT: ``python -m jitfast.train --compile`` (built-in shapes dataset, small model, CPU
+minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --image-size 256
+--data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
+
+Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
+are drawn from generators seeded by (seed, step, example), and the global RNG (dropout) is
+re-seeded from (seed, step, rank) every step. So a resumed run repeats an uninterrupted one loss
+for loss, and N processes with global batch B reproduce one process with batch B.
+"""
+import argparse
+import glob
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from jitfast.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from jitfast.data import DataError, StepBatches, make_loader, open_dataset, to_model_input
+from jitfast.diffusion import Denoiser
+from jitfast.ema import EMA
+from jitfast.images import image_grid, save_png, to_uint8
+from jitfast.markers import nvtx_range
+from jitfast.presets import JiT_models
+from jitfast.progress import MetricsLog, ProgressBar
+
+SMALL_ARCHS = ("T", "S")  # CPU-sized presets: minutes of training, not epochs
+CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: a non-finite loss, a missing optimizer, a finished checkpoint."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m jitfast.train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--model", default="JiT-T/8", choices=sorted(JiT_models), help="preset")
+    add("--image-size", type=int, default=64, help="training resolution (px)")
+    add("--data-path", default=None,
+        help="ImageNet-layout image folder, or a folder written by jitfast.prepare; "
+             "none: the built-in procedural shapes dataset (10 classes)")
+    add("--steps", type=int, default=600, help="optimizer steps in the whole run")
+    add("--batch-size", type=int, default=32, help="global batch, over all processes")
+    add("--blr", type=float, default=None,
+        help="base lr; lr = blr * batch / 256. Default: 5e-5 (official) for JiT-B/L/H/G, "
+             "1.2e-2 for the small T/S presets, which train for minutes, not epochs")
+    add("--lr", type=float, default=None, help="absolute lr, overrides --blr")
+    add("--warmup-steps", type=int, default=50, help="linear lr warm-up")
+    add("--schedule", default="constant", choices=("constant", "cosine"),
+        help="lr after warm-up (official: constant)")
+    add("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
+    add("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 disables")
+    add("--ema-decays", type=float, nargs=2, default=None,
+        help="the two EMA decays. Default: 0.9999 0.9996 (official) for JiT-B/L/H/G; "
+             "0.99 0.98 for the small presets, whose runs last a few hundred steps (an EMA "
+             "averages over about 1/(1-decay) steps)")
+    add("--optimizer", default="adamw", choices=("adamw", "apex"),
+        help="torch AdamW (fused on CUDA) or apex's FusedAdam")
+    add("--label-drop-prob", type=float, default=0.1, help="p of the null class (for CFG)")
+    add("--P-mean", type=float, default=-0.8, help="logit-normal t: mean")
+    add("--P-std", type=float, default=0.8, help="logit-normal t: std")
+    add("--noise-scale", type=float, default=1.0, help="noise std (official: 2.0 at 512 px)")
+    add("--seed", type=int, default=0, help="seeds data order, init and every draw")
+    add("--out", default="runs/jitfast", help="folder for checkpoints, samples and metrics")
+    add("--resume", default=None, help="checkpoint file, or a folder (its latest checkpoint)")
+    add("--log-every", type=int, default=25, help="steps between logs (the only host syncs)")
+    add("--ckpt-every", type=int, default=200, help="steps between checkpoints; 0: at the end")
+    add("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile-mode", default="default",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        help="torch.compile mode; reduce-overhead adds CUDA graphs on GPU")
+    add("--backend", default="auto", choices=("auto", "torch", "triton"), help="model ops")
+    add("--device", default=None, help="default: cuda when available, else cpu")
+    add("--cpu-threads", type=int, default=None,
+        help="torch threads when training on the CPU; default: all cores but one. On a busy "
+             "small machine, threads that wait for a descheduled peer make steps 10x slower")
+    add("--num-workers", type=int, default=None,
+        help="DataLoader workers; default: one per core (8 at most) for an image folder, "
+             "0 otherwise")
+    add("--max-bad-fraction", type=float, default=0.01,
+        help="stop when more than this fraction of the images read so far were unreadable")
+    add("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard)")
+    add("--activation-checkpointing", action="store_true",
+        help="recompute each block in the backward pass (torch.utils.checkpoint)")
+    add("--sample-steps", type=int, default=50, help="ODE steps (Heun) for the sample grid")
+    add("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grid")
+    add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
+    add("--grid-classes", type=int, default=10, help="rows of the sample grid")
+    args = p.parse_args(argv)
+    small = args.model[len("JiT-")] in SMALL_ARCHS
+    if args.blr is None:
+        args.blr = 1.2e-2 if small else 5e-5
+    if args.ema_decays is None:
+        args.ema_decays = [0.99, 0.98] if small else [0.9999, 0.9996]
+    if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
+        p.error("--steps, --batch-size and --log-every must be positive")
+    return args
+
+
+def setup_distributed(device_arg):
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def set_cpu_threads(threads, world):
+    """All cores but one, shared among the processes of this machine (unless told)."""
+    if threads is None:
+        threads = max(1, (len(os.sched_getaffinity(0)) - 1) // world)
+    torch.set_num_threads(threads)
+
+
+def make_optimizer(args, params, lr, device):
+    if args.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise TrainingError("--optimizer apex needs NVIDIA apex (with its CUDA extensions), "
+                                "which is not installed; use --optimizer adamw") from None
+        return FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                         adam_w_mode=True)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step, args, base_lr):
+    if step < args.warmup_steps:
+        return base_lr * (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return base_lr
+    done = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.min_lr + (base_lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def seed_of(*parts):
+    return hash(parts) & (2**63 - 1)
+
+
+def step_draws(denoiser, args, step, first, count, shape, device):
+    """t, noise and label-drop mask of this process's examples [first, first+count) of the
+    global batch at `step`: functions of (seed, step, example) only."""
+    gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
+    t = denoiser.sample_t(args.batch_size, device, gen)[first:first + count]
+    drop = (torch.rand(args.batch_size, device=device, generator=gen)
+            < args.label_drop_prob)[first:first + count]
+    noise = torch.empty((count, *shape), device=device)
+    for i in range(count):
+        gen.manual_seed(seed_of(args.seed, step, first + i))
+        noise[i].normal_(generator=gen)
+    return t, noise, drop
+
+
+def checkpointed(block):
+    """Recompute `block` in the backward pass; state-dict keys stay unchanged."""
+    forward = block.forward
+    block.forward = lambda *a: torch.utils.checkpoint.checkpoint(forward, *a, use_reentrant=False)
+
+
+def build(args, num_classes, device, world):
+    """(denoiser, module to call for the loss)."""
+    net = JiT_models[args.model](input_size=args.image_size, num_classes=num_classes,
+                                 backend=args.backend)
+    net.check_values = False  # t and labels are ours; the range checks would sync every step
+    denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, noise_scale=args.noise_scale,
+                        label_drop_prob=0.0).to(device)  # labels are dropped in step_draws
+    if args.activation_checkpointing:
+        for block in net.blocks:
+            checkpointed(block)
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for block in net.blocks:
+            fully_shard(block)
+        fully_shard(net)  # not the Denoiser: sampling calls the net directly
+    if args.compile:
+        denoiser.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
+    if world > 1 and not args.fsdp:
+        ids = [device.index] if device.type == "cuda" else None
+        return denoiser, DistributedDataParallel(denoiser, device_ids=ids)
+    return denoiser, denoiser
+
+
+def latest_checkpoint(path):
+    if os.path.isfile(path):
+        return path
+    found = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
+    if not os.path.isdir(path) or not found:
+        raise CheckpointError(f"--resume {path!r}: no checkpoint-*.pt file there")
+    return found[-1]
+
+
+def full_state(denoiser, ema, optimizer, fsdp):
+    """The official entries model, model_ema1/2 and optimizer as plain (unsharded) state dicts."""
+    states = {"model": denoiser.state_dict(),
+              **{f"model_ema{k}": ema.state_dict(k) for k in (1, 2)}}
+    if not fsdp:
+        return {**states, "optimizer": optimizer.state_dict()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+    def full(v):
+        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
+
+    states = {key: {k: full(v) for k, v in sd.items()} for key, sd in states.items()}
+    states["optimizer"] = get_optimizer_state_dict(
+        denoiser, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return states
+
+
+def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank):
+    """Write checkpoint-<step>.pt atomically (rank 0); delete those beyond --keep-checkpoints."""
+    if rank != 0 and not args.fsdp:
+        return None
+    states = full_state(denoiser, ema, optimizer, args.fsdp)  # a collective under FSDP
+    if rank != 0:
+        return None
+    epoch = step // steps_per_epoch
+    path = os.path.join(args.out, CHECKPOINT_NAME.format(step))
+    atomic_save({**states, "epoch": epoch, "args": dict(vars(args)),
+                 "config": dict(denoiser.net.config), "step": step,
+                 "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
+                          "images_seen": step * args.batch_size}}, path)
+    existing = sorted(glob.glob(os.path.join(args.out, "checkpoint-*.pt")))
+    for old in existing[:-args.keep_checkpoints]:
+        os.remove(old)
+    return path
+
+
+def restore(path, denoiser, ema, optimizer, args):
+    """Load a checkpoint into the run; returns its step."""
+    ckpt = read_checkpoint(path)
+    needed = ("model", "model_ema1", "model_ema2", "optimizer", "step")
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path!r} cannot be resumed: it lacks {', '.join(missing)}")
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(denoiser, optimizer, model_state_dict=ckpt["model"],
+                       optim_state_dict=ckpt["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        denoiser.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for k in (1, 2):
+        state = ckpt[f"model_ema{k}"]
+        ema.load_state_dict(sharded_like(state, denoiser) if args.fsdp else state, k)
+    return ckpt["step"]
+
+
+def sharded_like(state, model):
+    """The full tensors of `state` laid out like the (FSDP2-sharded) parameters of `model`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = dict(model.named_parameters())
+    return {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
+            if isinstance(params.get(k), DTensor) else v for k, v in state.items()}
+
+
+def train_step(model, denoiser, optimizer, ema, x, y, t, noise, lr, clip_grad):
+    """One optimizer step and EMA update; returns the loss, detached, still on the device."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with nvtx_range("forward"), torch.autocast(x.device.type, torch.bfloat16,
+                                               enabled=x.device.type == "cuda"):
+        loss = model(x, y, t, noise)
+    with nvtx_range("backward"):
+        loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
+    with nvtx_range("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with nvtx_range("ema"):
+        ema.update()
+    return loss.detach()
+
+
+def check_unreadable(bad, seen, max_fraction, min_seen):
+    """Stop once enough images were read to judge and too many of them were unreadable."""
+    if bad > max_fraction * seen and seen >= min_seen:
+        raise DataError(f"{bad} of the {seen} images read so far could not be decoded (more "
+                        f"than --max-bad-fraction {max_fraction}); fix or remove them "
+                        f"(python -m jitfast.prepare lists them)")
+
+
+def sample_grid(denoiser, ema, args, num_classes, device):
+    """A uint8 (H, W, 3) grid of EMA-1 samples, one row per class (evenly spaced classes)."""
+    classes = torch.linspace(0, num_classes - 1, min(args.grid_classes, num_classes)).round()
+    y = classes.long().repeat_interleave(args.samples_per_class).to(device)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
+                                        enabled=device.type == "cuda"):
+        images = denoiser.generate(y, steps=args.sample_steps, cfg=args.sample_cfg,
+                                   generator=gen)
+    return image_grid(to_uint8(images), columns=args.samples_per_class)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    if device.type == "cpu":
+        set_cpu_threads(args.cpu_threads, world)
+    if args.batch_size % world:
+        raise TrainingError(f"--batch-size {args.batch_size} must be a multiple of the "
+                            f"{world} processes")
+    torch.manual_seed(args.seed)
+    dataset = open_dataset(args.data_path, args.image_size, args.seed)
+    denoiser, model = build(args, dataset.num_classes, device, world)
+    ema = EMA(denoiser, args.ema_decays)
+    base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = make_optimizer(args, denoiser.parameters(), base_lr, device)
+    start = 0
+    if args.resume:
+        start = restore(latest_checkpoint(args.resume), denoiser, ema, optimizer, args)
+    if start >= args.steps:
+        raise TrainingError(f"the checkpoint is at step {start}, not before --steps {args.steps}")
+
+    local = args.batch_size // world
+    sampler = StepBatches(len(dataset), args.batch_size, args.seed, start, args.steps, rank, world)
+    workers = args.num_workers if args.num_workers is not None else (
+        min(8, len(os.sched_getaffinity(0))) if hasattr(dataset, "paths") else 0)
+    loader = make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
+    shape = (3, args.image_size, args.image_size)
+    null = torch.tensor(dataset.num_classes, device=device)
+    os.makedirs(args.out, exist_ok=True)
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), append=bool(args.resume)) \
+        if rank == 0 else None
+    bar = ProgressBar(args.steps, start) if rank == 0 else None
+    if rank == 0:
+        params = sum(p.numel() for p in denoiser.parameters())
+        print(f"{args.model} ({params / 1e6:.1f}M parameters) at {args.image_size} px on "
+              f"{world}x {device}, {len(dataset)} images in {dataset.num_classes} classes, "
+              f"global batch {args.batch_size}, lr {base_lr:.3g}, steps {start}..{args.steps}",
+              file=sys.stderr)
+
+    loss_sum = torch.zeros((), device=device)
+    seen = bad = 0
+    last_ckpt, last_log, timer = None, start, time.perf_counter()
+    began = timer
+    step = start
+    for images, labels, unreadable in loader:
+        torch.manual_seed(seed_of(args.seed, step, -1 - rank))  # dropout; examples are >= 0
+        with nvtx_range("data"):
+            x = to_model_input(images.to(device, non_blocking=True))
+            y = labels.to(device, non_blocking=True)
+            t, noise, drop = step_draws(denoiser, args, step, rank * local, local, shape, device)
+            y = torch.where(drop, null, y)
+        loss = train_step(model, denoiser, optimizer, ema, x, y, t, noise,
+                          lr_at(step, args, base_lr), args.clip_grad)
+        loss_sum += loss
+        step += 1
+        seen, bad = seen + len(labels), bad + len(unreadable)
+        if unreadable and rank == 0:
+            print(f"\nunreadable image(s), replaced: {', '.join(unreadable)}", file=sys.stderr)
+        check_unreadable(bad, seen, args.max_bad_fraction, min(len(dataset), 1000) // world)
+        save_now = step == args.steps or (args.ckpt_every and step % args.ckpt_every == 0)
+        if step % args.log_every == 0 or save_now:  # the host syncs here, and only here
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            mean_loss = loss_sum.item() / world / (step - last_log)
+            if not math.isfinite(mean_loss):
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise TrainingError(f"the loss became non-finite ({mean_loss}) between steps "
+                                    f"{last_log} and {step}{where}. Lower --lr/--blr or set "
+                                    f"--clip-grad")
+            now = time.perf_counter()
+            ips = args.batch_size * (step - last_log) / (now - timer)
+            if rank == 0:
+                log.write(step, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                          images_per_s=ips, epoch=step // sampler.steps_per_epoch,
+                          elapsed_s=now - began)
+                bar.update(step, loss=mean_loss, **{"img/s": ips})
+            loss_sum.zero_()
+            last_log, timer = step, now
+        if save_now:
+            last_ckpt = save(args, step, sampler.steps_per_epoch, denoiser, ema, optimizer,
+                             rank) or last_ckpt
+    if rank == 0:
+        bar.close()
+        log.close()
+    grid = os.path.join(args.out, f"samples-{step:08d}.png")
+    if rank == 0 or args.fsdp:  # under FSDP every rank takes part in the forward passes
+        image = sample_grid(denoiser, ema, args, dataset.num_classes, device)
+    if rank == 0:
+        save_png(image, grid)
+        print(f"checkpoint: {last_ckpt}\nsamples:    {grid}\nmetrics:    "
+              f"{os.path.join(args.out, 'metrics.jsonl')}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return dict(checkpoint=last_ckpt, grid=grid, metrics=os.path.join(args.out, "metrics.jsonl"),
+                denoiser=denoiser, ema=ema)
+
+
+def cli():
+    try:
+        main()
+    except (DataError, TrainingError, CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,163 @@
+"""The training loop: the default command, exact resume, checkpoints, and bad-input errors."""
+import glob
+import os
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from jitfast import load_checkpoint, read_checkpoint
+from jitfast import train
+from jitfast.data import DataError
+from jitfast.diffusion import Denoiser
+from jitfast.prepare import prepare
+from jitfast.progress import read_metrics
+from test_data import write_folder
+
+TINY = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
+        "--sample-steps", "1", "--samples-per-class", "2", "--grid-classes", "3",
+        "--warmup-steps", "2", "--device", "cpu", "--cpu-threads", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    """The runs set torch's thread count (--cpu-threads 1: tiny steps, a shared CPU)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name, *extra):
+    return train.main(TINY + ["--out", str(tmp_path / name), *extra])
+
+
+def losses(result):
+    return [r["loss"] for r in read_metrics(result["metrics"])]
+
+
+def test_default_command_end_to_end(tmp_path):
+    """`python -m jitfast.train --compile`, test-sized: checkpoint, sample grid, metrics."""
+    result = run(tmp_path, "run", "--compile", "--steps", "3")
+    records = read_metrics(result["metrics"])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["loss"] > 0 and r["images_per_s"] > 0 for r in records)
+    lr = 1.2e-2 * 4 / 256  # the small presets' blr, batch 4, 2 warm-up steps
+    assert [r["lr"] for r in records] == pytest.approx([lr / 2, lr, lr])
+    with Image.open(result["grid"]) as grid:
+        assert grid.size == (2 * 16, 3 * 16)
+    assert result["checkpoint"].endswith("checkpoint-00000003.pt")
+    assert load_checkpoint(result["checkpoint"]).input_size == 16
+
+
+def test_help_documents_every_flag_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--compile", "--fsdp", "--resume", "--blr", "--ema-decays", "--data-path"):
+        assert flag in text
+    assert text.count("(default:") >= 35
+    assert "0.99 0.98 for the small presets" in text
+
+
+@pytest.fixture(scope="module")
+def tiny_memmap(tmp_path_factory):
+    """10 images in 3 classes: with batch 4 an epoch is 2 steps, so runs cross epochs."""
+    root = tmp_path_factory.mktemp("data")
+    write_folder(root / "src", [[(20, 24)] * 4, [(24, 20)] * 3, [(16, 16)] * 3])
+    prepare(str(root / "src"), str(root / "mm"), 16, workers=1)
+    return str(root / "mm")
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, tiny_memmap):
+    common = ["--data-path", tiny_memmap, "--steps", "6", "--schedule", "cosine",
+              "--ckpt-every", "3", "--keep-checkpoints", "5"]
+    full = run(tmp_path, "full", *common)
+    first = os.path.join(tmp_path, "full", "checkpoint-00000003.pt")
+    assert read_checkpoint(first)["data"] == {"epoch": 1, "batch_in_epoch": 1, "images_seen": 12}
+    resumed = run(tmp_path, "resumed", *common, "--resume", first)
+    assert losses(resumed) == losses(full)[3:]  # bit for bit
+    a, b = read_checkpoint(full["checkpoint"]), read_checkpoint(resumed["checkpoint"])
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+    # A folder resumes from its latest checkpoint.
+    assert train.latest_checkpoint(str(tmp_path / "full")) == full["checkpoint"]
+
+
+def test_checkpoint_is_official_layout_and_loads(tmp_path):
+    result = run(tmp_path, "run", "--steps", "2")
+    ckpt = read_checkpoint(result["checkpoint"])  # weights_only=True
+    assert {"model", "model_ema1", "model_ema2", "optimizer", "epoch", "args", "step",
+            "config"} <= set(ckpt)
+    assert isinstance(ckpt["args"], dict) and ckpt["args"]["model"] == "JiT-T/8"
+    assert all(k.startswith("net.") for k in ckpt["model"])
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.8]), torch.tensor([1, 10])
+    denoiser, ema = result["denoiser"], result["ema"]
+    for weights, which in (("ema1", 1), ("ema2", 2)):
+        net = load_checkpoint(result["checkpoint"], weights=weights)
+        with ema.swapped(which), torch.no_grad():
+            assert torch.equal(net(x, t, y), denoiser.net.eval()(x, t, y))
+    net = load_checkpoint(result["checkpoint"], weights="model")
+    with torch.no_grad():
+        expected = denoiser.net(x, t, y)
+        assert torch.equal(net(x, t, y), expected)
+        assert not torch.equal(load_checkpoint(result["checkpoint"])(x, t, y), expected)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, "run", "--steps", "2")
+    previous = os.path.join(tmp_path, "run", "checkpoint-00000002.pt")
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(tmp_path, "run", "--steps", "4", "--ckpt-every", "4", "--resume", previous)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [f for f in os.listdir(tmp_path / "run") if "checkpoint" in f] == [
+        "checkpoint-00000002.pt"]  # no half-written file, no leftover temporary
+    assert read_checkpoint(previous)["step"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = Denoiser.loss, []
+
+    def loss_that_explodes(self, *args, **kwargs):
+        calls.append(1)
+        value = real_loss(self, *args, **kwargs)
+        return value * float("nan") if len(calls) > 3 else value
+
+    monkeypatch.setattr(Denoiser, "loss", loss_that_explodes)
+    with pytest.raises(train.TrainingError, match=r"non-finite \(nan\) between steps 3 and 4; "
+                                                  r"the last good checkpoint is .*-00000002.pt"):
+        run(tmp_path, "run", "--steps", "6", "--ckpt-every", "2")
+    ckpt = read_checkpoint(os.path.join(tmp_path, "run", "checkpoint-00000002.pt"))
+    assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert glob.glob(os.path.join(tmp_path, "run", "checkpoint-*")) == [
+        os.path.join(tmp_path, "run", "checkpoint-00000002.pt")]
+
+
+def test_cli_turns_errors_into_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["jitfast.train", "--data-path", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"^error: --data-path '.*nope' does not exist$"):
+        train.cli()
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(DataError, match="does not exist"):
+        run(tmp_path, "a", "--data-path", str(tmp_path / "missing"), "--steps", "1")
+    root = write_folder(tmp_path / "data", [[(16, 16)] * 6, [(16, 16)] * 6])
+    for i in range(2):
+        (root / "n001" / f"img{i}.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match=r"[23] of the 12 images read so far could not be decoded"):
+        run(tmp_path, "b", "--data-path", str(root), "--steps", "4", "--num-workers", "0")
+    monkeypatch.setitem(sys.modules, "apex", None)  # as if not installed
+    with pytest.raises(train.TrainingError, match="--optimizer apex needs NVIDIA apex"):
+        run(tmp_path, "c", "--optimizer", "apex", "--steps", "1")
+    run(tmp_path, "d", "--steps", "2")
+    with pytest.raises(train.TrainingError, match="checkpoint is at step 2, not before --steps 2"):
+        run(tmp_path, "d", "--steps", "2", "--resume", str(tmp_path / "d"))

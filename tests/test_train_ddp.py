@@ -1,0 +1,72 @@
+"""Data parallelism: 2 CPU processes over gloo reproduce one process with the same global batch."""
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from jitfast import read_checkpoint, train
+from jitfast.progress import read_metrics
+
+ARGS = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--steps", "3",
+        "--log-every", "1", "--warmup-steps", "1", "--sample-steps", "1",
+        "--samples-per-class", "1", "--grid-classes", "2", "--device", "cpu", "--cpu-threads", "1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank, world, port, argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    train.main(argv)
+
+
+def run_distributed(argv, world=2):
+    mp.spawn(worker, args=(world, free_port(), argv), nprocs=world)
+
+
+def single_process(argv):
+    threads = torch.get_num_threads()  # main() sets it to --cpu-threads
+    try:
+        return train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_weights(a, b):
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, value in b[key].items():
+            torch.testing.assert_close(a[key][name], value, rtol=1e-5, atol=1e-6)
+
+
+def assert_equal_runs(two_dir, one):
+    two_losses = [r["loss"] for r in read_metrics(two_dir / "metrics.jsonl")]
+    one_losses = [r["loss"] for r in read_metrics(one["metrics"])]
+    assert len(two_losses) == 3
+    torch.testing.assert_close(two_losses, one_losses, rtol=1e-5, atol=0)
+    assert_same_weights(read_checkpoint(two_dir / "checkpoint-00000003.pt"),
+                        read_checkpoint(one["checkpoint"]))
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    run_distributed(ARGS + ["--out", str(tmp_path / "two")])
+    assert_equal_runs(tmp_path / "two", single_process(ARGS + ["--out", str(tmp_path / "one")]))
+
+
+def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
+    """FSDP2 with activation checkpointing; then resuming its step-2 checkpoint, still sharded,
+    repeats step 3 exactly."""
+    sharded = ARGS + ["--fsdp", "--activation-checkpointing"]
+    run_distributed(sharded + ["--ckpt-every", "2", "--out", str(tmp_path / "two")])
+    assert_equal_runs(tmp_path / "two", single_process(ARGS + ["--out", str(tmp_path / "one")]))
+    middle = str(tmp_path / "two" / "checkpoint-00000002.pt")
+    run_distributed(sharded + ["--resume", middle, "--out", str(tmp_path / "resumed")])
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [3]
+    assert resumed[0]["loss"] == read_metrics(tmp_path / "two" / "metrics.jsonl")[-1]["loss"]
+    assert_same_weights(read_checkpoint(tmp_path / "resumed" / "checkpoint-00000003.pt"),
+                        read_checkpoint(tmp_path / "two" / "checkpoint-00000003.pt"))

@@ -1,0 +1,107 @@
+"""Shared benchmark setup: the device, the per-device repeats, the run order, and the `measure`
+fixture that times a function with pytest-benchmark and records throughput, MFU and the speedup
+over its group's baseline in ``extra_info``.
+
+Run with ``pytest benchmarks/ --benchmark-only`` (CPU: small presets, PyTorch paths only; CUDA:
+the JiT presets in bf16 and the Triton kernels). ``JITFAST_BENCH_DEADLINE`` (a Unix time) skips
+the benchmarks that would start after it, so a time-boxed run still writes its JSON.
+"""
+import gc
+import itertools
+import os
+import time
+
+import pytest
+import torch
+
+from jitfast.bench import environment, throughput
+from jitfast.train import set_cpu_threads
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_CUDA = DEVICE.type == "cuda"
+ENV = environment(DEVICE)
+if not ON_CUDA:
+    set_cpu_threads(None, 1)  # all cores but one, as training does: a busy core stalls them all
+# the dtype activations run in: bf16 autocast on CUDA, float32 on the CPU
+DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
+# pytest-benchmark's pedantic settings: (rounds, iterations per round, warm-up rounds)
+REPEATS = {"kernel": (20, 10, 3), "train": (10, 1, 3), "sample": (3, 1, 1), "data": (5, 1, 1)} \
+    if ON_CUDA else {"kernel": (10, 5, 2), "train": (5, 1, 2), "sample": (3, 1, 1),
+                     "data": (3, 1, 1)}
+# files in the order a time-boxed GPU run should measure them: the headline numbers first
+FILE_ORDER = ("train", "sampling", "kernels", "data")
+
+baselines = {}  # group -> median seconds of its baseline, measured earlier in this session
+
+
+def needs_cuda(variant):
+    """Skip a variant that only exists on CUDA (Triton kernels, CUDA graphs) on other devices."""
+    if not ON_CUDA:
+        pytest.skip(f"{variant} runs on CUDA only; this run is on the CPU")
+
+
+def pytest_collection_modifyitems(items):
+    """Compiled variants last (their compiles take most of a GPU run's time), then by FILE_ORDER;
+    the sort is stable, so each group's baseline (eager, never compiled) still comes first."""
+    def rank(item):
+        variant = item.callspec.params.get("variant", "") if hasattr(item, "callspec") else ""
+        file = next((i for i, key in enumerate(FILE_ORDER) if key in item.path.stem),
+                    len(FILE_ORDER))
+        return "compile" in variant, file
+    items.sort(key=rank)
+
+
+@pytest.fixture(autouse=True)
+def within_deadline():
+    """Skip what would start after JITFAST_BENCH_DEADLINE (set by device_check.sh)."""
+    deadline = os.environ.get("JITFAST_BENCH_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("the benchmark time budget (JITFAST_BENCH_DEADLINE) is spent")
+
+
+@pytest.fixture(autouse=True)
+def fresh_start():
+    """Each benchmark compiles from scratch (no recompile limits or dynamic shapes carried over
+    from earlier models and shapes) and finds the device memory of earlier ones released."""
+    torch._dynamo.reset()
+    gc.collect()
+    if ON_CUDA:
+        torch.cuda.empty_cache()
+
+
+def synced(fn, every):
+    """fn, followed by a CUDA synchronize on every `every`-th call: pytest-benchmark times
+    `every` calls per round, so each round ends when the device has finished them."""
+    if not ON_CUDA:
+        return fn
+    calls = itertools.count(1)
+
+    def run():
+        fn()
+        if next(calls) % every == 0:
+            torch.cuda.synchronize()
+    return run
+
+
+@pytest.fixture
+def measure(benchmark):
+    """measure(fn, group, kind, variant, baseline, images, flops, **info): time fn() with the
+    kind's repeats and record extra_info. `baseline` marks the variant whose median
+    the later variants of the same group are compared to; images and flops are per call."""
+    def run(fn, group, kind, variant, baseline, images=0, flops=0, **info):
+        benchmark.group = group
+        rounds, iterations, warmup = REPEATS[kind]
+        if ON_CUDA:
+            torch.cuda.synchronize()
+        benchmark.pedantic(synced(fn, iterations), rounds=rounds, iterations=iterations,
+                           warmup_rounds=warmup)
+        if benchmark.stats is None:  # --benchmark-disable: ran once, untimed
+            return
+        median = benchmark.stats.stats.median
+        if baseline:
+            baselines[benchmark.group] = median
+        benchmark.extra_info.update(
+            {**ENV, "kind": kind, "variant": variant, "dtype": str(DTYPE).removeprefix("torch."),
+             **info},
+            **throughput(median, images, flops, ENV["device"], baselines.get(benchmark.group)))
+    return run

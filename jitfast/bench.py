@@ -1,0 +1,142 @@
+"""Benchmark arithmetic and reporting: analytic JiT FLOPs, MFU, the run's environment, and
+``python -m jitfast.bench report results.json``, which turns the JSON written by
+``pytest benchmarks/ --benchmark-only --benchmark-json results.json`` into the README's table.
+
+FLOPs count 2 per multiply-add (DESIGN.md §6); a training step is 3× the forward.
+"""
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+from jitfast.presets import preset_config
+
+TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul)
+IMAGENET_IMAGES = 1_281_167
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16
+
+
+def forward_macs(depth, hidden_size, num_heads, bottleneck_dim, in_context_len,
+                 in_context_start, patch_size, input_size, in_channels=3, mlp_ratio=4.0):
+    """Multiply-adds of one image's forward pass: the matmuls of the patch embedding, every
+    block (qkv, attention scores and values, proj, w12, w3, adaLN) and the final layer."""
+    D = hidden_size
+    patches = (input_size // patch_size) ** 2
+    patch_dim = in_channels * patch_size ** 2
+    hidden = int(int(D * mlp_ratio) * 2 / 3)
+    macs = patches * (patch_dim * bottleneck_dim + bottleneck_dim * D)
+    for i in range(depth):
+        n = patches + (in_context_len if i >= in_context_start else 0)
+        macs += n * (3 * D * D + D * D + 2 * D * hidden + hidden * D)  # qkv, proj, w12, w3
+        macs += 2 * n * n * D  # scores q·kᵀ and the weighted sum of values, over all heads
+        macs += 6 * D * D  # adaLN
+    return macs + patches * D * patch_dim + 2 * D * D  # final Linear and its adaLN
+
+
+def forward_flops(preset, input_size):
+    """FLOPs of one image's forward pass through the preset at `input_size` px."""
+    config = preset_config(preset)
+    return 2 * forward_macs(input_size=input_size, **config)
+
+
+def peak_tflops(device_name):
+    """Dense bf16 peak of the device, or None where MFU is not reported (CPUs, other cards)."""
+    return next((peak for chip, peak in PEAK_TFLOPS.items() if chip in device_name), None)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device):
+    """Device and library versions, for every benchmark's extra_info."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(device=device_name(device), torch=torch.__version__, triton=triton_version,
+                cuda=torch.version.cuda if device.type == "cuda" else None)
+
+
+def throughput(seconds, images, flops, device_name, baseline_seconds=None):
+    """images/s, TFLOP/s, MFU (None without a known peak) and speedup over the baseline's
+    time (None without one) of a run that took `seconds` for `images` images and `flops`."""
+    tflops = flops / seconds / 1e12 if flops else None
+    peak = peak_tflops(device_name)
+    return dict(seconds=seconds, images_per_s=images / seconds if images else None,
+                tflops=tflops, mfu=tflops / peak if tflops and peak else None,
+                speedup=baseline_seconds / seconds if baseline_seconds else None)
+
+
+def epoch_hours(images_per_s):
+    return IMAGENET_IMAGES / images_per_s / 3600
+
+
+COLUMNS = ("benchmark", "variant", "preset", "shape", "dtype", "ms", "img/s", "TFLOP/s", "MFU",
+           "speedup")
+
+
+def cell(value, fmt=None):
+    """A table cell: – for a missing value; numbers to 3 significant digits, with separators."""
+    if value is None:
+        return "–"
+    if fmt:
+        return format(value, fmt)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table_row(bench):
+    info = bench["extra_info"]
+    return (bench["group"] or bench["name"], info.get("variant", ""), info.get("preset", ""),
+            info.get("shape", ""), info.get("dtype", ""),
+            cell(info["seconds"] * 1e3 if info.get("seconds") else None),
+            cell(info.get("images_per_s")), cell(info.get("tflops")),
+            cell(info.get("mfu"), ".1%"), cell(info.get("speedup"), ".2f"))
+
+
+def report(results):
+    """The markdown table of a pytest-benchmark JSON document, then the epoch times."""
+    benches = results["benchmarks"]
+    first_seen = {}
+    for b in benches:
+        first_seen.setdefault(b["group"], len(first_seen))
+    benches = sorted(benches, key=lambda b: first_seen[b["group"]])  # a group's rows together
+    devices = sorted({b["extra_info"].get("device", "?") for b in benches})
+    info = benches[0]["extra_info"] if benches else {}
+    lines = [f"Device: {', '.join(devices)}; torch {info.get('torch')}, triton "
+             f"{info.get('triton')}, CUDA {info.get('cuda')}. Times are medians per call; "
+             f"speedup is over the group's baseline (its first variant) in the same run.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(table_row(b)) + " |" for b in benches]
+    training = [b["extra_info"] for b in benches if b["extra_info"].get("kind") == "train"
+                and b["extra_info"].get("images_per_s")]
+    if training:
+        lines += ["", f"One ImageNet epoch ({IMAGENET_IMAGES:,} images) at the measured "
+                      f"training rate:", ""]
+        lines += [f"- {info['preset']} {info['variant']}: {cell(info['images_per_s'])} img/s → "
+                  f"{epoch_hours(info['images_per_s']):.3g} h" for info in training]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jitfast.bench",
+                                description="Benchmark reports (see benchmarks/).")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("report", help="print the markdown table of a --benchmark-json file") \
+        .add_argument("results", help="the JSON written by pytest --benchmark-json")
+    args = p.parse_args(argv)
+    try:
+        with open(args.results) as f:
+            results = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        sys.exit(f"error: cannot read {args.results!r}: {err}")
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -62,10 +62,11 @@ def fid_and_inception_score(images_dir, stats_path, cuda, weights_path=None):
         raise EvaluationError(f"the Inception weights could not be obtained ({err}); "
                               f"{HOW_TO_GET_WEIGHTS}") from None
     features = extract_featuresdict_from_input_id(1, extractor, **kwargs)
-    with np.load(stats_path) as ref:
-        reference = {"mu": ref["mu"], "sigma": ref["sigma"]}
-    fid = fid_statistics_to_metric(fid_featuresdict_to_statistics(features, fid_layer),
-                                   reference, False)
+    samples = fid_featuresdict_to_statistics(features, fid_layer)
+    with np.load(stats_path) as ref:  # torch-fidelity wants both in one dtype: float64
+        reference = {k: ref[k].astype(np.float64) for k in ("mu", "sigma")}
+    samples = {k: np.asarray(samples[k], dtype=np.float64) for k in ("mu", "sigma")}
+    fid = fid_statistics_to_metric(samples, reference, False)
     isc = isc_featuresdict_to_metric(features, isc_layer, **kwargs)
     return {"fid": float(fid["frechet_inception_distance"]),
             "inception_score": float(isc["inception_score_mean"])}

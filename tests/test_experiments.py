@@ -1,0 +1,77 @@
+"""The CPU reproductions of the paper's evidence (jitfast.experiments), at test size."""
+import json
+import math
+
+import pytest
+import torch
+
+from jitfast.experiments import targets, toy
+from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
+from jitfast.shapes import ShapesDataset
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_off_manifold_is_zero_on_the_plane_and_noise_sized_off_it():
+    g = torch.Generator().manual_seed(0)
+    basis = toy.column_orthogonal(64, g)
+    assert torch.allclose(basis.T @ basis, torch.eye(2), atol=1e-5)
+    on_plane = toy.spiral(500, g) @ basis.T
+    assert toy.off_manifold(on_plane, basis) < 1e-5
+    noise = torch.randn(4000, 64, generator=g)
+    assert toy.off_manifold(noise, basis) == pytest.approx(math.sqrt(62), rel=0.02)
+
+
+def test_toy_at_D512_only_x_prediction_stays_on_the_manifold():
+    """The paper's point, in the metric that the 2-D projection hides: at D = 512 a 256-wide MLP
+    cannot output the off-manifold part of e or v, so e- and v-prediction samples keep their
+    noise off the plane; x-prediction samples land near it."""
+    residual = {pred: toy.off_manifold(*toy.train_and_sample(512, pred, steps=150, samples=256))
+                for pred in ("x", "e", "v")}
+    assert residual["x"] < 1.0
+    assert residual["v"] > 10 * residual["x"] and residual["e"] > 10 * residual["x"]
+
+
+def test_toy_run_writes_the_figure_and_metrics(tmp_path):
+    report = toy.run([2, 8], steps=20, out=str(tmp_path))
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert saved["results"] == report["results"]
+    assert set(saved["results"]) == {f"D={d}/{p}-pred" for d in (2, 8) for p in "xev"}
+    assert saved["results"]["D=2/x-pred"]["off_manifold"] == 0.0  # P is square at D = 2
+    assert (tmp_path / "toy.png").stat().st_size > 0
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_the_mean_shift_squared_for_shifts():
+    a = torch.randn(400, 5, generator=torch.Generator().manual_seed(0))
+    shift = torch.tensor([3.0, 0.0, -4.0, 0.0, 0.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + shift) == pytest.approx(25.0, rel=1e-6)
+    assert frechet_distance(a, 2 * a) > 1.0  # the covariance term counts
+
+
+def test_classifier_separates_the_builtin_classes():
+    model = train_classifier(16, steps=80, seed=1)
+    images, labels = ShapesDataset(16, 200, seed=2).batch(range(200))
+    accuracy, features = judge(model, images, labels)
+    assert accuracy > 0.5  # chance: 0.1
+    assert features.shape == (200, 64)
+
+
+def test_targets_pipeline_writes_table_json_and_one_grid_per_cell(tmp_path):
+    config = dict(steps=4, batch=4, samples_per_class=1, sample_steps=2, classifier_steps=4)
+    results = targets.run(config, str(tmp_path), settings=("control",))
+    cells = {f"{p}-pred/v-loss" for p in "xev"}
+    assert set(results["control"]) == cells | {"real data"}
+    assert all(0.0 <= c["accuracy"] <= 1.0 and c["frechet"] >= 0
+               for c in results["control"].values())
+    for pred in "xev":
+        assert (tmp_path / f"control-{pred}-pred-v-loss.png").stat().st_size > 0
+    table = (tmp_path / "table.md").read_text()
+    assert "| x-pred | - | - | " in table  # the control has only the v-loss column
+    assert json.loads((tmp_path / "targets.json").read_text())["results"] == results

@@ -116,6 +116,16 @@ def test_seeded_sampling_is_reproducible_and_restores_training_mode():
     assert net.training
 
 
+def test_no_value_checks_per_evaluation_and_flag_restored():
+    """generate validates y and t once; the network's per-call range checks (a host sync each
+    on CUDA) are off while it samples and back on afterwards."""
+    net = official_net()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(module.check_values))
+    Denoiser(net).generate(torch.tensor([1, 2]), steps=3, cfg=2.0)
+    assert seen == [False] * 5 and net.check_values
+
+
 def test_float32_state_with_a_bf16_network():
     denoiser = Denoiser(official_net().to(torch.bfloat16))
     out = denoiser.generate(torch.tensor([1, 2]), steps=3, cfg=2.0,

@@ -165,7 +165,11 @@ def load_checkpoint(path, weights="ema1", device="cpu", backend="auto", **overri
     weights: "ema1" (default, what the paper samples with), "ema2" or "model". The architecture
     is inferred from the tensor shapes; keyword overrides (e.g. in_context_start) win.
     """
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), weights, device, backend, **overrides)
+
+
+def model_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", **overrides):
+    """``load_checkpoint`` for a checkpoint already read with ``read_checkpoint``."""
     state = select_weights(ckpt, weights)
     model = JiT(**infer_config(state, ckpt, **overrides), backend=backend)
     check_state_dict(model, state)

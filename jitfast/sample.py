@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from jitfast.checkpoint import load_checkpoint, read_checkpoint
+from jitfast.checkpoint import model_from_checkpoint, read_checkpoint
 from jitfast.diffusion import Denoiser
 from jitfast.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
 from jitfast.images import image_grid, load_png, save_png, to_uint8
@@ -133,7 +133,7 @@ def run(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     ckpt = read_checkpoint(args.ckpt)
-    net = load_checkpoint(args.ckpt, weights=args.weights, device=device)
+    net = model_from_checkpoint(ckpt, weights=args.weights, device=device)  # one read
     if args.model:
         check_preset(net, args.model)
     if dtype == "bf16":

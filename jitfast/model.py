@@ -15,8 +15,10 @@ from jitfast.positions import rope_2d, sincos_2d
 def timestep_embedding(t, dim=256, max_period=10000):
     """(B,) times -> (B, dim) sinusoid, cosine half first."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    args = t[:, None].float() * freqs.to(t.device)[None]
+    # made on t's device: a host tensor copied over would crash CUDA-graph capture
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 

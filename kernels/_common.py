@@ -47,7 +47,7 @@ def autocast_operands(*tensors):
     """The matmul operands as autocast would pass them to a matmul (cast to its dtype) when it is
     enabled for their device, so a fused op computes in the dtype the reference would."""
     device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) for t in tensors)

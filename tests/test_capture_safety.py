@@ -1,0 +1,87 @@
+"""Nothing on a compiled or CUDA-graph-captured path may create a tensor on the host or copy one
+to the device (DESIGN.md §7): the first GPU run's sampler died at capture on one such tensor.
+The CPU cannot show that crash, so these tests run the paths on the `meta` device under a
+dispatch mode that fails on every op that takes or returns a CPU tensor."""
+import traceback
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from jitfast import Denoiser, JiT
+from jitfast.model import timestep_embedding
+from jitfast.sampling import network_step
+
+META = torch.device("meta")
+
+
+def our_frame():
+    """The innermost jitfast frame of the current stack, 'file:line function'."""
+    for frame in reversed(traceback.extract_stack()):
+        if ("/jitfast/" in frame.filename or "/kernels/" in frame.filename) \
+                and not frame.filename.endswith("test_capture_safety.py"):
+            return f"{frame.filename}:{frame.lineno} {frame.name}"
+    return "outside jitfast"
+
+
+class NoHostTensors(TorchDispatchMode):
+    """Raise on any aten op with a CPU tensor among its inputs or outputs: with the work on
+    another device, that is a host tensor created, or one copied to the device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" for t in inputs + outputs):
+            what = "copies a host tensor" if any(t.device.type == "cpu" for t in inputs) \
+                else "creates a host tensor"
+            raise AssertionError(f"{func} {what} at {our_frame()}")
+        return out
+
+
+def meta_denoiser(backend):
+    torch.manual_seed(0)
+    net = JiT(input_size=16, patch_size=4, hidden_size=24, depth=2, num_heads=2,
+              bottleneck_dim=8, num_classes=5, in_context_len=3, in_context_start=1,
+              backend=backend)
+    net.check_values = False  # value checks read the device; compiled and captured code skips them
+    return Denoiser(net).to(META)
+
+
+def test_guard_catches_a_host_tensor():
+    """The guard itself: today's bug (frequencies made on the host, then moved) is caught."""
+    t = torch.rand(3, device=META)
+    with pytest.raises(AssertionError, match="creates a host tensor"), NoHostTensors():
+        t * torch.arange(3).to(t.device)
+    with NoHostTensors():
+        t * torch.arange(3, device=t.device)
+
+
+def test_timestep_embedding_stays_on_the_device():
+    t = torch.rand(3, device=META)
+    with NoHostTensors():
+        assert timestep_embedding(t, 8).device == META
+
+
+def test_training_forward_and_backward_stay_on_the_device(backend):
+    denoiser = meta_denoiser(backend).train()
+    x = torch.empty(3, 3, 16, 16, device=META)
+    y = torch.zeros(3, dtype=torch.long, device=META)
+    with NoHostTensors():
+        loss = denoiser.loss(x, y)  # t and noise drawn on the device
+        loss.backward()
+    assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("guided, heun_second", [(False, False), (True, False), (True, True)])
+def test_sampler_step_stays_on_the_device(backend, guided, heun_second):
+    """One evaluation as CapturedStep captures it: every argument a device tensor."""
+    denoiser = meta_denoiser(backend).eval()
+    z = torch.empty(2, 3, 16, 16, device=META)
+    y = torch.zeros(2, dtype=torch.long, device=META)
+    t, dt, w = (torch.empty(1, device=META) for _ in range(3))
+    heun = (torch.empty_like(z), torch.empty_like(z)) if heun_second else ()
+    with NoHostTensors():
+        state, _ = network_step(denoiser, y, z, t, w, guided, dt, *heun)
+    assert state.shape == z.shape and state.dtype == torch.float32

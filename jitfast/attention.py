@@ -1,13 +1,13 @@
 """Attention for the transformer core, with the backend chosen in one place.
 
 Order of preference: flash-attn (3, then 2) when importable and the inputs are CUDA fp16/bf16;
-else PyTorch SDPA with its backend pinned explicitly on CUDA (flash, then memory-efficient, then
-cuDNN); else SDPA's math path. ``scores_fp32=True`` computes q·kᵀ and the softmax in float32
-as the official code does (its authors saw loss spikes for e/v-prediction without it).
+else PyTorch SDPA, its backend pinned explicitly on CUDA (flash, memory-efficient or cuDNN: never
+the unfused math path); on other devices SDPA's own dispatch, which on the CPU is a fused kernel
+faster than its math path. ``scores_fp32=True`` computes q·kᵀ and the softmax in float32 as the
+official code does (its authors saw loss spikes for e/v-prediction without it).
 """
 import importlib
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,7 @@ CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
                       SDPBackend.CUDNN_ATTENTION]
 
 
-@lru_cache(maxsize=None)
-def flash_attn_funcs():
+def find_flash_attn():
     """flash-attn's (B, N, H, hd) entry points that are importable: {"fa3": f, "fa2": f}."""
     found = {}
     for key, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
@@ -29,17 +28,22 @@ def flash_attn_funcs():
     return found
 
 
+FLASH_ATTN = find_flash_attn()  # once, at import: compiled code reads a plain dict
+
+
 def attention_backend(device, dtype, dropout_p=0.0, scores_fp32=False):
-    """Name of the backend `attention` uses for such inputs: fa3 | fa2 | sdpa | math | fp32."""
+    """Name of the backend `attention` uses for such inputs: fa3 | fa2 | sdpa-pinned (CUDA) |
+    sdpa (SDPA's own dispatch) | fp32."""
     if scores_fp32:
         return "fp32"
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        found = flash_attn_funcs()
-        if "fa3" in found and dropout_p == 0.0:  # FA3 has no dropout
+    if device.type != "cuda":
+        return "sdpa"
+    if dtype in (torch.float16, torch.bfloat16):
+        if "fa3" in FLASH_ATTN and dropout_p == 0.0:  # FA3 has no dropout
             return "fa3"
-        if "fa2" in found:
+        if "fa2" in FLASH_ATTN:
             return "fa2"
-    return "sdpa" if device.type == "cuda" else "math"
+    return "sdpa-pinned"
 
 
 def attention_fp32(q, k, v, dropout_p=0.0):
@@ -59,12 +63,11 @@ def attention(q, k, v, dropout_p=0.0, scores_fp32=False):
     q, k = q.to(v.dtype), k.to(v.dtype)
     if backend in ("fa3", "fa2"):
         extra = {"dropout_p": dropout_p} if backend == "fa2" else {}
-        out = flash_attn_funcs()[backend](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          **extra)
+        out = FLASH_ATTN[backend](q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  **extra)
         out = out[0] if isinstance(out, tuple) else out
         return out.transpose(1, 2)
-    if backend == "sdpa":
+    if backend == "sdpa-pinned":
         with sdpa_kernel(CUDA_SDPA_BACKENDS):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)

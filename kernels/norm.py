@@ -26,9 +26,9 @@ from ._common import block, empty, row_split, use_kernel
 
 
 @triton.jit
-def _forward(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
-             HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
+                       HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     sample = row // n_tok
     cols = tl.arange(0, BLOCK_D)
@@ -53,10 +53,10 @@ def _forward(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
 
 
 @triton.jit
-def _backward(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART, DSC_PART, DG_PART,
-              n_tok, D, rows_per_chunk,
-              HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
-              BLOCK_D: tl.constexpr):
+def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART, DSC_PART,
+                       DG_PART, n_tok, D, rows_per_chunk,
+                       HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     """Program (sample, chunk) handles rows_per_chunk tokens of one sample and writes its
     partial sums of the weight / shift / scale / gate grads to row (sample, chunk)."""
     sample = tl.program_id(0).to(tl.int64)
@@ -142,7 +142,8 @@ def residual_norm(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[tor
     x, h, gate, weight, shift, scale = _contiguous(x, h, gate, weight, shift, scale)
     rows, n_tok, D, flags = _launch_args(x, h, weight, shift)
     x_new, u, rstd = _outputs(x, h, gate, weight, shift, scale)
-    _forward[(rows,)](x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, eps, **flags)
+    _residual_norm_fwd[(rows,)](x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, eps,
+                                **flags)
     return x_new, u, rstd
 
 
@@ -173,8 +174,9 @@ def residual_norm_backward(dx_new: torch.Tensor, du: torch.Tensor, x_normed: tor
     chunks, per_chunk = row_split(groups, n_tok, x_normed.device)
     part = x_normed.new_empty(4, groups, chunks, D, dtype=torch.float32)
     dx, dh, dgate, dweight, dshift, dscale = _grads(x_normed, h, gate, weight, shift, scale)
-    _backward[(groups, chunks)](dx_new, du, x_normed, h, gate, weight, scale, rstd, dx, dh,
-                                part[0], part[1], part[2], part[3], n_tok, D, per_chunk, **flags)
+    _residual_norm_bwd[(groups, chunks)](dx_new, du, x_normed, h, gate, weight, scale, rstd, dx,
+                                         dh, part[0], part[1], part[2], part[3], n_tok, D,
+                                         per_chunk, **flags)
     for grad, partial, dims in ((dweight, part[0], (0, 1)), (dshift, part[1], 1),
                                 (dscale, part[2], 1), (dgate, part[3], 1)):
         if grad.numel():

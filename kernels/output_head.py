@@ -41,10 +41,10 @@ def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_
 
 @autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED", "UPDATE"])
 @triton.jit
-def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D, P, n_tok,
-             grid_w, p, channels, s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr,
-             GUIDED: tl.constexpr, UPDATE: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _output_head_fwd(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D, P, n_tok,
+                     grid_w, p, channels, s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr,
+                     GUIDED: tl.constexpr, UPDATE: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = v = (x̂ - REF)/max(1 - T,
     t_eps); with GUIDED too, U has M conditional rows then M unconditional ones, combined as
     v_u + CFG·(v_c - v_u). UPDATE also writes the ODE state STATE: "euler" REF + DT·v;
@@ -77,9 +77,9 @@ def _forward(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D,
 
 @autotune(CONFIGS, key=["D", "P"])
 @triton.jit
-def _backward(DOUT, W, DU, M, D, P, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
-              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+def _output_head_bwd(DOUT, W, DU, M, D, P, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """du = gather(dout) · W, tiles of BLOCK_M tokens × BLOCK_N hidden, over P in BLOCK_K."""
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     dd = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -99,7 +99,7 @@ def _image_shape(u, p, channels, guided=False):
 def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, dt=None,
           v_prev=None, base=None):
     """Launch the forward: x̂, or the velocity (float32) if ref is given, as NCHW; with dt also the
-    next ODE state (see _forward). Returns (x̂ or the velocity — empty for Heun's second
+    next ODE state (see _output_head_fwd). Returns (x̂ or the velocity — empty for Heun's second
     evaluation, the state or None)."""
     u, weight, bias = u.contiguous(), weight.contiguous(), bias.contiguous()
     D, P = u.shape[-1], weight.shape[0]
@@ -113,11 +113,10 @@ def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, d
         ref, t = ref.contiguous(), t.expand(shape[0]).contiguous()
     if update == "heun":
         v_prev, base = v_prev.contiguous(), base.contiguous()
-    _forward[tile_grid(BLOCK_M=M, BLOCK_N=P)](u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev,
-                                              base, state, M, D, P,
-                                              *image_geometry(out if ref is None else ref, p),
-                                              VELOCITY=ref is not None, GUIDED=cfg is not None,
-                                              UPDATE=update, PRECISION=dot_precision(weight.dtype))
+    _output_head_fwd[tile_grid(BLOCK_M=M, BLOCK_N=P)](
+        u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev, base, state, M, D, P,
+        *image_geometry(out if ref is None else ref, p), VELOCITY=ref is not None,
+        GUIDED=cfg is not None, UPDATE=update, PRECISION=dot_precision(weight.dtype))
     return out, state
 
 
@@ -174,9 +173,9 @@ def output_head_backward(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tens
     dout, u, weight = dout.contiguous(), u.contiguous(), weight.contiguous()
     M, D, P = u.numel() // u.shape[-1], u.shape[-1], weight.shape[0]
     du = torch.empty_like(u)
-    _backward[tile_grid(BLOCK_M=M, BLOCK_N=D)](dout, weight, du, M, D, P,
-                                               *image_geometry(dout, p),
-                                               PRECISION=dot_precision(weight.dtype))
+    _output_head_bwd[tile_grid(BLOCK_M=M, BLOCK_N=D)](dout, weight, du, M, D, P,
+                                                      *image_geometry(dout, p),
+                                                      PRECISION=dot_precision(weight.dtype))
     B, C, H, W = dout.shape
     patches = dout.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(M, P)
     dweight = patches.t().float() @ u.reshape(M, D).float()

@@ -21,10 +21,10 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps
 
 @autotune(CONFIGS, key=["n_cols", "K", "D"])
 @triton.jit
-def _forward(X, W1, W2, B2, POS, OUT, M, n_cols, K, D,
-             n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
-             PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _patch_embed_fwd(X, W1, W2, B2, POS, OUT, M, n_cols, K, D,
+                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                     PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     kk = tl.arange(0, BLOCK_K)
     h = gather_matmul(X, W1, tok, M, kk[None, :], K, n_cols, 1, n_cols,
@@ -43,10 +43,10 @@ def _forward(X, W1, W2, B2, POS, OUT, M, n_cols, K, D,
 
 @autotune(CONFIGS, key=["n_cols", "K", "D"])
 @triton.jit
-def _backward(X, W1, W2, DOUT, H, DH, DX, M, n_cols, K, D,
-              n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
-              NEEDS_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+def _patch_embed_bwd(X, W1, W2, DOUT, H, DH, DX, M, n_cols, K, D,
+                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                     NEEDS_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     kk = tl.arange(0, BLOCK_K)[None, :]
     k_col = tl.arange(0, BLOCK_K)[:, None]
@@ -91,7 +91,7 @@ def patch_embed_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torc
     M, n_cols, K, p = _shapes(x, w1)
     D = w2.shape[0]
     out = x.new_empty(x.shape[0], M // x.shape[0], D, dtype=_out_dtype(x, b2, pos))
-    _forward[tile_grid(BLOCK_M=M)](x, w1, w2, b2, pos, out, M, n_cols, K, D,
+    _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, w1, w2, b2, pos, out, M, n_cols, K, D,
                                    *image_geometry(x, p), PRECISION=dot_precision(w1.dtype),
                                    BLOCK_K=block(K))
     return out
@@ -114,7 +114,7 @@ def patch_embed_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
     h = x.new_empty(M, K, dtype=torch.float32)
     dh = torch.empty_like(h)
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
-    _backward[tile_grid(BLOCK_M=M)](x, w1, w2, dout, h, dh, dx, M, n_cols, K, D,
+    _patch_embed_bwd[tile_grid(BLOCK_M=M)](x, w1, w2, dout, h, dh, dx, M, n_cols, K, D,
                                     *image_geometry(x, p), NEEDS_DX=needs_dx,
                                     PRECISION=dot_precision(w1.dtype), BLOCK_K=block(K))
     dw1 = dh.t() @ ref.patchify(x, p).reshape(M, n_cols).float()

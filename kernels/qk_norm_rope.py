@@ -59,8 +59,8 @@ def _norm_rope_backward(SRC, W, DOUT, DSRC, dst, cos, sin_pair, heads, lanes, pa
 
 
 @triton.jit
-def _forward(QKV, WQ, WK, COS, SIN, Q, K, V, n_tok, H, hd, eps,
-             BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
+def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_tok, H, hd, eps,
+                      BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     t = row % n_tok
     heads, lanes, pairs, sign, mask = _lanes(H, hd, BLOCK_H, BLOCK_HD)
@@ -76,8 +76,8 @@ def _forward(QKV, WQ, WK, COS, SIN, Q, K, V, n_tok, H, hd, eps,
 
 
 @triton.jit
-def _backward(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_tok, H, hd, eps,
-              rows_per_chunk, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
+def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_tok, H, hd, eps,
+                      rows_per_chunk, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
     """Program (sample, chunk) handles rows_per_chunk tokens of one sample; it writes its partial
     sums of the q and k norm weight grads to DW_PART[0 or 1, sample, chunk]."""
     sample = tl.program_id(0).to(tl.int64)
@@ -117,7 +117,7 @@ def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
     B, N, D3 = qkv.shape
     hd = D3 // 3 // num_heads
     q, k, v = (qkv.new_empty(B, num_heads, N, hd) for _ in range(3))
-    _forward[(B * N,)](qkv, q_weight, k_weight, cos, sin, q, k, v, N, num_heads, hd, eps,
+    _qk_norm_rope_fwd[(B * N,)](qkv, q_weight, k_weight, cos, sin, q, k, v, N, num_heads, hd, eps,
                        **_blocks(num_heads, hd))
     return q, k, v
 
@@ -140,8 +140,8 @@ def qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     chunks, per_chunk = row_split(B, N, qkv.device)
     part = qkv.new_empty(2, B, chunks, hd, dtype=torch.float32)
     dqkv = torch.empty_like(qkv)
-    _backward[(B, chunks)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part, N, H, hd,
-                           eps, per_chunk, **_blocks(H, hd))
+    _qk_norm_rope_bwd[(B, chunks)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part, N,
+                                   H, hd, eps, per_chunk, **_blocks(H, hd))
     return dqkv, part[0].sum((0, 1)).to(q_weight.dtype), part[1].sum((0, 1)).to(k_weight.dtype)
 
 

@@ -11,7 +11,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _forward(X12, OUT, F, BLOCK: tl.constexpr):
+def _swiglu_fwd(X12, OUT, F, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
@@ -21,7 +21,7 @@ def _forward(X12, OUT, F, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _backward(DOUT, X12, DX12, F, BLOCK: tl.constexpr):
+def _swiglu_bwd(DOUT, X12, DX12, F, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
@@ -43,7 +43,7 @@ def swiglu_op(x12: torch.Tensor) -> torch.Tensor:
     x12 = x12.contiguous()
     grid, F = _grid(x12)
     out = x12.new_empty(*x12.shape[:-1], F)
-    _forward[grid](x12, out, F, BLOCK=BLOCK)
+    _swiglu_fwd[grid](x12, out, F, BLOCK=BLOCK)
     return out
 
 
@@ -57,7 +57,7 @@ def swiglu_backward(dout: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
     dout, x12 = dout.contiguous(), x12.contiguous()
     grid, F = _grid(x12)
     dx12 = torch.empty_like(x12)
-    _backward[grid](dout, x12, dx12, F, BLOCK=BLOCK)
+    _swiglu_bwd[grid](dout, x12, dx12, F, BLOCK=BLOCK)
     return dx12
 
 

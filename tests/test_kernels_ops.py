@@ -309,3 +309,29 @@ def test_opcheck(case):
     if not op.__name__.endswith("_backward") and op.__name__ != "output_head_step":
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)
+
+
+def test_every_kernel_has_its_own_name():
+    """The profiler aggregates GPU time by kernel name (DESIGN.md §7): each Triton kernel is
+    named after its module's op and its pass, and no two share a name."""
+    import triton
+
+    found = {}
+    for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu", "noise"):
+        try:
+            mod = importlib.import_module(f"jitfast.kernels.{module}")
+        except ModuleNotFoundError:
+            continue
+        for value in vars(mod).values():
+            if not isinstance(value, triton.runtime.KernelInterface):
+                continue
+            fn = value
+            while not callable(fn) or hasattr(fn, "fn"):  # autotuner > jit/interpreter > def
+                fn = fn.fn
+            if fn.__module__ == mod.__name__:
+                found.setdefault(fn.__name__, []).append(module)
+    assert found, "no Triton kernels found"
+    kernels_ = [name for name in found if name.endswith(("_fwd", "_bwd"))]
+    assert len(kernels_) >= 10, sorted(found)
+    assert all(len(modules) == 1 for modules in found.values()), found
+    assert not {"_forward", "_backward"} & set(found)

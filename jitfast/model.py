@@ -3,6 +3,7 @@
 ``jitfast.backend``; big matmuls stay in ``nn.Linear``.
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -100,7 +101,8 @@ def adaln(hidden_size, chunks):
 
 
 class JiTBlock(nn.Module):
-    """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))), adaLN from c."""
+    """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))); the six adaLN vectors
+    (B, 6D) come from ``adaLN_modulation(c)``, computed by the caller (``JiT.conditioning``)."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0,
                  scores_fp32=False):
@@ -111,8 +113,8 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), proj_drop)
         self.adaLN_modulation = adaln(hidden_size, 6)
 
-    def forward(self, x, c, rope, ops):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+    def forward(self, x, modulation, rope, ops):
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         u = ops.rms_norm_modulate(x, self.norm1.weight, shift1, scale1)
         x, u = ops.gated_residual_rms_norm_modulate(x, self.attn(u, rope, ops), gate1,
                                                     self.norm2.weight, shift2, scale2)
@@ -128,15 +130,31 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = adaln(hidden_size, 2)
 
-    def forward(self, x, c, ops, head=None):
-        """RMSNorm and modulation of the tokens x, then the Linear and the unpatchify to NCHW, or
-        head(u, weight, bias) of the modulated tokens u and the Linear's parameters."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+    def forward(self, x, modulation, ops, head=None):
+        """RMSNorm and modulation (shift, scale = modulation (B, 2D)) of the tokens x, then the
+        Linear and the unpatchify to NCHW, or head(u, weight, bias) of the modulated tokens u and
+        the Linear's parameters."""
+        shift, scale = modulation.chunk(2, dim=-1)
         u = ops.rms_norm_modulate(x, self.norm_final.weight, shift, scale)
         if head is not None:
             return head(u, self.linear.weight, self.linear.bias)
         return ops.output_head(u, self.linear.weight, self.linear.bias, self.patch_size,
                                self.out_channels)
+
+
+class Conditioning(NamedTuple):
+    """What the network computes from (t, y) alone, row i for example i: the label embeddings
+    (B, D), which the in-context tokens start from, each block's six adaLN vectors (B, 6D) and
+    the final layer's two (B, 2D). A sampler whose times and labels are known in advance
+    computes it once per trajectory and passes rows of it to every evaluation."""
+    labels: torch.Tensor
+    blocks: tuple
+    final: torch.Tensor
+
+    def rows(self, index):
+        """The conditioning of rows `index` (an int, a slice, ...) of every tensor."""
+        return Conditioning(self.labels[index], tuple(b[index] for b in self.blocks),
+                            self.final[index])
 
 
 def can_inspect_values(tensor):
@@ -263,21 +281,27 @@ class JiT(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
                              f"the null class), got values in [{y.min().item()}, {y.max().item()}]")
 
-    def forward(self, x, t, y=None, head=None):
-        self.check_inputs(x, t, y)
-        ops = ops_for(self.backend, x.device)
-        if y is None:
-            y = torch.zeros_like(t, dtype=torch.long)
+    def conditioning(self, t, y):
+        """The ``Conditioning`` of times t (B,) and labels y (B,)."""
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
+        return Conditioning(y_emb, tuple(block.adaLN_modulation(c) for block in self.blocks),
+                            self.final_layer.adaLN_modulation(c))
+
+    def forward(self, x, t, y=None, head=None, cond=None):
+        """``cond``: ``conditioning(t, y)``, when the caller has it already."""
+        self.check_inputs(x, t, y)
+        ops = ops_for(self.backend, x.device)
+        if cond is None:
+            cond = self.conditioning(t, torch.zeros_like(t, dtype=torch.long) if y is None else y)
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
                             self.x_embedder.proj2.bias, self.pos_embed)
-        for i, block in enumerate(self.blocks):
+        for i, (block, modulation) in enumerate(zip(self.blocks, cond.blocks)):
             if self.in_context_len > 0 and i == self.in_context_start:
-                x = torch.cat([y_emb.unsqueeze(1) + self.in_context_posemb, x], dim=1)
+                x = torch.cat([cond.labels.unsqueeze(1) + self.in_context_posemb, x], dim=1)
             if i < self.in_context_start:
                 rope = (self.rope_cos, self.rope_sin)
             else:
                 rope = (self.rope_in_context_cos, self.rope_in_context_sin)
-            x = block(x, c, rope, ops)
-        return self.final_layer(x[:, self.in_context_len:], c, ops, head)
+            x = block(x, modulation, rope, ops)
+        return self.final_layer(x[:, self.in_context_len:], cond.final, ops, head)

@@ -2,6 +2,8 @@
 Heun steps and a final Euler step (or Euler throughout), classifier-free guidance inside an
 interval of t. The state stays float32 whatever the network's dtype.
 """
+from typing import NamedTuple
+
 import torch
 
 from jitfast.backend import head_kernels
@@ -47,13 +49,14 @@ def network_inputs(denoiser, y, z, t, guided):
     return z.to(next(denoiser.net.parameters()).dtype), t.expand(z.shape[0]), y
 
 
-def network_velocity(denoiser, y, z, t, w, guided):
+def network_velocity(denoiser, y, z, t, w, guided, cond=None):
     """The velocity at float32 state z (B, C, H, W), time t (a (1,) float32 tensor).
 
     Unguided: one conditional pass. Guided: cond and uncond as one batched forward, combined as
     v_u + w·(v_c - v_u).
     """
-    out = denoiser.net(*network_inputs(denoiser, y, z, t, guided)).float()
+    extra = {} if cond is None else {"cond": cond}
+    out = denoiser.net(*network_inputs(denoiser, y, z, t, guided), **extra).float()
     t = t.expand(z.shape[0])
     if not guided:
         return denoiser.velocity(out, z, t)
@@ -70,10 +73,10 @@ def ode_update(v, z, dt, v_prev=None, base=None):
     return base + dt * (0.5 * (v_prev + v)), v
 
 
-def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None):
+def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None, cond=None):
     """One network evaluation of the velocity at float32 state z, time t, guidance weight w, and
-    the ODE state it leads to: ``ode_update(v, z, dt, v_prev, base)``, t and dt being (1,)
-    float32 tensors.
+    the ODE state it leads to: ``ode_update(v, z, dt, v_prev, base)``, t, w and dt being (1,)
+    float32 tensors; cond, the network's precomputed conditioning rows (``JiT.conditioning``).
 
     For a JiT on the Triton kernels with x-prediction, the output head computes both in its
     epilogue (``jitfast.kernels.output_head_step``), guidance included. Tensor-only, so it can be
@@ -82,64 +85,111 @@ def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None):
     net = denoiser.net
     kernels = head_kernels(net, z.device)
     if kernels is None or denoiser.pred != "x":
-        return ode_update(network_velocity(denoiser, y, z, t, w, guided), z, dt, v_prev, base)
+        v = network_velocity(denoiser, y, z, t, w, guided, cond)
+        return ode_update(v, z, dt, v_prev, base)
 
     def head(u, weight, bias):
         return kernels.output_head_step(u, weight, bias, z, t, dt, net.patch_size,
                                         denoiser.t_eps, w if guided else None, v_prev, base)
-    return net(*network_inputs(denoiser, y, z, t, guided), head=head)
+    return net(*network_inputs(denoiser, y, z, t, guided), head=head, cond=cond)
 
 
-class CapturedStep:
-    """``network_step`` for one batch size, guidance mode and kind of evaluation (Heun's second,
-    or any other), captured once as a CUDA graph over static input buffers and replayed for every
-    evaluation."""
+class Grid(NamedTuple):
+    """A run's linear time grid on the device: times t (steps + 1,) float32 from 0 to 1, steps
+    dt (steps,), guidance weights w (steps + 1,) and, on the host, where guidance is on."""
+    t: torch.Tensor
+    dt: torch.Tensor
+    w: torch.Tensor
+    guided: tuple
 
-    def __init__(self, denoiser, y, z, guided, heun_second):
-        self.y, self.z = y.clone(), z.clone()
-        self.t, self.dt = torch.zeros(1, device=z.device), torch.zeros(1, device=z.device)
-        self.w = torch.ones((), device=z.device)
-        self.heun = (z.clone(), z.clone()) if heun_second else ()  # v_prev, base
-        args = (denoiser, self.y, self.z, self.t, self.w, guided, self.dt, *self.heun)
+    @classmethod
+    def make(cls, steps, cfg, interval, device):
+        timesteps = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
+        weights = guidance_weights(timesteps, cfg, interval)
+        t = timesteps.to(device)
+        return cls(t, t[1:] - t[:-1], torch.tensor(weights, dtype=torch.float32).to(device),
+                   tuple(w != 1.0 for w in weights))
+
+    def evaluations(self, method):
+        """(step i, grid index k, Heun's second?) of each network evaluation, in order: at t_i,
+        then for Heun (all but the last step, which is Euler) at t_(i+1)."""
+        steps = len(self.dt)
+        for i in range(steps):
+            yield i, i, False
+            if method == "heun" and i < steps - 1:
+                yield i, i + 1, True
+
+
+CONDITIONING_BUDGET = 256 * 2**20  # bytes of conditioning precomputed for a whole trajectory
+
+
+def trajectory_conditioning(denoiser, y, grid):
+    """rows(k, guided): the network's conditioning of the evaluation at grid time k, taken from
+    one batch computed for every (grid time, label) pair of the run — the labels y, then when
+    guidance is on anywhere the null class for each example. rows(...) is None throughout (the
+    network computes its own) when the network has no ``conditioning`` or the batch would take
+    more than CONDITIONING_BUDGET (large batches, whose per-evaluation matmuls run efficiently)."""
+    net = denoiser.net
+    B = y.shape[0]
+    labels = torch.cat([y, torch.full_like(y, denoiser.num_classes)]) if any(grid.guided) else y
+    times = len(grid.dt)  # the last grid time (t = 1) is never evaluated
+    if not hasattr(net, "conditioning"):
+        return lambda k, guided: None
+    width = net.hidden_size * (1 + 6 * len(net.blocks) + 2)
+    if times * len(labels) * width * next(net.parameters()).element_size() > CONDITIONING_BUDGET:
+        return lambda k, guided: None
+    cond = net.conditioning(grid.t[:times].repeat_interleave(len(labels)), labels.repeat(times))
+    return lambda k, guided: cond.rows(slice(k * len(labels), k * len(labels) + B * (1 + guided)))
+
+
+def integrate(denoiser, y, z, grid, method):
+    """The ODE from float32 state z over the grid, tensor ops only: the eager sampler runs it and
+    a CUDA graph captures it whole."""
+    rows = trajectory_conditioning(denoiser, y, grid)
+    last = len(grid.dt) - 1
+    v = base = None
+    for i, k, second in grid.evaluations(method):
+        guided = grid.guided[k]
+        state, v_new = network_step(denoiser, y, z, grid.t[k:k + 1], grid.w[k:k + 1], guided,
+                                    grid.dt[i:i + 1], *((v, base) if second else ()),
+                                    cond=rows(k, guided))
+        if not second and method == "heun" and i < last:  # Heun's second evaluation follows
+            v, base = v_new, z
+        z = state
+    return z
+
+
+def warm_up(denoiser, y, z, grid, method):
+    """One evaluation of each kind the run makes (guided or not, Heun's second or not) on the
+    conditioning rows it will use: every kernel and shape of the trajectory, once."""
+    rows = trajectory_conditioning(denoiser, y, grid)
+    kinds = {(grid.guided[k], second): (i, k) for i, k, second in grid.evaluations(method)}
+    for (guided, second), (i, k) in kinds.items():
+        network_step(denoiser, y, z, grid.t[k:k + 1], grid.w[k:k + 1], guided, grid.dt[i:i + 1],
+                     *((z, z) if second else ()), cond=rows(k, guided))
+
+
+class CapturedTrajectory:
+    """``integrate`` for one batch size, grid and method, captured as one CUDA graph over static
+    label and state buffers, and replayed for every run with those settings."""
+
+    def __init__(self, denoiser, y, z, grid, method):
+        self.y, self.z, self.grid = y.clone(), z.clone(), grid  # the graph reads the grid
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up: autotuning and lazy init happen before capture
+        with torch.cuda.stream(side):  # autotuning and lazy init happen before the capture
             for _ in range(2):
-                network_step(*args)
+                warm_up(denoiser, self.y, self.z, grid, method)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = network_step(*args)
+            self.out = integrate(denoiser, self.y, self.z, grid, method)
 
-    def __call__(self, z, y, t, w, dt, *heun):
-        for buffer, value in zip((self.z, self.y, *self.heun), (z, y, *heun)):
-            buffer.copy_(value)
-        for buffer, value in ((self.t, t), (self.w, w), (self.dt, dt)):
-            buffer.fill_(value)
+    def __call__(self, y, z):
+        self.y.copy_(y)
+        self.z.copy_(z)
         self.graph.replay()
-        return tuple(out.clone() for out in self.out)  # the next replay overwrites self.out
-
-
-def step_function(denoiser, y, cuda_graphs):
-    """step(z, t, w, dt, *heun) -> ``network_step``'s (state, v) for python floats t, w (the
-    guidance weight) and dt, with heun = (v_prev, base) for Heun's second evaluation; replays
-    cached CUDA graphs when asked."""
-    if not cuda_graphs:
-        def step(z, t, w, dt, *heun):
-            t, dt = (torch.full((1,), s, device=z.device) for s in (t, dt))
-            return network_step(denoiser, y, z, t, w, w != 1.0, dt, *heun)
-        return step
-    net = denoiser.net
-    first = next(net.parameters())
-    cache = denoiser.graph_cache
-
-    def step(z, t, w, dt, *heun):
-        # graphs hold raw pointers: recapture if the weights were moved or re-typed
-        key = (z.shape[0], w != 1.0, bool(heun), first.data_ptr(), first.dtype)
-        if key not in cache:
-            cache[key] = CapturedStep(denoiser, y, z, w != 1.0, bool(heun))
-        return cache[key](z, y, t, w, dt, *heun)
-    return step
+        return self.out.clone()  # the next replay overwrites self.out
 
 
 def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
@@ -147,8 +197,9 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
     """Integrate the sampling ODE for labels y (B,); z0 is the standard-normal start (drawn from
     `generator` when not given), scaled by the denoiser's noise_scale. Returns float32 images.
 
-    cuda_graphs: replay each network evaluation from a CUDA graph captured on first use (cached
-    on the denoiser per batch size and guidance mode); None means "on CUDA devices".
+    cuda_graphs: replay the whole trajectory from one CUDA graph, captured on first use and
+    cached on the denoiser per batch size, steps, method, guidance and weights; None means "on
+    CUDA devices".
     """
     check_sampling_args(denoiser, y, steps, method, cfg, interval, z0)
     if cuda_graphs is None:
@@ -160,23 +211,22 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
     if z0 is None:
         z0 = torch.randn(shape, generator=generator, device=y.device)
     z = denoiser.noise_scale * z0.to(y.device, torch.float32)
-    timesteps = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32)
-    weights = guidance_weights(timesteps, cfg, interval)
-    times = timesteps.tolist()
-    step = step_function(denoiser, y, cuda_graphs)
     was_training, checks = net.training, getattr(net, "check_values", None)
     net.eval()
     if checks is not None:  # y and the times are checked above: no host sync per evaluation
         net.check_values = False
     try:
-        for i in range(steps):
-            dt = (timesteps[i + 1] - timesteps[i]).item()
-            z_next, v = step(z, times[i], weights[i], dt)
-            if method == "heun" and i < steps - 1:  # the last step is always Euler
-                z_next, _ = step(z_next, times[i + 1], weights[i + 1], dt, v, z)
-            z = z_next
+        if not cuda_graphs:
+            return integrate(denoiser, y, z, Grid.make(steps, cfg, interval, y.device), method)
+        first = next(net.parameters())
+        # graphs hold raw pointers: recapture if the weights were moved or re-typed
+        key = (y.shape[0], steps, method, float(cfg), tuple(interval), first.data_ptr(),
+               first.dtype, torch.is_autocast_enabled("cuda"))
+        if key not in denoiser.graph_cache:
+            grid = Grid.make(steps, cfg, interval, y.device)
+            denoiser.graph_cache[key] = CapturedTrajectory(denoiser, y, z, grid, method)
+        return denoiser.graph_cache[key](y, z)
     finally:
         net.train(was_training)
         if checks is not None:
             net.check_values = checks
-    return z

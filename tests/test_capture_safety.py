@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_leaves
 
 from jitfast import Denoiser, JiT
 from jitfast.model import timestep_embedding
-from jitfast.sampling import network_step
+from jitfast import sampling
+from jitfast.sampling import Grid, integrate
 
 META = torch.device("meta")
 
@@ -74,14 +75,18 @@ def test_training_forward_and_backward_stay_on_the_device(backend):
     assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("guided, heun_second", [(False, False), (True, False), (True, True)])
-def test_sampler_step_stays_on_the_device(backend, guided, heun_second):
-    """One evaluation as CapturedStep captures it: every argument a device tensor."""
+@pytest.mark.parametrize("method", ["heun", "euler"])
+@pytest.mark.parametrize("precompute", [True, False])
+def test_sampler_trajectory_stays_on_the_device(backend, method, precompute, monkeypatch):
+    """The whole trajectory as CapturedTrajectory captures it (guided evaluations inside the
+    interval, unguided ones outside), with the conditioning precomputed for the run or not."""
+    if not precompute:
+        monkeypatch.setattr(sampling, "CONDITIONING_BUDGET", 0)
     denoiser = meta_denoiser(backend).eval()
     z = torch.empty(2, 3, 16, 16, device=META)
     y = torch.zeros(2, dtype=torch.long, device=META)
-    t, dt, w = (torch.empty(1, device=META) for _ in range(3))
-    heun = (torch.empty_like(z), torch.empty_like(z)) if heun_second else ()
+    grid = Grid.make(4, 2.5, (0.3, 0.8), META)
+    assert any(grid.guided) and not all(grid.guided)
     with NoHostTensors():
-        state, _ = network_step(denoiser, y, z, t, w, guided, dt, *heun)
+        state = integrate(denoiser, y, z, grid, method)
     assert state.shape == z.shape and state.dtype == torch.float32

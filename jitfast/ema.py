@@ -31,10 +31,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self):
+        """ema + (1 - decay)·(param - ema): one pass over each set (the official mul_ then add_
+        takes two; the results differ by float32 rounding)."""
         current = [p.detach() for p in self.params]
         for decay, shadow in zip(self.decays, self.shadows):
-            torch._foreach_mul_(shadow, decay)
-            torch._foreach_add_(shadow, current, alpha=1.0 - decay)
+            torch._foreach_lerp_(shadow, current, 1.0 - decay)
 
     def _index(self, which):
         if not 1 <= which <= len(self.decays):

@@ -1,6 +1,10 @@
-"""NVTX ranges for Nsight Systems through the ``nvtx`` package when it is installed; a no-op
-otherwise. Used around host-side phases only, never inside compiled code."""
-from contextlib import nullcontext
+"""Named phases of a step (forward, backward, optimizer, ...): a torch.profiler range, so that
+``python -m jitfast.bench profile`` can attribute time to them, and an NVTX range for Nsight
+Systems when the ``nvtx`` package is installed. Used around host-side phases only, never inside
+compiled code."""
+from contextlib import ExitStack
+
+import torch
 
 try:
     import nvtx
@@ -8,5 +12,12 @@ except ImportError:
     nvtx = None
 
 
-def nvtx_range(name):
-    return nvtx.annotate(name) if nvtx is not None else nullcontext()
+def phase(name):
+    stack = ExitStack()
+    stack.enter_context(torch.profiler.record_function(name))
+    if nvtx is not None:
+        stack.enter_context(nvtx.annotate(name))
+    return stack
+
+
+nvtx_range = phase  # TEMP: until train.py moves to `phase`

@@ -24,13 +24,24 @@ def _sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def row_split(groups, rows, device):
-    """Split each of `groups` runs of `rows` rows into chunks, one program per chunk, so that a
-    kernel which also reduces over rows (weight grads) has about two programs per SM.
-    Returns (chunks, rows per chunk); the partial sums are then (groups, chunks, ...)."""
-    programs = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 2
-    per_chunk = triton.cdiv(rows, max(1, min(rows, triton.cdiv(programs, groups))))
-    return triton.cdiv(rows, per_chunk), per_chunk
+def reduction_programs(groups, rows, device, per_sm=4):
+    """Programs per group for a kernel that reduces over each of `groups` runs of `rows` rows and
+    writes one partial sum per program: about per_sm programs per SM in all (enough to keep every
+    SM streaming, few enough that the partial sums stay a small fraction of the traffic), at least
+    one per group and at most one per row. Two per group on the CPU (the interpreter), so the
+    tests cover programs that share a group's tiles, and programs left with none."""
+    if device.type != "cuda":
+        return min(rows, 2)
+    return max(1, min(rows, triton.cdiv(per_sm * _sm_count(device.index or 0), groups)))
+
+
+def tile_rows(width):
+    """triton.heuristics that sets a row-tile kernel's BLOCK_M, the rows of its 2-D tile, from the
+    autotuned TILE (the tile's size in elements) and the constexpr named `width` (the lanes of a
+    row). A config so bounds the registers a tile takes per thread whatever the row width (in JiT
+    D from 768 to 1664, hd from 64 to 104); a tile may hold more rows than there are (the tail is
+    masked)."""
+    return triton.heuristics({"BLOCK_M": lambda args: max(1, args["TILE"] // args[width])})
 
 
 def block(n, least=16):
@@ -69,6 +80,17 @@ def autotune(configs, key):
 def empty(like):
     """The placeholder for an output or gradient an op variant does not produce."""
     return like.new_empty(0)
+
+
+@triton.jit
+def program_tiles(n, BLOCK: tl.constexpr):
+    """[first, last): the tiles of BLOCK rows, of the cdiv(n, BLOCK) covering n rows, that
+    program_id(0) takes; the tiles are dealt out in contiguous runs, even to within one, among
+    num_programs(0) programs (a program may get none)."""
+    tiles = tl.cdiv(n, BLOCK)
+    program = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0)
+    return program * tiles // programs, (program + 1) * tiles // programs
 
 
 @triton.jit

@@ -10,8 +10,14 @@ present picks the form (constexpr flags compile one kernel per form):
 
 with n(x) = x·rstd, rstd = 1/sqrt(mean(x²) + eps), all in float32; g, sh, sc are per sample,
 (B, D).
-The forward saves rstd per row; the backward recomputes n(x) from it and reduces the weight,
-shift, scale and gate grads over rows in per-chunk partial sums.
+
+The kernels work on 2-D tiles: BLOCK_M rows of one sample (grid axis 1; all rows form one
+"sample" in the forms without per-sample inputs) by the whole row, BLOCK_D = next_pow2(D) lanes,
+masked. A forward program normalises one tile and saves rstd per row. A backward program takes a
+contiguous run of its sample's tiles (program_tiles), recomputes n(x) from rstd, and reduces the
+weight, shift, scale and gate grads over each tile's rows (tl.sum over axis 0) into one partial
+row per program, summed afterwards. The tile's size in elements is autotuned (TILE); BLOCK_M
+follows from it (tile_rows).
 """
 import functools
 from typing import Optional
@@ -22,95 +28,122 @@ import triton.language as tl
 
 from jitfast import ops as ref
 
-from ._common import block, empty, row_split, use_kernel
+from ._common import (autotune, block, empty, program_tiles, reduction_programs, tile_rows,
+                      use_kernel)
+
+# (TILE, num_warps): 8 to 32 elements of a tile per thread (the backward keeps about twice as many
+# tiles live, hence half the sizes). At D = 768 (BLOCK_D 1024) a forward tile has 2 to 8 rows and
+# a backward one 1 to 4; at D = 1664 (2048) half as many, at least one.
+FWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
+               for t, w in ((4096, 4), (2048, 4), (4096, 8), (8192, 8))]
+BWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
+               for t, w in ((2048, 4), (1024, 4), (2048, 8), (4096, 8))]
+KEY = ["D", "HAS_GATE", "HAS_NORM", "HAS_MOD"]
 
 
+@triton.jit
+def _norm_tile(sample, tile, n_tok, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Tile `tile` of the rows of `sample`: the rows' indices into the (rows, D) tensors and their
+    mask (BLOCK_M,), then the element offsets and mask of the (BLOCK_M, BLOCK_D) tile."""
+    t = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = sample * n_tok + t
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    return rows, t < n_tok, rows[:, None] * D + cols, (t < n_tok)[:, None] & (cols < D)
+
+
+@triton.jit
+def _vector(PTR, D, BLOCK_D: tl.constexpr):
+    """The D floats at PTR (the weight, or one sample's gate / shift / scale) as a (1, BLOCK_D)
+    row in float32, zero beyond D."""
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    return tl.load(PTR + cols, mask=cols < D, other=0.0).to(tl.float32)
+
+
+@autotune(FWD_CONFIGS, key=KEY)
+@tile_rows("BLOCK_D")
 @triton.jit
 def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    sample = row // n_tok
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
-    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+                       BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (tile, sample) handles BLOCK_M rows of one sample (TILE only sets BLOCK_M)."""
+    sample = tl.program_id(1).to(tl.int64)
+    rows, row_mask, offs, mask = _norm_tile(sample, tl.program_id(0), n_tok, D, BLOCK_M, BLOCK_D)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
-        g = tl.load(G + sample * D + cols, mask=mask, other=0.0).to(tl.float32)
-        h = tl.load(H + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        x_new = (x + g * h).to(XN.dtype.element_ty)
-        tl.store(XN + row * D + cols, x_new, mask=mask)
+        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        x_new = (x + _vector(G + sample * D, D, BLOCK_D) * h).to(XN.dtype.element_ty)
+        tl.store(XN + offs, x_new, mask=mask)
         x = x_new.to(tl.float32)  # normalise what was stored, as the reference does
     if HAS_NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        u = x * rstd * w
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        u = x * rstd[:, None] * _vector(W, D, BLOCK_D)
         if HAS_MOD:
-            sh = tl.load(SH + sample * D + cols, mask=mask, other=0.0).to(tl.float32)
-            sc = tl.load(SC + sample * D + cols, mask=mask, other=0.0).to(tl.float32)
-            u = u * (1.0 + sc) + sh
-        tl.store(U + row * D + cols, u, mask=mask)
-        tl.store(RSTD + row, rstd)
+            scale = _vector(SC + sample * D, D, BLOCK_D)
+            u = u * (1.0 + scale) + _vector(SH + sample * D, D, BLOCK_D)
+        tl.store(U + offs, u, mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
+@autotune(BWD_CONFIGS, key=KEY)
+@tile_rows("BLOCK_D")
 @triton.jit
 def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART, DSC_PART,
-                       DG_PART, n_tok, D, rows_per_chunk,
+                       DG_PART, n_tok, D,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-    """Program (sample, chunk) handles rows_per_chunk tokens of one sample and writes its
-    partial sums of the weight / shift / scale / gate grads to row (sample, chunk)."""
-    sample = tl.program_id(0).to(tl.int64)
-    part = sample * tl.num_programs(1) + tl.program_id(1)
-    start = tl.program_id(1) * rows_per_chunk
-    end = tl.minimum(start + rows_per_chunk, n_tok)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
+                       BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (chunk, sample) handles a run of its sample's tiles and writes its partial sums of
+    the weight / shift / scale / gate grads to row (sample, chunk)."""
+    sample = tl.program_id(1).to(tl.int64)
+    first, last = program_tiles(n_tok, BLOCK_M)
     zeros = tl.zeros([BLOCK_D], dtype=tl.float32)
     dw, dsh, dsc, dg = zeros, zeros, zeros, zeros
     if HAS_NORM:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = _vector(W, D, BLOCK_D)
         if HAS_MOD:
-            sc = tl.load(SC + sample * D + cols, mask=mask, other=0.0).to(tl.float32)
+            sc = _vector(SC + sample * D, D, BLOCK_D)
     if HAS_GATE:
-        g = tl.load(G + sample * D + cols, mask=mask, other=0.0).to(tl.float32)
-    for t in range(start, end):
-        offs = (sample * n_tok + t) * D + cols
-        dx = zeros
+        g = _vector(G + sample * D, D, BLOCK_D)
+    for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
+        rows, row_mask, offs, mask = _norm_tile(sample, tile, n_tok, D, BLOCK_M, BLOCK_D)
+        dx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if HAS_NORM:
-            rstd = tl.load(RSTD + sample * n_tok + t)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
             x_hat = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32) * rstd
             du = tl.load(DU + offs, mask=mask, other=0.0).to(tl.float32)
             dy = du
             if HAS_MOD:
-                dsh += du
-                dsc += du * w * x_hat
+                dsh += tl.sum(du, axis=0)
+                dsc += tl.sum(du * w * x_hat, axis=0)
                 dy = du * (1.0 + sc)
-            dw += dy * x_hat
+            dw += tl.sum(dy * x_hat, axis=0)
             dx_hat = dy * w
-            dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / D))
+            dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / D)[:, None])
         if HAS_GATE:
             dx += tl.load(DXN + offs, mask=mask, other=0.0).to(tl.float32)
-            dg += dx * tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+            dg += tl.sum(dx * tl.load(H + offs, mask=mask, other=0.0).to(tl.float32), axis=0)
             tl.store(DH + offs, dx * g, mask=mask)
         tl.store(DX + offs, dx, mask=mask)
+    cols = tl.arange(0, BLOCK_D)
+    part = (sample * tl.num_programs(0) + tl.program_id(0)) * D + cols
     if HAS_NORM:
-        tl.store(DW_PART + part * D + cols, dw, mask=mask)
+        tl.store(DW_PART + part, dw, mask=cols < D)
         if HAS_MOD:
-            tl.store(DSH_PART + part * D + cols, dsh, mask=mask)
-            tl.store(DSC_PART + part * D + cols, dsc, mask=mask)
+            tl.store(DSH_PART + part, dsh, mask=cols < D)
+            tl.store(DSC_PART + part, dsc, mask=cols < D)
     if HAS_GATE:
-        tl.store(DG_PART + part * D + cols, dg, mask=mask)
+        tl.store(DG_PART + part, dg, mask=cols < D)
 
 
 def _launch_args(x, h, weight, shift):
-    """(rows, n_tok, D, flags) of a call: per-sample inputs index rows of (B, N, D)."""
+    """(groups, n_tok, D, flags) of a call: groups runs of n_tok rows of D, the samples of
+    (B, N, D) where per-sample inputs index them, else all rows as one group."""
     D = x.shape[-1]
     rows = x.numel() // D
     per_sample = h is not None or shift is not None
     n_tok = x.shape[-2] if per_sample else rows
     flags = dict(HAS_GATE=h is not None, HAS_NORM=weight is not None, HAS_MOD=shift is not None,
                  BLOCK_D=block(D, 1))
-    return rows, n_tok, D, flags
+    return rows // max(n_tok, 1), n_tok, D, flags
 
 
 def _contiguous(*tensors):
@@ -140,10 +173,10 @@ def residual_norm(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[tor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x_new, u, rstd); the ones the form does not produce are empty."""
     x, h, gate, weight, shift, scale = _contiguous(x, h, gate, weight, shift, scale)
-    rows, n_tok, D, flags = _launch_args(x, h, weight, shift)
+    groups, n_tok, D, flags = _launch_args(x, h, weight, shift)
     x_new, u, rstd = _outputs(x, h, gate, weight, shift, scale)
-    _residual_norm_fwd[(rows,)](x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, eps,
-                                **flags)
+    _residual_norm_fwd[lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), groups)](
+        x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, eps, **flags)
     return x_new, u, rstd
 
 
@@ -169,14 +202,13 @@ def residual_norm_backward(dx_new: torch.Tensor, du: torch.Tensor, x_normed: tor
     tensor that was normalised: x_new for the gated form, else x."""
     tensors = _contiguous(dx_new, du, x_normed, h, gate, weight, shift, scale)
     dx_new, du, x_normed, h, gate, weight, shift, scale = tensors
-    rows, n_tok, D, flags = _launch_args(x_normed, h, weight, shift)
-    groups = rows // n_tok
-    chunks, per_chunk = row_split(groups, n_tok, x_normed.device)
+    groups, n_tok, D, flags = _launch_args(x_normed, h, weight, shift)
+    chunks = reduction_programs(groups, n_tok, x_normed.device)
     part = x_normed.new_empty(4, groups, chunks, D, dtype=torch.float32)
     dx, dh, dgate, dweight, dshift, dscale = _grads(x_normed, h, gate, weight, shift, scale)
-    _residual_norm_bwd[(groups, chunks)](dx_new, du, x_normed, h, gate, weight, scale, rstd, dx,
+    _residual_norm_bwd[(chunks, groups)](dx_new, du, x_normed, h, gate, weight, scale, rstd, dx,
                                          dh, part[0], part[1], part[2], part[3], n_tok, D,
-                                         per_chunk, **flags)
+                                         **flags)
     for grad, partial, dims in ((dweight, part[0], (0, 1)), (dshift, part[1], 1),
                                 (dscale, part[2], 1), (dgate, part[3], 1)):
         if grad.numel():

@@ -1,12 +1,20 @@
-"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D) to q, k, v as contiguous
-(B, H, N, hd), the layout attention wants. One program per token handles all heads as an
-(H, hd) tile; RoPE rotates interleaved pairs, so each lane also reads its partner lane d ^ 1:
+"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D) to q, k, v as (B, H, N, hd)
+tensors laid out (B, N, H, hd) in memory ("BSHD", see ``bshd_empty``). The kernels see q (and k,
+v) as B·N·H rows of hd lanes, one per (token, head) in qkv's order — the order of the outputs'
+memory too — and work on 2-D tiles of BLOCK_M such rows (a tile may span tokens and samples:
+nothing is per sample). Each row is normalised, then RoPE rotates its
+interleaved pairs, split apart and joined back in registers:
 
-    out[d] = y[d]·cos[d] + s[d]·y[d ^ 1]·sin[d],   s = -1 on even d, +1 on odd d,
+    out[2i]   = y[2i]·cos[2i]     - y[2i+1]·sin[2i],
+    out[2i+1] = y[2i+1]·cos[2i+1] + y[2i]·sin[2i+1],
 
-with y = w·x·rstd per head, all in float32. q and k are written in qkv's dtype (the reference
-promotes them to the tables' dtype; attention casts them back anyway). The backward recomputes
-rstd from qkv and reduces the q/k norm weight grads over tokens in per-chunk partial sums.
+with y = w·x·rstd, all in float32. q and k are written in qkv's dtype (the reference promotes
+them to the tables' dtype; attention casts them back anyway). The backward recomputes rstd from
+qkv; each program takes a contiguous run of tiles (program_tiles) and reduces the q/k norm weight
+grads over each tile's rows into one partial row per program, summed afterwards. The tile's size
+in elements is autotuned (TILE); BLOCK_M follows from it (tile_rows). The head dim is a constexpr
+(HD): row offsets are then known multiples of it, so loads and stores vectorise even where hd is
+not a multiple of 16 (JiT-G's 104, in 128 lanes).
 """
 import torch
 import triton
@@ -14,99 +22,147 @@ import triton.language as tl
 
 from jitfast import ops as ref
 
-from ._common import block, row_split, use_kernel
+from ._common import autotune, block, program_tiles, reduction_programs, tile_rows, use_kernel
+
+# (TILE, num_warps): 8 to 32 elements of a tile per thread (the backward keeps about twice as many
+# tiles live, hence half the sizes). At hd = 64 a forward tile has 32 to 128 rows (2.7 to 10.7
+# tokens of JiT-B's 12 heads) and a backward one 16 to 64.
+FWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
+               for t, w in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
+BWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
+               for t, w in ((2048, 4), (1024, 4), (2048, 8), (4096, 8))]
 
 
 @triton.jit
-def _lanes(H, hd, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
-    """Head and lane indices of the tile, the partner lanes, the rotation sign and the mask."""
-    heads = tl.arange(0, BLOCK_H)[:, None]
+def _qk_tile(tile, n_rows, n_tok, H, HD: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_HD: tl.constexpr):
+    """Tile `tile` of the (token, head) rows: each row's offset into qkv's q part and into a
+    BSHD q (k, v), and its token's index within its sample, all (BLOCK_M, 1); then the lanes
+    (1, BLOCK_HD) and the tile's mask."""
+    r = (tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]).to(tl.int64)
+    token, head = r // H, r % H
+    src = token * 3 * H * HD + head * HD
     lanes = tl.arange(0, BLOCK_HD)[None, :]
-    sign = tl.where(lanes % 2 == 0, -1.0, 1.0)
-    return heads, lanes, lanes ^ 1, sign, (heads < H) & (lanes < hd)
+    return src, r * HD, token % n_tok, lanes, (r < n_rows) & (lanes < HD)
 
 
 @triton.jit
-def _normalized(SRC, heads, lanes, mask, hd, eps):
-    """(x̂, rstd) of the tile of one token's q or k at SRC."""
-    x = tl.load(SRC + heads * hd + lanes, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / hd + eps)[:, None]
+def _pairs(x):
+    """(even lanes, odd lanes) of a tile."""
+    return tl.split(tl.reshape(x, [x.shape[0], x.shape[1] // 2, 2]))
+
+
+@triton.jit
+def _interleaved(even, odd):
+    """The tile whose even and odd lanes are `even` and `odd`: _pairs' inverse."""
+    return tl.reshape(tl.join(even, odd), [even.shape[0], 2 * even.shape[1]])
+
+
+@triton.jit
+def _normalized(SRC, mask, HD, eps):
+    """(x̂, rstd) of the tile of rows at SRC."""
+    x = tl.load(SRC, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
     return x * rstd, rstd
 
 
 @triton.jit
-def _norm_rope(SRC, W, OUT, dst, cos, sin, heads, lanes, pairs, sign, mask, hd, eps):
-    """Normalise and rotate one token's q (or k) tile at SRC into OUT + dst."""
-    x_hat, rstd = _normalized(SRC, heads, lanes, mask, hd, eps)
-    partner = tl.load(SRC + heads * hd + pairs, mask=mask, other=0.0).to(tl.float32)
-    y = x_hat * tl.load(W + lanes, mask=lanes < hd, other=0.0).to(tl.float32)
-    y_pair = partner * rstd * tl.load(W + pairs, mask=lanes < hd, other=0.0).to(tl.float32)
-    tl.store(OUT + dst + lanes, y * cos + sign * y_pair * sin, mask=mask)
+def _weight(W, lanes, HD):
+    """A norm weight as a (1, BLOCK_HD) row in float32."""
+    return tl.load(W + lanes, mask=lanes < HD, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _norm_rope_backward(SRC, W, DOUT, DSRC, dst, cos, sin_pair, heads, lanes, pairs, sign, mask,
-                        hd, eps):
-    """Write the grad of one token's q (or k) tile to DSRC; return its norm weight grad."""
-    x_hat, rstd = _normalized(SRC, heads, lanes, mask, hd, eps)
-    dout = tl.load(DOUT + dst + lanes, mask=mask, other=0.0).to(tl.float32)
-    dout_pair = tl.load(DOUT + dst + pairs, mask=mask, other=0.0).to(tl.float32)
-    dy = dout * cos - sign * dout_pair * sin_pair
-    dx_hat = dy * tl.load(W + lanes, mask=lanes < hd, other=0.0).to(tl.float32)
-    dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / hd)[:, None])
-    tl.store(DSRC + heads * hd + lanes, dx, mask=mask)
+def _norm_rope(SRC, W, OUT, lanes, mask, cos, sin, HD, eps):
+    """Normalise and rotate the tile of q (or k) rows at SRC into OUT."""
+    x_hat, _ = _normalized(SRC, mask, HD, eps)
+    y_even, y_odd = _pairs(x_hat * _weight(W, lanes, HD))
+    cos_even, cos_odd = _pairs(cos)
+    sin_even, sin_odd = _pairs(sin)
+    out = _interleaved(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd)
+    tl.store(OUT, out, mask=mask)
+
+
+@triton.jit
+def _norm_rope_backward(SRC, W, DOUT, DSRC, lanes, mask, cos, sin, HD, eps):
+    """Write the grad of the tile of q (or k) rows at SRC to DSRC; return its norm weight grad
+    summed over the tile's rows."""
+    x_hat, rstd = _normalized(SRC, mask, HD, eps)
+    dout_even, dout_odd = _pairs(tl.load(DOUT, mask=mask, other=0.0).to(tl.float32))
+    cos_even, cos_odd = _pairs(cos)
+    sin_even, sin_odd = _pairs(sin)
+    dy = _interleaved(dout_even * cos_even + dout_odd * sin_odd,
+                      dout_odd * cos_odd - dout_even * sin_even)
+    dx_hat = dy * _weight(W, lanes, HD)
+    dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / HD)[:, None])
+    tl.store(DSRC, dx, mask=mask)
     return tl.sum(dy * x_hat, axis=0)
 
 
 @triton.jit
-def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_tok, H, hd, eps,
-                      BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    t = row % n_tok
-    heads, lanes, pairs, sign, mask = _lanes(H, hd, BLOCK_H, BLOCK_HD)
-    D = H * hd
-    src = QKV + row * 3 * D
-    dst = (row // n_tok) * D * n_tok + heads * n_tok * hd + t * hd
-    cos = tl.load(COS + t * hd + lanes, mask=lanes < hd, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + t * hd + lanes, mask=lanes < hd, other=0.0).to(tl.float32)
-    _norm_rope(src, WQ, Q, dst, cos, sin, heads, lanes, pairs, sign, mask, hd, eps)
-    _norm_rope(src + D, WK, K, dst, cos, sin, heads, lanes, pairs, sign, mask, hd, eps)
-    v = tl.load(src + 2 * D + heads * hd + lanes, mask=mask)
-    tl.store(V + dst + lanes, v, mask=mask)
+def _tables(COS, SIN, t, lanes, mask, HD):
+    """The rows' RoPE cos and sin, in float32."""
+    cos = tl.load(COS + t * HD + lanes, mask=mask, other=0.0).to(tl.float32)
+    return cos, tl.load(SIN + t * HD + lanes, mask=mask, other=0.0).to(tl.float32)
 
 
+@autotune(FWD_CONFIGS, key=["H", "HD"])
+@tile_rows("BLOCK_HD")
 @triton.jit
-def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_tok, H, hd, eps,
-                      rows_per_chunk, BLOCK_H: tl.constexpr, BLOCK_HD: tl.constexpr):
-    """Program (sample, chunk) handles rows_per_chunk tokens of one sample; it writes its partial
-    sums of the q and k norm weight grads to DW_PART[0 or 1, sample, chunk]."""
-    sample = tl.program_id(0).to(tl.int64)
-    part = sample * tl.num_programs(1) + tl.program_id(1)
-    start = tl.program_id(1) * rows_per_chunk
-    end = tl.minimum(start + rows_per_chunk, n_tok)
-    heads, lanes, pairs, sign, mask = _lanes(H, hd, BLOCK_H, BLOCK_HD)
-    D = H * hd
+def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.constexpr, eps,
+                      BLOCK_HD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M)."""
+    src, dst, t, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
+                                         BLOCK_HD)
+    cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
+    src = QKV + src + lanes
+    dst = dst + lanes
+    D = H * HD
+    _norm_rope(src, WQ, Q + dst, lanes, mask, cos, sin, HD, eps)
+    _norm_rope(src + D, WK, K + dst, lanes, mask, cos, sin, HD, eps)
+    tl.store(V + dst, tl.load(src + 2 * D, mask=mask), mask=mask)
+
+
+@autotune(BWD_CONFIGS, key=["H", "HD"])
+@tile_rows("BLOCK_HD")
+@triton.jit
+def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_rows, n_tok, H,
+                      HD: tl.constexpr, eps, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """Program p handles a run of tiles and writes its partial sums of the q and k norm weight
+    grads to DW_PART[0 or 1, p]."""
+    first, last = program_tiles(n_rows, BLOCK_M)
+    D = H * HD
     dw_q = tl.zeros([BLOCK_HD], dtype=tl.float32)
     dw_k = tl.zeros([BLOCK_HD], dtype=tl.float32)
-    for t in range(start, end):
-        row = (sample * n_tok + t) * 3 * D
-        dst = sample * D * n_tok + heads * n_tok * hd + t * hd
-        cos = tl.load(COS + t * hd + lanes, mask=lanes < hd, other=0.0).to(tl.float32)
-        sin_pair = tl.load(SIN + t * hd + pairs, mask=lanes < hd, other=0.0).to(tl.float32)
-        dw_q += _norm_rope_backward(QKV + row, WQ, DQ, DQKV + row, dst, cos, sin_pair,
-                                    heads, lanes, pairs, sign, mask, hd, eps)
-        dw_k += _norm_rope_backward(QKV + row + D, WK, DK, DQKV + row + D, dst, cos, sin_pair,
-                                    heads, lanes, pairs, sign, mask, hd, eps)
-        dv = tl.load(DV + dst + lanes, mask=mask)
-        tl.store(DQKV + row + 2 * D + heads * hd + lanes, dv, mask=mask)
+    for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
+        src, dst, t, lanes, mask = _qk_tile(tile, n_rows, n_tok, H, HD, BLOCK_M, BLOCK_HD)
+        cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
+        src = src + lanes
+        dst = dst + lanes
+        dw_q += _norm_rope_backward(QKV + src, WQ, DQ + dst, DQKV + src, lanes, mask, cos, sin,
+                                    HD, eps)
+        dw_k += _norm_rope_backward(QKV + src + D, WK, DK + dst, DQKV + src + D, lanes, mask,
+                                    cos, sin, HD, eps)
+        tl.store(DQKV + src + 2 * D, tl.load(DV + dst, mask=mask), mask=mask)
     lane = tl.arange(0, BLOCK_HD)
-    n_parts = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(DW_PART + part * hd + lane, dw_q, mask=lane < hd)
-    tl.store(DW_PART + (n_parts + part) * hd + lane, dw_k, mask=lane < hd)
+    part = tl.program_id(0) * HD + lane
+    tl.store(DW_PART + part, dw_q, mask=lane < HD)
+    tl.store(DW_PART + tl.num_programs(0) * HD + part, dw_k, mask=lane < HD)
 
 
-def _blocks(H, hd):
-    return dict(BLOCK_H=block(H, 1), BLOCK_HD=block(hd, 2))
+def bshd_empty(qkv, num_heads):
+    """An empty (B, H, N, hd) tensor for q, k or v laid out (B, N, H, hd): the layout flash and
+    cuDNN attention read natively and write their output in, so that the model's transpose of
+    that output back to (B, N, D) is free, and so is its backward."""
+    B, N, D3 = qkv.shape
+    hd = D3 // 3 // num_heads
+    return qkv.new_empty_strided((B, num_heads, N, hd), (N * num_heads * hd, hd, num_heads * hd, 1))
+
+
+def bshd(grad):
+    """A (B, H, N, hd) grad as its contiguous (B, N, H, hd) layout (no copy if it is BSHD)."""
+    return grad.transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope", mutates_args=())
@@ -116,16 +172,17 @@ def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     B, N, D3 = qkv.shape
     hd = D3 // 3 // num_heads
-    q, k, v = (qkv.new_empty(B, num_heads, N, hd) for _ in range(3))
-    _qk_norm_rope_fwd[(B * N,)](qkv, q_weight, k_weight, cos, sin, q, k, v, N, num_heads, hd, eps,
-                       **_blocks(num_heads, hd))
+    q, k, v = (bshd_empty(qkv, num_heads) for _ in range(3))
+    n_rows = B * N * num_heads
+    _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        qkv, q_weight, k_weight, cos, sin, q, k, v, n_rows, N, num_heads, hd, eps,
+        BLOCK_HD=block(hd, 2))
     return q, k, v
 
 
 @qk_norm_rope_op.register_fake
 def _(qkv, num_heads, q_weight, k_weight, cos, sin, eps):
-    B, N, D3 = qkv.shape
-    return tuple(qkv.new_empty(B, num_heads, N, D3 // 3 // num_heads) for _ in range(3))
+    return tuple(bshd_empty(qkv, num_heads) for _ in range(3))
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope_backward", mutates_args=())
@@ -134,15 +191,16 @@ def qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grads (dqkv, dq_weight, dk_weight)."""
-    dq, dk, dv, qkv = dq.contiguous(), dk.contiguous(), dv.contiguous(), qkv.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
     B, H, N, hd = dq.shape
-    chunks, per_chunk = row_split(B, N, qkv.device)
-    part = qkv.new_empty(2, B, chunks, hd, dtype=torch.float32)
+    dq, dk, dv, qkv = bshd(dq), bshd(dk), bshd(dv), qkv.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    n_rows = B * N * H
+    programs = reduction_programs(1, n_rows, qkv.device)
+    part = qkv.new_empty(2, programs, hd, dtype=torch.float32)
     dqkv = torch.empty_like(qkv)
-    _qk_norm_rope_bwd[(B, chunks)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part, N,
-                                   H, hd, eps, per_chunk, **_blocks(H, hd))
-    return dqkv, part[0].sum((0, 1)).to(q_weight.dtype), part[1].sum((0, 1)).to(k_weight.dtype)
+    _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part,
+                                   n_rows, N, H, hd, eps, BLOCK_HD=block(hd, 2))
+    return dqkv, part[0].sum(0).to(q_weight.dtype), part[1].sum(0).to(k_weight.dtype)
 
 
 @qk_norm_rope_backward.register_fake

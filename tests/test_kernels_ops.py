@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the fused kernels need Triton")
+triton = pytest.importorskip("triton", reason="the fused kernels need Triton")
 
 from jitfast import kernels  # noqa: E402
 from jitfast import ops as ref  # noqa: E402
@@ -86,12 +86,24 @@ def output_head_case(B, grid, p, C, D):
 
 
 NORM_OPS = ["rms_norm", "rms_norm_modulate", "gated_residual", "gated_residual_rms_norm_modulate"]
+# Row tiles: a sample's tokens split into several tiles, the last one partial (37 tokens), and
+# all rows as one run of 111 (rms_norm); JiT-B's width (768 of 1024 lanes, tiles of 1 to 8 rows)
+# and JiT-G's (1664 of 2048: a row of more lanes than some tiles' budget, BLOCK_M = 1).
+TILED_NORM_CASES = [*(norm_case(name, 3, 37, 72) for name in NORM_OPS),
+                    norm_case("gated_residual_rms_norm_modulate", 2, 9, 768),
+                    norm_case("gated_residual_rms_norm_modulate", 1, 5, 1664)]
+# (token, head) row tiles spanning tokens and samples (252 and 312 rows), JiT-B's heads
+# (12 × 64) and JiT-G's head dim (104 of 128 lanes).
+TILED_QK_CASES = [qk_case(3, 4, 5, 4, 20, True), qk_case(2, 3, 4, 12, 64, True),
+                  qk_case(1, 2, 1, 2, 104, True)]
 CASES = [
     *(norm_case(name, *shape) for name in NORM_OPS
       for shape in [(1, 7, 40), (3, 5, 72), (2, 33, 40)]),
+    *TILED_NORM_CASES,
     strided_case(),
     swiglu_case(3, 7, 2 * 40), swiglu_case(2, 5, 2 * 72), swiglu_case(11, 2 * 36),
     qk_case(1, 2, 3, 5, 8, True), qk_case(3, 3, 0, 2, 12, False), qk_case(2, 2, 1, 3, 20, True),
+    *TILED_QK_CASES,
     # odd token counts, a non-square image, and C·p² = 108 spanning two 64-wide gather blocks
     patch_embed_case(1, 3, 8, 8, 4, 10, 40), patch_embed_case(3, 3, 12, 12, 4, 16, 72),
     patch_embed_case(2, 1, 18, 30, 6, 20, 40), patch_embed_case(2, 3, 12, 12, 6, 12, 40),
@@ -125,6 +137,31 @@ def test_kernel_matches_reference(name, make):
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert g is not None and g.shape == w.shape, f"grad of input {i}"
         assert rel_err(g, w) < 1e-5, f"grad of input {i}: {rel_err(g, w):.2e}"
+
+
+TILE_MODULES = {"qk_norm_rope": importlib.import_module("jitfast.kernels.qk_norm_rope"),
+                **dict.fromkeys(NORM_OPS, importlib.import_module("jitfast.kernels.norm"))}
+TILE_CONFIGS = max(len(configs) for m in TILE_MODULES.values()
+                   for configs in (m.FWD_CONFIGS, m.BWD_CONFIGS))
+
+
+@pytest.mark.parametrize("config", range(TILE_CONFIGS))
+@pytest.mark.parametrize("name,make", [*(norm_case(name, 1, 7, 40) for name in NORM_OPS),
+                                       *TILED_NORM_CASES, qk_case(1, 2, 3, 5, 8, True),
+                                       *TILED_QK_CASES])
+def test_every_tile_config_matches_reference(monkeypatch, name, make, config):
+    """test_kernel_matches_reference with the row-tile kernels pinned to their config-th autotune
+    config (forward and backward), not only the first that the interpreter's autotune keeps:
+    every tile shape, including tiles of more rows than the op has (7 tokens in tiles of up to
+    128 rows; 35 (token, head) rows in tiles of up to 1024) and rows wider than the tile's budget
+    (D = 1664, one row a tile)."""
+    module = TILE_MODULES[name]
+    for kernel in vars(module).values():
+        if isinstance(kernel, triton.runtime.Autotuner):
+            configs = module.FWD_CONFIGS if kernel.base_fn.__name__.endswith("_fwd") \
+                else module.BWD_CONFIGS
+            monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
+    test_kernel_matches_reference(name, make)
 
 
 @pytest.mark.gpu
@@ -335,3 +372,20 @@ def test_every_kernel_has_its_own_name():
     assert len(kernels_) >= 10, sorted(found)
     assert all(len(modules) == 1 for modules in found.values()), found
     assert not {"_forward", "_backward"} & set(found)
+
+
+def test_qk_norm_rope_writes_bshd_and_takes_bshd_grads():
+    """q, k, v are (B, H, N, hd) laid out (B, N, H, hd): attention reads that layout natively and
+    writes its output so, and the model's transpose back to (B, N, D) is then a view. The grads
+    attention returns in that layout reach the backward as they are, and match the reference."""
+    B, N, H, hd = 2, 7, 3, 8
+    qkv = randn(B, N, 3 * H * hd).requires_grad_()
+    wq, wk, cos, sin = randn(hd), randn(hd), randn(N, hd), randn(N, hd)
+    q, k, v = kernels.qk_norm_rope(qkv, H, wq, wk, cos, sin)
+    for out in (q, k, v):
+        assert out.shape == (B, H, N, hd) and out.transpose(1, 2).is_contiguous()
+    grads = [randn(B, N, H, hd).transpose(1, 2) for _ in range(3)]  # BSHD grads
+    (got,) = torch.autograd.grad((q, k, v), qkv, grads)
+    ref_qkv = qkv.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad(ref.qk_norm_rope(ref_qkv, H, wq, wk, cos, sin), ref_qkv, grads)
+    assert rel_err(got, want) < 1e-5

@@ -4,11 +4,13 @@ over its group's baseline in ``extra_info``.
 
 Run with ``pytest benchmarks/ --benchmark-only`` (CPU: small presets, PyTorch paths only; CUDA:
 the JiT presets in bf16 and the Triton kernels). ``JITFAST_BENCH_DEADLINE`` (a Unix time) skips
-the benchmarks that would start after it, so a time-boxed run still writes its JSON.
+the benchmarks that would start after it, so a time-boxed run still writes its JSON;
+``JITFAST_BENCH_PLAN`` (a file) picks and orders the benchmarks (benchmarks/gpu_plan.txt).
 """
 import gc
 import itertools
 import os
+import re
 import time
 
 import pytest
@@ -25,11 +27,12 @@ if not ON_CUDA:
 # the dtype activations run in: bf16 autocast on CUDA, float32 on the CPU
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 # pytest-benchmark's pedantic settings: (rounds, iterations per round, warm-up rounds)
-REPEATS = {"kernel": (20, 10, 3), "train": (10, 1, 3), "sample": (3, 1, 1), "data": (5, 1, 1)} \
+REPEATS = {"kernel": (20, 10, 3), "train": (10, 1, 3), "sample": (3, 1, 1), "data": (5, 1, 1),
+           "forward": (5, 1, 1)} \
     if ON_CUDA else {"kernel": (10, 5, 2), "train": (5, 1, 2), "sample": (3, 1, 1),
-                     "data": (3, 1, 1)}
-# files in the order a time-boxed GPU run should measure them: the headline numbers first
-FILE_ORDER = ("train", "sampling", "kernels", "data")
+                     "data": (3, 1, 1), "forward": (3, 1, 1)}
+# files in the order a time-boxed run should measure them: the headline numbers first
+FILE_ORDER = ("train", "sampling", "kernels", "forward", "data")
 
 baselines = {}  # group -> median seconds of its baseline, measured earlier in this session
 
@@ -40,9 +43,31 @@ def needs_cuda(variant):
         pytest.skip(f"{variant} runs on CUDA only; this run is on the CPU")
 
 
-def pytest_collection_modifyitems(items):
-    """Compiled variants last (their compiles take most of a GPU run's time), then by FILE_ORDER;
-    the sort is stable, so each group's baseline (eager, never compiled) still comes first."""
+def read_plan(path):
+    """The patterns of a plan file: benchmark ids (the part after '::'), '*' matching any text,
+    one a line, '#' starting a comment."""
+    with open(path) as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return [re.compile(".*".join(map(re.escape, line.split("*"))) + "$")
+                for line in lines if line]
+
+
+def pytest_collection_modifyitems(config, items):
+    """With JITFAST_BENCH_PLAN (a plan file, see read_plan): only the planned benchmarks, in the
+    order of the first pattern each matches. Otherwise: compiled variants last (their compiles
+    take most of a GPU run's time), then by FILE_ORDER; the sort is stable, so each group's
+    baseline (eager, never compiled) still comes first."""
+    plan = os.environ.get("JITFAST_BENCH_PLAN")
+    if plan:
+        patterns = read_plan(plan)
+
+        def position(item):
+            name = item.nodeid.split("::", 1)[-1]
+            return next((i for i, p in enumerate(patterns) if p.match(name)), None)
+        config.hook.pytest_deselected(items=[i for i in items if position(i) is None])
+        items[:] = sorted((i for i in items if position(i) is not None), key=position)
+        return
+
     def rank(item):
         variant = item.callspec.params.get("variant", "") if hasattr(item, "callspec") else ""
         file = next((i for i, key in enumerate(FILE_ORDER) if key in item.path.stem),
@@ -85,10 +110,11 @@ def synced(fn, every):
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(fn, group, kind, variant, baseline, images, flops, **info): time fn() with the
-    kind's repeats and record extra_info. `baseline` marks the variant whose median
-    the later variants of the same group are compared to; images and flops are per call."""
-    def run(fn, group, kind, variant, baseline, images=0, flops=0, **info):
+    """measure(fn, group, kind, variant, baseline, images, flops, traffic, **info): time fn()
+    with the kind's repeats and record extra_info. `baseline` marks the variant whose median
+    the later variants of the same group are compared to; images, flops and traffic (the bytes
+    it must read and write) are per call."""
+    def run(fn, group, kind, variant, baseline, images=0, flops=0, traffic=0, **info):
         benchmark.group = group
         rounds, iterations, warmup = REPEATS[kind]
         if ON_CUDA:
@@ -103,5 +129,6 @@ def measure(benchmark):
         benchmark.extra_info.update(
             {**ENV, "kind": kind, "variant": variant, "dtype": str(DTYPE).removeprefix("torch."),
              **info},
-            **throughput(median, images, flops, ENV["device"], baselines.get(benchmark.group)))
+            **throughput(median, images, flops, ENV["device"], baselines.get(benchmark.group),
+                         traffic))
     return run

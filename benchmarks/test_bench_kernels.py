@@ -1,6 +1,11 @@
 """Each fused op, forward and forward+backward: the PyTorch reference eager (the baseline), the
 same reference under torch.compile, and the Triton kernel (CUDA only), at the shapes the op has
-inside JiT-B/L/H-16 at 256 px on CUDA, or inside a small preset on the CPU."""
+inside JiT-B/L/H-16 at 256 px on CUDA, or inside a small preset on the CPU.
+
+Beside time and FLOPs, each records the bytes the op must move (DESIGN.md §7: its inputs read
+once, its outputs written once; the backward reads the output grads and what it recomputes from,
+and writes the input grads; per-sample vectors count once per sample, partial sums not at all),
+the GB/s that makes, and on a GPU of known peak the fraction of its HBM bandwidth."""
 from collections import namedtuple
 from types import SimpleNamespace
 
@@ -16,6 +21,7 @@ SIZES = [("JiT-B/16", 256, 128), ("JiT-L/16", 256, 128), ("JiT-H/16", 256, 64)] 
     else [("JiT-T/8", 64, 16)]
 VARIANTS = ("eager", "compile", "triton")  # the first is the baseline
 PASSES = ("forward", "forward+backward")
+F32 = 4  # bytes of a float32 element: parameters, image, position and RoPE tables, rstd
 
 
 Input = namedtuple("Input", "shape dtype trainable")
@@ -40,33 +46,77 @@ def dims(preset, image, batch):
     c = preset_config(preset)
     D, heads, p = c["hidden_size"], c["num_heads"], c["patch_size"]
     patches = (image // p) ** 2
+    tokens = patches + c["in_context_len"]
     return SimpleNamespace(B=batch, S=image, D=D, heads=heads, hd=D // heads, p=p,
-                           patches=patches, tokens=patches + c["in_context_len"],
+                           patches=patches, tokens=tokens, rows=batch * tokens,
                            bottleneck=c["bottleneck_dim"], hidden=int(int(4 * D) * 2 / 3))
 
 
-# op name -> (its inputs at dims d, its matmul multiply-adds per image)
+def patch_embed_traffic(d, a):
+    image, table = d.B * 3 * d.S ** 2 * F32, d.patches * d.D * F32
+    weights = (d.bottleneck * 3 * d.p ** 2 + d.D * d.bottleneck + d.D) * F32
+    out = d.B * d.patches * d.D * a
+    # the backward reads dout, the image and the weights (to recompute the bottleneck) and
+    # writes the weight grads
+    return image + weights + table + out, out + image + 2 * weights
+
+
+def norm_traffic(d, a, gated):
+    """rms_norm_modulate, or (gated) gated_residual_rms_norm_modulate: per row the forward reads
+    x (and h) and writes u (and x_new) and rstd; the backward reads du (and dx_new), the
+    normalised x, rstd (and h) and writes dx (and dh); the weight and the per-sample shift,
+    scale (and gate) once each, and their grads."""
+    x, vec, weight, rstd = d.rows * d.D * a, d.B * d.D * a, d.D * F32, d.rows * F32
+    if gated:
+        return 4 * x + 3 * vec + weight + rstd, 6 * x + rstd + 5 * vec + 2 * weight
+    return 2 * x + 2 * vec + weight + rstd, 3 * x + rstd + 3 * vec + 2 * weight
+
+
+def qk_norm_rope_traffic(d, a):
+    """Forward: qkv read, q, k, v written. Backward: dq, dk, dv and the q and k parts of qkv
+    read, dqkv written. Plus the cos/sin tables and the two norm weights (and their grads)."""
+    qkv = d.rows * 3 * d.D * a
+    small = 2 * d.tokens * d.hd * F32 + 2 * d.hd * F32
+    return 2 * qkv + small, d.rows * 8 * d.D * a + small + 2 * d.hd * F32
+
+
+def output_head_traffic(d, a):
+    u, image = d.B * d.patches * d.D * a, d.B * 3 * d.S ** 2 * a
+    weights = (3 * d.p ** 2 * d.D + 3 * d.p ** 2) * F32
+    return u + weights + image, image + 2 * (u + weights)  # reads dout, u, W; writes du, dW, db
+
+
+Op = namedtuple("Op", "inputs macs traffic")
+# op name -> its inputs at dims d, its matmul multiply-adds per image, and the bytes its forward
+# and its backward must move at dims d with activations of a bytes
 OPS = {
-    "patch_embed": (
+    "patch_embed": Op(
         lambda d: (const(d.B, 3, d.S, d.S), param(d.bottleneck, 3, d.p, d.p),
                    param(d.D, d.bottleneck, 1, 1), param(d.D), const(1, d.patches, d.D)),
-        lambda d: d.patches * (3 * d.p ** 2 * d.bottleneck + d.bottleneck * d.D)),
-    "rms_norm_modulate": (
+        lambda d: d.patches * (3 * d.p ** 2 * d.bottleneck + d.bottleneck * d.D),
+        patch_embed_traffic),
+    "rms_norm_modulate": Op(
         lambda d: (act(d.B, d.tokens, d.D), param(d.D), act(d.B, d.D), act(d.B, d.D)),
-        lambda d: 0),
-    "gated_residual_rms_norm_modulate": (
+        lambda d: 0,
+        lambda d, a: norm_traffic(d, a, gated=False)),
+    "gated_residual_rms_norm_modulate": Op(
         lambda d: (act(d.B, d.tokens, d.D), act(d.B, d.tokens, d.D), act(d.B, d.D), param(d.D),
                    act(d.B, d.D), act(d.B, d.D)),
-        lambda d: 0),
-    "qk_norm_rope": (
+        lambda d: 0,
+        lambda d, a: norm_traffic(d, a, gated=True)),
+    "qk_norm_rope": Op(
         lambda d: (act(d.B, d.tokens, 3 * d.D), d.heads, param(d.hd), param(d.hd),
                    const(d.tokens, d.hd), const(d.tokens, d.hd)),
-        lambda d: 0),
-    "swiglu": (lambda d: (act(d.B, d.tokens, 2 * d.hidden),), lambda d: 0),
-    "output_head": (
+        lambda d: 0,
+        qk_norm_rope_traffic),
+    "swiglu": Op(lambda d: (act(d.B, d.tokens, 2 * d.hidden),), lambda d: 0,
+                 # x12 read, half as much written; the backward reads dout and x12, writes dx12
+                 lambda d, a: (3 * d.rows * d.hidden * a, 5 * d.rows * d.hidden * a)),
+    "output_head": Op(
         lambda d: (act(d.B, d.patches, d.D), param(3 * d.p ** 2, d.D), param(3 * d.p ** 2), d.p,
                    3),
-        lambda d: d.patches * d.D * 3 * d.p ** 2),
+        lambda d: d.patches * d.D * 3 * d.p ** 2,
+        output_head_traffic),
 }
 
 
@@ -105,11 +155,13 @@ def timed_call(fn, args, leaves):
 def test_kernel(measure, name, pass_, size, variant):
     fn = implementation(name, variant)
     d = dims(*size)
-    inputs, macs = OPS[name]
+    op = OPS[name]
     backward = pass_ == "forward+backward"
-    args, leaves = materialize(inputs(d), backward)
+    args, leaves = materialize(op.inputs(d), backward)
     preset, image, batch = size
+    forward_bytes, backward_bytes = op.traffic(d, DTYPE.itemsize)
+    moved = forward_bytes + (backward_bytes if backward else 0)
     measure(timed_call(fn, args, leaves), f"{name} {pass_} {preset}", "kernel", variant,
             baseline=variant == VARIANTS[0], images=batch,
-            flops=2 * macs(d) * batch * (3 if backward else 1), preset=preset,
-            shape=f"{batch}x{image}px", op=name, pass_=pass_)
+            flops=2 * op.macs(d) * batch * (3 if backward else 1), preset=preset,
+            shape=f"{batch}x{image}px", op=name, pass_=pass_, traffic=moved)

@@ -1,4 +1,14 @@
 """jitfast: fast, faithful training and sampling of JiT pixel-space diffusion transformers."""
+import os
+
+# jitfast.kernels is the top-level kernels/ folder: setup.py maps it when installing, and from a
+# source checkout (on PYTHONPATH, or the working directory) the checkout's root joins the search
+# path of this package's submodules, so that `import jitfast.kernels` needs no install.
+_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "kernels")) \
+        and os.path.isfile(os.path.join(_root, "kernels", "__init__.py")):
+    __path__.append(_root)
+
 from jitfast.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from jitfast.diffusion import Denoiser
 from jitfast.ema import EMA

@@ -12,10 +12,15 @@ import sys
 import torch
 
 from jitfast.presets import preset_config
+from jitfast.workloads import TRAIN_VARIANTS, needs_cuda
 
 TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul)
 IMAGENET_IMAGES = 1_281_167
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16
+# peak HBM bandwidth (GB/s) by the first of these in the device's name, from NVIDIA's datasheets:
+# H100 PCIe (HBM2e) 2.0 TB/s, H100 NVL 3.9, H100 SXM5 (HBM3) 3.35, H200 (HBM3e) 4.8
+PEAK_HBM_GB_PER_S = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),
+                     ("H200", 4800.0))
 
 
 def forward_macs(depth, hidden_size, num_heads, bottleneck_dim, in_context_len,
@@ -46,6 +51,11 @@ def peak_tflops(device_name):
     return next((peak for chip, peak in PEAK_TFLOPS.items() if chip in device_name), None)
 
 
+def peak_hbm_gb_per_s(device_name):
+    """Peak HBM bandwidth of the device, or None where unknown (CPUs, other cards)."""
+    return next((peak for chip, peak in PEAK_HBM_GB_PER_S if chip in device_name), None)
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -63,13 +73,16 @@ def environment(device):
                 cuda=torch.version.cuda if device.type == "cuda" else None)
 
 
-def throughput(seconds, images, flops, device_name, baseline_seconds=None):
-    """images/s, TFLOP/s, MFU (None without a known peak) and speedup over the baseline's
-    time (None without one) of a run that took `seconds` for `images` images and `flops`."""
+def throughput(seconds, images, flops, device_name, baseline_seconds=None, traffic=0):
+    """images/s, TFLOP/s, MFU, GB/s and the fraction of HBM bandwidth (None without a known
+    peak), and speedup over the baseline's time (None without one) of a run that took `seconds`
+    for `images` images, `flops` and `traffic` bytes it must read and write."""
     tflops = flops / seconds / 1e12 if flops else None
-    peak = peak_tflops(device_name)
+    gb_per_s = traffic / seconds / 1e9 if traffic else None
+    peak, hbm = peak_tflops(device_name), peak_hbm_gb_per_s(device_name)
     return dict(seconds=seconds, images_per_s=images / seconds if images else None,
                 tflops=tflops, mfu=tflops / peak if tflops and peak else None,
+                gb_per_s=gb_per_s, hbm_fraction=gb_per_s / hbm if gb_per_s and hbm else None,
                 speedup=baseline_seconds / seconds if baseline_seconds else None)
 
 
@@ -78,7 +91,7 @@ def epoch_hours(images_per_s):
 
 
 COLUMNS = ("benchmark", "variant", "preset", "shape", "dtype", "ms", "img/s", "TFLOP/s", "MFU",
-           "speedup")
+           "GB/s", "of HBM", "speedup")
 
 
 def cell(value, fmt=None):
@@ -96,7 +109,8 @@ def table_row(bench):
             info.get("shape", ""), info.get("dtype", ""),
             cell(info["seconds"] * 1e3 if info.get("seconds") else None),
             cell(info.get("images_per_s")), cell(info.get("tflops")),
-            cell(info.get("mfu"), ".1%"), cell(info.get("speedup"), ".2f"))
+            cell(info.get("mfu"), ".1%"), cell(info.get("gb_per_s")),
+            cell(info.get("hbm_fraction"), ".0%"), cell(info.get("speedup"), ".2f"))
 
 
 def report(results):
@@ -123,13 +137,62 @@ def report(results):
     return "\n".join(lines)
 
 
+def profile_report(args):
+    """`python -m jitfast.bench profile`: one training step and one sampling run under
+    torch.profiler, their time by group (see jitfast.profiling); markdown printed, JSON to
+    --json."""
+    from jitfast.profiling import profile
+    from jitfast.train import set_cpu_threads
+    from jitfast.workloads import sampler, training_step
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    if not cuda:
+        set_cpu_threads(None, 1)
+    preset, image = args.preset or ("JiT-B/16" if cuda else "JiT-T/8"), args.image_size
+    image = image or (256 if cuda else 64)
+    batch = args.batch or (128 if cuda else 16)
+    variant = args.variant or ("triton+graph" if cuda else "eager")
+    steps = args.sample_steps or (50 if cuda else 8)
+    sample_variant = "graphs" if cuda else "eager"
+    profiles = [
+        profile(f"train step {preset} {image}px batch {batch} ({variant})",
+                training_step(preset, image, batch, variant, device), device),
+        profile(f"sampling {preset} {image}px batch {args.sample_batch}, {steps} Heun steps, "
+                f"cfg 2.9 on [0.1, 1] ({sample_variant}, all evaluations)",
+                sampler(preset, image, steps, args.sample_batch, sample_variant, device, 2.9,
+                        (0.1, 1.0)), device, warmup=1, calls=2),
+    ]
+    print(f"Device: {device_name(device)}; torch {torch.__version__}\n")
+    print("\n\n".join(p.table() for p in profiles))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(device),
+                       "profiles": [p.as_dict() for p in profiles]}, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m jitfast.bench",
-                                description="Benchmark reports (see benchmarks/).")
+                                description="Benchmark reports and profiles (see benchmarks/).")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("report", help="print the markdown table of a --benchmark-json file") \
         .add_argument("results", help="the JSON written by pytest --benchmark-json")
+    prof = sub.add_parser("profile", help="where a training step's and a sampling run's time "
+                                          "goes (torch.profiler)")
+    prof.add_argument("--preset", help="default: JiT-B/16 on CUDA, JiT-T/8 on the CPU")
+    prof.add_argument("--image-size", type=int, help="default: 256 on CUDA, 64 on the CPU")
+    prof.add_argument("--batch", type=int, help="training batch; default: 128 CUDA, 16 CPU")
+    prof.add_argument("--variant", choices=sorted(TRAIN_VARIANTS),
+                      help="training variant; default: triton+graph on CUDA, eager on the CPU")
+    prof.add_argument("--sample-batch", type=int, default=1, help="sampling batch")
+    prof.add_argument("--sample-steps", type=int, help="default: 50 on CUDA, 8 on the CPU")
+    prof.add_argument("--device", help="default: cuda when available")
+    prof.add_argument("--json", help="also write the profiles as JSON to this file")
     args = p.parse_args(argv)
+    if args.command == "profile":
+        if args.variant and needs_cuda(args.variant) and not torch.cuda.is_available():
+            p.error(f"--variant {args.variant} runs on CUDA only")
+        return profile_report(args)
     try:
         with open(args.results) as f:
             results = json.load(f)

@@ -34,9 +34,17 @@ def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw"):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                                   fused=True)
-    for group in optimizer.param_groups:  # after construction: its checks read the value
-        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    lr_on_device(optimizer, device)  # after construction: its checks read the value
     return optimizer
+
+
+def lr_on_device(optimizer, device):
+    """For fused AdamW, make every group's learning rate a float32 tensor on `device` (again
+    after loading a state dict, which holds floats), keeping its value; others are left alone."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
 def set_lr(optimizer, lr):

@@ -35,6 +35,15 @@ def test_throughput_mfu_and_speedup():
     assert out["speedup"] == 2.0
 
 
+def test_bandwidth_against_the_card_peak():
+    out = throughput(1e-3, images=1, flops=0, device_name="NVIDIA H100 80GB HBM3",
+                     traffic=2.68e9)
+    assert out["gb_per_s"] == pytest.approx(2680) and out["hbm_fraction"] == pytest.approx(0.8)
+    assert throughput(1e-3, 1, 0, "NVIDIA H100 PCIe", traffic=1e9)["hbm_fraction"] == 0.5
+    cpu = throughput(1e-3, 1, 0, "x86_64", traffic=1e9)
+    assert cpu["gb_per_s"] == pytest.approx(1000) and cpu["hbm_fraction"] is None
+
+
 def test_no_mfu_without_a_known_peak():
     assert peak_tflops("x86_64") is None
     assert peak_tflops("NVIDIA H200") == 989.0
@@ -42,22 +51,24 @@ def test_no_mfu_without_a_known_peak():
     assert out["mfu"] is None and out["speedup"] is None and out["tflops"] == 4
 
 
-def bench(group, variant, seconds, kind="train", images_per_s=None):
+def bench(group, variant, seconds, kind="train", images_per_s=None, gb_per_s=None):
     info = dict(device="NVIDIA H100", torch="2.x", triton="3.6", cuda="13.0", kind=kind,
                 variant=variant, preset="JiT-B/16", shape="128x256px", dtype="bfloat16",
-                seconds=seconds, images_per_s=images_per_s, tflops=None, mfu=0.4, speedup=1.5)
+                seconds=seconds, images_per_s=images_per_s, tflops=None, mfu=0.4, speedup=1.5,
+                gb_per_s=gb_per_s, hbm_fraction=gb_per_s / 3350 if gb_per_s else None)
     return dict(group=group, name=f"test[{variant}]", extra_info=info)
 
 
 def test_report_table_and_epoch_time(tmp_path, capsys):
     results = {"benchmarks": [bench("train step JiT-B/16", "triton", 0.1, images_per_s=1000.0),
-                              bench("swiglu forward", "triton", 2e-5, kind="kernel")]}
+                              bench("swiglu forward", "triton", 2e-5, kind="kernel",
+                                    gb_per_s=2680.0)]}
     text = report(results)
     lines = text.splitlines()
     assert ("| train step JiT-B/16 | triton | JiT-B/16 | 128x256px | bfloat16 | 100 | 1,000 | – "
-            "| 40.0% | 1.50 |") in lines
-    assert any(line.startswith("| swiglu forward | triton |") and "| 0.02 |" in line
-               for line in lines)
+            "| 40.0% | – | – | 1.50 |") in lines
+    assert ("| swiglu forward | triton | JiT-B/16 | 128x256px | bfloat16 | 0.02 | – | – | 40.0% "
+            "| 2,680 | 80% | 1.50 |") in lines
     hours = IMAGENET_IMAGES / 1000 / 3600
     assert lines[-1] == f"- JiT-B/16 triton: 1,000 img/s → {hours:.3g} h"
 

@@ -1,5 +1,6 @@
 """jitfast: fast, faithful training and sampling of JiT pixel-space diffusion transformers."""
 import os
+import warnings
 
 # jitfast.kernels is the top-level kernels/ folder: setup.py maps it when installing, and from a
 # source checkout (on PYTHONPATH, or the working directory) the checkout's root joins the search
@@ -12,8 +13,13 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) \
 from jitfast.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from jitfast.diffusion import Denoiser
 from jitfast.ema import EMA
+from jitfast.export import export
 from jitfast.model import JiT
 from jitfast.presets import JiT_models
 
+# `python -m jitfast.export` runs as __main__ the module imported above for `jitfast.export(...)`;
+# runpy warns about that, harmlessly
+warnings.filterwarnings("ignore", r"'jitfast\.export' found in sys\.modules", RuntimeWarning)
+
 __all__ = ["JiT", "JiT_models", "Denoiser", "EMA", "load_checkpoint", "read_checkpoint",
-           "save_checkpoint", "CheckpointError"]
+           "save_checkpoint", "CheckpointError", "export"]

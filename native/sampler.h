@@ -1,0 +1,59 @@
+// The sampler of jitfast.sampling on a network exported by `python -m jitfast.export`: the same
+// grid, guidance, solvers and float32 state, op for op, so that the images equal Python's up to
+// the network's own rounding.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+namespace jitfast {
+
+// What jitfast.export wrote into the package's metadata (format 1).
+struct PackageSettings {
+  int64_t input_size, in_channels, num_classes, max_batch;
+  double noise_scale, t_eps;
+  std::string pred;    // network output: "x", "e" or "v"
+  std::string device;  // "cpu" or "cuda"
+  std::string dtype;   // "float32" or "bfloat16"
+};
+
+// The settings of the package at `path`; throws std::runtime_error when it cannot be read, is
+// not a jitfast export, or has another format version.
+PackageSettings read_package_settings(const std::string& path);
+
+struct SamplerOptions {
+  int64_t steps = 50;
+  std::string method = "heun";  // Heun with a last Euler step, or "euler"
+  double cfg = 1.0;
+  double lo = 0.0, hi = 1.0;  // guidance where t < hi and (lo == 0 or t > lo)
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const std::string& package);
+
+  const PackageSettings& settings() const { return settings_; }
+
+  // jitfast.sampling.generate: float32 images (B, C, H, W) on the CPU for int64 labels (B,) in
+  // [0, num_classes] (the last is the null class) and a standard-normal start z0 (B, C, H, W),
+  // run at most max_batch images at a time. Throws std::invalid_argument for bad input.
+  at::Tensor generate(const at::Tensor& labels, const at::Tensor& z0,
+                      const SamplerOptions& options);
+
+ private:
+  at::Tensor generate_batch(const at::Tensor& labels, const at::Tensor& z0,
+                            const SamplerOptions& options);
+  at::Tensor velocity(const at::Tensor& z, const at::Tensor& y, double t, double w);
+  at::Tensor to_velocity(const at::Tensor& out, const at::Tensor& z, const at::Tensor& t) const;
+
+  PackageSettings settings_;
+  at::Device device_;
+  at::ScalarType dtype_;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
+};
+
+}  // namespace jitfast

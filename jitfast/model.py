@@ -101,8 +101,8 @@ def adaln(hidden_size, chunks):
 
 
 class JiTBlock(nn.Module):
-    """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))); the six adaLN vectors
-    (B, 6D) come from ``adaLN_modulation(c)``, computed by the caller (``JiT.conditioning``)."""
+    """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))), with the six adaLN
+    vectors (B, 6D) = ``adaLN_modulation(c)``, or given precomputed (``JiT.conditioning``)."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0,
                  scores_fp32=False):
@@ -113,7 +113,11 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), proj_drop)
         self.adaLN_modulation = adaln(hidden_size, 6)
 
-    def forward(self, x, modulation, rope, ops):
+    def forward(self, x, c, rope, ops, modulation=None):
+        """c: the conditioning (B, D); modulation: adaLN_modulation(c), if the caller has it.
+        (Computed here, inside forward, where FSDP has gathered this block's weights.)"""
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         u = ops.rms_norm_modulate(x, self.norm1.weight, shift1, scale1)
         x, u = ops.gated_residual_rms_norm_modulate(x, self.attn(u, rope, ops), gate1,
@@ -130,10 +134,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = adaln(hidden_size, 2)
 
-    def forward(self, x, modulation, ops, head=None):
-        """RMSNorm and modulation (shift, scale = modulation (B, 2D)) of the tokens x, then the
-        Linear and the unpatchify to NCHW, or head(u, weight, bias) of the modulated tokens u and
-        the Linear's parameters."""
+    def forward(self, x, c, ops, head=None, modulation=None):
+        """RMSNorm and modulation (shift, scale = adaLN_modulation(c), or `modulation` (B, 2D)
+        when given) of the tokens x, then the Linear and the unpatchify to NCHW, or
+        head(u, weight, bias) of the modulated tokens u and the Linear's parameters."""
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)
         shift, scale = modulation.chunk(2, dim=-1)
         u = ops.rms_norm_modulate(x, self.norm_final.weight, shift, scale)
         if head is not None:
@@ -144,17 +150,21 @@ class FinalLayer(nn.Module):
 
 class Conditioning(NamedTuple):
     """What the network computes from (t, y) alone, row i for example i: the label embeddings
-    (B, D), which the in-context tokens start from, each block's six adaLN vectors (B, 6D) and
-    the final layer's two (B, 2D). A sampler whose times and labels are known in advance
-    computes it once per trajectory and passes rows of it to every evaluation."""
+    (B, D), which the in-context tokens start from, c = t_emb + y_emb (B, D), and each block's
+    six adaLN vectors (B, 6D) and the final layer's two (B, 2D) — or None for those, which the
+    blocks then compute from c. A sampler whose times and labels are known in advance computes
+    it all once per trajectory and passes rows of it to every evaluation."""
     labels: torch.Tensor
-    blocks: tuple
-    final: torch.Tensor
+    c: torch.Tensor
+    blocks: tuple = None
+    final: torch.Tensor = None
 
     def rows(self, index):
         """The conditioning of rows `index` (an int, a slice, ...) of every tensor."""
-        return Conditioning(self.labels[index], tuple(b[index] for b in self.blocks),
-                            self.final[index])
+        pick = (lambda x: None if x is None else x[index])
+        return Conditioning(self.labels[index], self.c[index],
+                            None if self.blocks is None else tuple(map(pick, self.blocks)),
+                            pick(self.final))
 
 
 def can_inspect_values(tensor):
@@ -281,11 +291,15 @@ class JiT(nn.Module):
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
                              f"the null class), got values in [{y.min().item()}, {y.max().item()}]")
 
-    def conditioning(self, t, y):
-        """The ``Conditioning`` of times t (B,) and labels y (B,)."""
+    def conditioning(self, t, y, modulations=True):
+        """The ``Conditioning`` of times t (B,) and labels y (B,); with modulations=False
+        without the adaLN vectors, which the blocks compute in their forward (FSDP gathers a
+        sharded block's weights there, and only there)."""
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
-        return Conditioning(y_emb, tuple(block.adaLN_modulation(c) for block in self.blocks),
+        if not modulations:
+            return Conditioning(y_emb, c)
+        return Conditioning(y_emb, c, tuple(block.adaLN_modulation(c) for block in self.blocks),
                             self.final_layer.adaLN_modulation(c))
 
     def forward(self, x, t, y=None, head=None, cond=None):
@@ -293,15 +307,17 @@ class JiT(nn.Module):
         self.check_inputs(x, t, y)
         ops = ops_for(self.backend, x.device)
         if cond is None:
-            cond = self.conditioning(t, torch.zeros_like(t, dtype=torch.long) if y is None else y)
+            y = torch.zeros_like(t, dtype=torch.long) if y is None else y
+            cond = self.conditioning(t, y, modulations=False)
+        modulations = cond.blocks or (None,) * len(self.blocks)
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
                             self.x_embedder.proj2.bias, self.pos_embed)
-        for i, (block, modulation) in enumerate(zip(self.blocks, cond.blocks)):
+        for i, (block, modulation) in enumerate(zip(self.blocks, modulations)):
             if self.in_context_len > 0 and i == self.in_context_start:
                 x = torch.cat([cond.labels.unsqueeze(1) + self.in_context_posemb, x], dim=1)
             if i < self.in_context_start:
                 rope = (self.rope_cos, self.rope_sin)
             else:
                 rope = (self.rope_in_context_cos, self.rope_in_context_sin)
-            x = block(x, modulation, rope, ops)
-        return self.final_layer(x[:, self.in_context_len:], cond.final, ops, head)
+            x = block(x, cond.c, rope, ops, modulation)
+        return self.final_layer(x[:, self.in_context_len:], cond.c, ops, head, cond.final)

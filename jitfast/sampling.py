@@ -127,19 +127,28 @@ def trajectory_conditioning(denoiser, y, grid):
     """rows(k, guided): the network's conditioning of the evaluation at grid time k, taken from
     one batch computed for every (grid time, label) pair of the run — the labels y, then when
     guidance is on anywhere the null class for each example. rows(...) is None throughout (the
-    network computes its own) when the network has no ``conditioning`` or the batch would take
-    more than CONDITIONING_BUDGET (large batches, whose per-evaluation matmuls run efficiently)."""
+    network computes its own) when the network has no ``conditioning``, when its weights are
+    FSDP shards (gathered only inside its forward), or when the batch would take more than
+    CONDITIONING_BUDGET (large batches, whose per-evaluation matmuls run efficiently)."""
     net = denoiser.net
     B = y.shape[0]
     labels = torch.cat([y, torch.full_like(y, denoiser.num_classes)]) if any(grid.guided) else y
     times = len(grid.dt)  # the last grid time (t = 1) is never evaluated
-    if not hasattr(net, "conditioning"):
+    if not hasattr(net, "conditioning") or sharded(net):
         return lambda k, guided: None
     width = net.hidden_size * (1 + 6 * len(net.blocks) + 2)
     if times * len(labels) * width * next(net.parameters()).element_size() > CONDITIONING_BUDGET:
         return lambda k, guided: None
     cond = net.conditioning(grid.t[:times].repeat_interleave(len(labels)), labels.repeat(times))
     return lambda k, guided: cond.rows(slice(k * len(labels), k * len(labels) + B * (1 + guided)))
+
+
+def sharded(module):
+    """Whether the module's weights are distributed tensors (FSDP2 shards)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def integrate(denoiser, y, z, grid, method):

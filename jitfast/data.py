@@ -200,16 +200,26 @@ def open_dataset(data_path, image_size, seed=0):
     return ImageFolder(data_path, image_size)
 
 
-def make_loader(dataset, sampler, num_workers, pin_memory):
-    """Batches (images, labels, unreadable paths); images uint8 or float in [-1, 1]."""
+def default_workers():
+    """DataLoader workers when --num-workers is not given: one per core, 8 at most."""
+    return min(8, len(os.sched_getaffinity(0)))
+
+
+def make_loader(dataset, sampler, num_workers=None, pin_memory=False):
+    """Batches (uint8 images, labels, unreadable paths), loaded in `num_workers` processes
+    (default: ``default_workers()``; 0: in this one)."""
+    num_workers = default_workers() if num_workers is None else num_workers
     collate = passthrough if hasattr(dataset, "__getitems__") else collate_folder
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
         pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
 
 
-def to_model_input(images):
-    """Float images in [-1, 1] from a batch of uint8 or already-float images."""
-    if images.is_floating_point():
-        return images
-    return images.float().div_(127.5).sub_(1.0)
+def to_model_input(images, out=None):
+    """Float images in [-1, 1] from a uint8 batch (on the device it will be used on), written
+    into `out` when given: a float32 buffer of the batch's shape reused from step to step (on
+    the CPU a fresh 100-MB tensor costs about 30 ms of page faults each time). The cast is a
+    copy, then in-place float ops: a division straight from uint8 takes 5x longer on the CPU."""
+    if out is None:
+        out = torch.empty(images.shape, device=images.device)
+    return out.copy_(images).div_(127.5).sub_(1.0)

@@ -7,9 +7,11 @@ import torch
 from PIL import Image
 
 from jitfast.data import (DataError, ImageFolder, MemmapImages, StepBatches, center_crop_arr,
-                          make_loader, open_dataset)
+                          make_loader, open_dataset, to_model_input)
+from jitfast.images import to_uint8
 from jitfast.prepare import prepare
-from jitfast.shapes import CLASSES, NUM_CLASSES, NUM_PARAMS, SHAPES, ShapesDataset, render
+from jitfast.shapes import (CLASSES, EXTENT, NUM_CLASSES, NUM_PARAMS, SHAPES, ShapesDataset,
+                            render)
 
 
 def write_folder(root, sizes_per_class, seed=0):
@@ -35,12 +37,65 @@ def test_shapes_are_deterministic_per_seed_and_index():
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.2
 
 
+def test_shapes_items_are_the_float_images_quantised_like_to_uint8():
+    """Training items are uint8, rounded as jitfast.images.to_uint8 rounds (a pixel may differ
+    by one where 255·(x+1)/2 falls on a .5 tie in one formula and not the other)."""
+    dataset = ShapesDataset(37, seed=1)
+    images, labels, bad = dataset.__getitems__([(i, False) for i in (9, 0, 4)])
+    assert images.dtype == torch.uint8 and images.shape == (3, 3, 37, 37) and bad == []
+    assert labels.tolist() == [9, 0, 4]
+    expected = torch.from_numpy(to_uint8(dataset.batch([9, 0, 4])[0])).permute(0, 3, 1, 2)
+    differ = images.int() - expected.int()
+    assert differ.abs().max() <= 1 and (differ != 0).float().mean() < 1e-3
+    image, label = dataset[(4, True)]
+    assert torch.equal(image, images[2]) and label == 4
+
+
+def reference_render(labels, params, size):
+    """The shapes images computed on the whole pixel grid, formula by formula."""
+    p = params.T[:, :, None, None]
+    axis = (torch.arange(size) + 0.5) / size * 2 - 1
+    gy, gx = torch.meshgrid(axis, axis, indexing="ij")
+    angle, freq, phase = p[0] * torch.pi, 2 + 6 * p[1], 2 * torch.pi * p[2]
+    along = gx * torch.cos(angle) + gy * torch.sin(angle)
+    across = -gx * torch.sin(angle) + gy * torch.cos(angle)
+    stripes = torch.sin(freq * torch.pi * along + phase)
+    checks = stripes * torch.sin(freq * torch.pi * across + phase)
+    pattern = (torch.where(p[5] < 0.5, stripes, checks) > 0).unsqueeze(1)
+    base = 0.25 + 0.4 * params[:, 6:9, None, None]
+    background = torch.where(pattern, base, base * (0.6 + 0.3 * p[3].unsqueeze(1)))
+    radius = 0.3 + 0.3 * p[9]
+    cx, cy = (1 - radius) * (2 * p[10] - 1), (1 - radius) * (2 * p[11] - 1)
+    rot, tilt = 2 * torch.pi * p[12], 2 * torch.pi * p[13]
+    dx, dy = (gx - cx) / radius, (gy - cy) / radius
+    u = dx * torch.cos(rot) + dy * torch.sin(rot)
+    v = -dx * torch.sin(rot) + dy * torch.cos(rot)
+    inside = torch.stack([SHAPES[k](u[i], v[i]) for i, k in enumerate(labels.tolist())])
+    shade = 0.85 + 0.15 * (u * torch.cos(tilt) - v * torch.sin(tilt))
+    colour = torch.tensor([c for _, c in CLASSES])[labels][:, :, None, None]
+    foreground = (colour * (0.9 + 0.1 * p[14].unsqueeze(1)) * shade.unsqueeze(1)).clamp(0, 1)
+    return torch.where(inside.unsqueeze(1), foreground, background) * 2 - 1
+
+
+def test_render_equals_the_formulas_on_the_whole_grid():
+    """The renderer's shortcuts (outer sums of rows and columns, the foreground drawn only in
+    its shape's box) change nothing but rounding: a background wave's sign may flip where it is
+    within rounding of zero."""
+    params = torch.rand(30, NUM_PARAMS, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(30) % NUM_CLASSES
+    for size in (23, 64):
+        differ = (render(labels, params, size) - reference_render(labels, params, size)).abs()
+        assert (differ > 1e-5).float().mean() < 1e-4, size
+
+
 def test_shapes_classes_are_distinct():
     """Every pair of classes differs in outline (IoU of the unit shapes) and in colour, and the
-    rendered images carry it: same parameters, another label, another image."""
+    rendered images carry it: same parameters, another label, another image. Every shape lies
+    within EXTENT of its centre (the renderer draws nothing beyond it)."""
     axis = torch.linspace(-1.2, 1.2, 64)
     v, u = torch.meshgrid(axis, axis, indexing="ij")
-    masks = torch.stack([f(u, v, torch.hypot(u, v), torch.atan2(v, u)) for f in SHAPES]).flatten(1)
+    masks = torch.stack([f(u, v) for f in SHAPES]).flatten(1)
+    assert not masks[:, (torch.hypot(u, v) > EXTENT).flatten()].any()
     colours = torch.tensor([c for _, c in CLASSES])
     for a in range(NUM_CLASSES):
         for b in range(a + 1, NUM_CLASSES):
@@ -50,6 +105,17 @@ def test_shapes_classes_are_distinct():
     x = render(torch.arange(NUM_CLASSES), params, 32)
     changed = (x[:, None] != x[None]).any(2).float().mean((2, 3))  # pixel fraction per pair
     assert (changed + torch.eye(NUM_CLASSES) > 0.01).all()
+
+
+def test_loader_workers_give_the_batches_of_one_process():
+    """Shapes rendered in two DataLoader workers arrive in step order, equal to rendering them
+    here, batch for batch."""
+    dataset = ShapesDataset(19, length=40, seed=2)
+    sampler = StepBatches(40, 6, seed=1, start=0, stop=5)
+    here, workers = make_loader(dataset, sampler, 0), make_loader(dataset, sampler, 2)
+    for items, a, b in zip(sampler, here, workers, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert torch.equal(a[0], dataset.batch([i for i, _ in items], torch.uint8)[0])
 
 
 def test_step_batches_cover_epochs_and_shard_like_one_process():
@@ -137,3 +203,12 @@ def test_prepare_cli_reports_errors_and_writes(tmp_path, capsys):
     main([str(root), str(tmp_path / "mm"), "--image-size", "32", "--workers", "1"])
     assert "wrote 2 images of 32 px" in capsys.readouterr().err
     assert len(MemmapImages(str(tmp_path / "mm"))) == 2
+
+
+def test_model_input_into_a_reused_buffer():
+    images = torch.tensor([[[[0, 127, 128, 255]]]], dtype=torch.uint8).expand(2, 3, 4, 4)
+    fresh = to_model_input(images)
+    assert fresh.dtype == torch.float32 and fresh.min() == -1 and fresh.max() == 1
+    assert torch.equal(fresh, images.float() / 127.5 - 1)
+    buffer = torch.full(images.shape, float("nan"))
+    assert to_model_input(images, out=buffer) is buffer and torch.equal(buffer, fresh)

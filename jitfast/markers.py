@@ -18,6 +18,3 @@ def phase(name):
     if nvtx is not None:
         stack.enter_context(nvtx.annotate(name))
     return stack
-
-
-nvtx_range = phase  # TEMP: until train.py moves to `phase`

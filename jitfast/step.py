@@ -47,6 +47,13 @@ def lr_on_device(optimizer, device):
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
 
 
+def optimizer_state(state):
+    """An optimizer state dict with plain-float learning rates, as checkpoints hold them (a
+    gathered FSDP state dict is empty on every rank but 0)."""
+    groups = [{**g, "lr": float(g["lr"])} for g in state.get("param_groups", ())]
+    return {**state, "param_groups": groups} if groups else state
+
+
 def set_lr(optimizer, lr):
     """Set every group's learning rate: in place into a tensor lr (read by a captured step)."""
     for group in optimizer.param_groups:

@@ -3,7 +3,7 @@ minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --im
 --data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
 
 Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
-are drawn from generators seeded by (seed, step, example), and the global RNG (dropout) is
+are functions of (seed, step, example) (``jitfast.draws``), and the global RNG (dropout) is
 re-seeded from (seed, step, rank) every step. So a resumed run repeats an uninterrupted one loss
 for loss, and N processes with global batch B reproduce one process with batch B.
 """
@@ -21,11 +21,14 @@ from torch.nn.parallel import DistributedDataParallel
 from jitfast.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from jitfast.data import DataError, StepBatches, make_loader, open_dataset, to_model_input
 from jitfast.diffusion import Denoiser
+from jitfast.draws import StepDraws, seed_of
 from jitfast.ema import EMA
 from jitfast.images import image_grid, save_png, to_uint8
-from jitfast.markers import nvtx_range
+from jitfast.markers import phase
 from jitfast.presets import JiT_models
 from jitfast.progress import MetricsLog, ProgressBar
+from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
+                          train_step)
 
 SMALL_ARCHS = ("T", "S")  # CPU-sized presets: minutes of training, not epochs
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
@@ -74,6 +77,10 @@ def parse_args(argv=None):
     add("--ckpt-every", type=int, default=200, help="steps between checkpoints; 0: at the end")
     add("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     add("--compile", action="store_true", help="torch.compile the model")
+    add("--cuda-graph", default="auto", choices=("auto", "on", "off"),
+        help="replay the whole training step (forward, backward, optimizer, EMA) from one CUDA "
+             "graph; auto: on for one CUDA process without --fsdp, --activation-checkpointing, "
+             "--compile-mode reduce-overhead or --optimizer apex")
     add("--compile-mode", default="default",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         help="torch.compile mode; reduce-overhead adds CUDA graphs on GPU")
@@ -83,8 +90,8 @@ def parse_args(argv=None):
         help="torch threads when training on the CPU; default: all cores but one. On a busy "
              "small machine, threads that wait for a descheduled peer make steps 10x slower")
     add("--num-workers", type=int, default=None,
-        help="DataLoader workers; default: one per core (8 at most) for an image folder, "
-             "0 otherwise")
+        help="DataLoader workers (0: load in the training process); default: one per core, "
+             "8 at most")
     add("--max-bad-fraction", type=float, default=0.01,
         help="stop when more than this fraction of the images read so far were unreadable")
     add("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard)")
@@ -125,19 +132,6 @@ def set_cpu_threads(threads, world):
     torch.set_num_threads(threads)
 
 
-def make_optimizer(args, params, lr, device):
-    if args.optimizer == "apex":
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise TrainingError("--optimizer apex needs NVIDIA apex (with its CUDA extensions), "
-                                "which is not installed; use --optimizer adamw") from None
-        return FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                         adam_w_mode=True)
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
-                             fused=device.type == "cuda")
-
-
 def lr_at(step, args, base_lr):
     if step < args.warmup_steps:
         return base_lr * (step + 1) / args.warmup_steps
@@ -145,24 +139,6 @@ def lr_at(step, args, base_lr):
         return base_lr
     done = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.min_lr + (base_lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * done))
-
-
-def seed_of(*parts):
-    return hash(parts) & (2**63 - 1)
-
-
-def step_draws(denoiser, args, step, first, count, shape, device):
-    """t, noise and label-drop mask of this process's examples [first, first+count) of the
-    global batch at `step`: functions of (seed, step, example) only."""
-    gen = torch.Generator(device).manual_seed(seed_of(args.seed, step))
-    t = denoiser.sample_t(args.batch_size, device, gen)[first:first + count]
-    drop = (torch.rand(args.batch_size, device=device, generator=gen)
-            < args.label_drop_prob)[first:first + count]
-    noise = torch.empty((count, *shape), device=device)
-    for i in range(count):
-        gen.manual_seed(seed_of(args.seed, step, first + i))
-        noise[i].normal_(generator=gen)
-    return t, noise, drop
 
 
 def checkpointed(block):
@@ -177,7 +153,7 @@ def build(args, num_classes, device, world):
                                  backend=args.backend)
     net.check_values = False  # t and labels are ours; the range checks would sync every step
     denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, noise_scale=args.noise_scale,
-                        label_drop_prob=0.0).to(device)  # labels are dropped in step_draws
+                        label_drop_prob=0.0).to(device)  # labels are dropped by StepDraws
     if args.activation_checkpointing:
         for block in net.blocks:
             checkpointed(block)
@@ -208,15 +184,15 @@ def full_state(denoiser, ema, optimizer, fsdp):
     states = {"model": denoiser.state_dict(),
               **{f"model_ema{k}": ema.state_dict(k) for k in (1, 2)}}
     if not fsdp:
-        return {**states, "optimizer": optimizer.state_dict()}
+        return {**states, "optimizer": optimizer_state(optimizer.state_dict())}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     from torch.distributed.tensor import DTensor
     def full(v):
         return v.full_tensor().cpu() if isinstance(v, DTensor) else v
 
     states = {key: {k: full(v) for k, v in sd.items()} for key, sd in states.items()}
-    states["optimizer"] = get_optimizer_state_dict(
-        denoiser, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    states["optimizer"] = optimizer_state(get_optimizer_state_dict(
+        denoiser, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     return states
 
 
@@ -254,6 +230,7 @@ def restore(path, denoiser, ema, optimizer, args):
     else:
         denoiser.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+    lr_on_device(optimizer, next(denoiser.parameters()).device)  # the file holds floats
     for k in (1, 2):
         state = ckpt[f"model_ema{k}"]
         ema.load_state_dict(sharded_like(state, denoiser) if args.fsdp else state, k)
@@ -268,23 +245,22 @@ def sharded_like(state, model):
             if isinstance(params.get(k), DTensor) else v for k, v in state.items()}
 
 
-def train_step(model, denoiser, optimizer, ema, x, y, t, noise, lr, clip_grad):
-    """One optimizer step and EMA update; returns the loss, detached, still on the device."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with nvtx_range("forward"), torch.autocast(x.device.type, torch.bfloat16,
-                                               enabled=x.device.type == "cuda"):
-        loss = model(x, y, t, noise)
-    with nvtx_range("backward"):
-        loss.backward()
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
-    with nvtx_range("optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with nvtx_range("ema"):
-        ema.update()
-    return loss.detach()
+def training_step(args, model, denoiser, optimizer, ema, device, world):
+    """step(x, y, t, noise) -> loss: ``train_step``, replayed from one CUDA graph when
+    --cuda-graph asks (auto: wherever the graph can hold the whole step)."""
+    conflicts = [why for why, present in (
+        ("it needs a CUDA device", device.type != "cuda"),
+        ("it holds one process's step, not a distributed one", world > 1 or args.fsdp),
+        ("--activation-checkpointing recomputes outside it", args.activation_checkpointing),
+        ("--compile-mode reduce-overhead captures graphs of its own",
+         args.compile and args.compile_mode == "reduce-overhead"),
+        ("--optimizer apex cannot be captured", args.optimizer == "apex")) if present]
+    if args.cuda_graph == "on" and conflicts:
+        raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "
+                            f"(or auto)")
+    if args.cuda_graph == "off" or conflicts:
+        return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, args.clip_grad)
+    return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad)
 
 
 def check_unreadable(bad, seen, max_fraction, min_seen):
@@ -320,7 +296,11 @@ def main(argv=None):
     denoiser, model = build(args, dataset.num_classes, device, world)
     ema = EMA(denoiser, args.ema_decays)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
-    optimizer = make_optimizer(args, denoiser.parameters(), base_lr, device)
+    try:
+        optimizer = make_optimizer(denoiser.parameters(), base_lr, device, args.weight_decay,
+                                   args.optimizer)
+    except ImportError as err:
+        raise TrainingError(str(err)) from None
     start = 0
     if args.resume:
         start = restore(latest_checkpoint(args.resume), denoiser, ema, optimizer, args)
@@ -329,11 +309,11 @@ def main(argv=None):
 
     local = args.batch_size // world
     sampler = StepBatches(len(dataset), args.batch_size, args.seed, start, args.steps, rank, world)
-    workers = args.num_workers if args.num_workers is not None else (
-        min(8, len(os.sched_getaffinity(0))) if hasattr(dataset, "paths") else 0)
-    loader = make_loader(dataset, sampler, workers, pin_memory=device.type == "cuda")
-    shape = (3, args.image_size, args.image_size)
+    loader = make_loader(dataset, sampler, args.num_workers, pin_memory=device.type == "cuda")
+    draws = StepDraws(args.seed, args.batch_size, (3, args.image_size, args.image_size),
+                      denoiser.sample_t, args.label_drop_prob, device)
     null = torch.tensor(dataset.num_classes, device=device)
+    step_fn = training_step(args, model, denoiser, optimizer, ema, device, world)
     os.makedirs(args.out, exist_ok=True)
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), append=bool(args.resume)) \
         if rank == 0 else None
@@ -346,20 +326,20 @@ def main(argv=None):
               file=sys.stderr)
 
     loss_sum = torch.zeros((), device=device)
+    x = noise = None  # buffers, reused step after step
     seen = bad = 0
     last_ckpt, last_log, timer = None, start, time.perf_counter()
     began = timer
     step = start
     for images, labels, unreadable in loader:
         torch.manual_seed(seed_of(args.seed, step, -1 - rank))  # dropout; examples are >= 0
-        with nvtx_range("data"):
-            x = to_model_input(images.to(device, non_blocking=True))
+        with phase("data"):
+            x = to_model_input(images.to(device, non_blocking=True), out=x)
             y = labels.to(device, non_blocking=True)
-            t, noise, drop = step_draws(denoiser, args, step, rank * local, local, shape, device)
+            t, noise, drop = draws(step, rank * local, local, noise)
             y = torch.where(drop, null, y)
-        loss = train_step(model, denoiser, optimizer, ema, x, y, t, noise,
-                          lr_at(step, args, base_lr), args.clip_grad)
-        loss_sum += loss
+        set_lr(optimizer, lr_at(step, args, base_lr))
+        loss_sum += step_fn(x, y, t, noise)
         step += 1
         seen, bad = seen + len(labels), bad + len(unreadable)
         if unreadable and rank == 0:
@@ -378,7 +358,7 @@ def main(argv=None):
             now = time.perf_counter()
             ips = args.batch_size * (step - last_log) / (now - timer)
             if rank == 0:
-                log.write(step, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
+                log.write(step, loss=mean_loss, lr=float(optimizer.param_groups[0]["lr"]),
                           images_per_s=ips, epoch=step // sampler.steps_per_epoch,
                           elapsed_s=now - began)
                 bar.update(step, loss=mean_loss, **{"img/s": ips})

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from jitfast import EMA, Denoiser, JiT
-from jitfast.step import GraphedTrainStep, check_like, make_optimizer, set_lr, train_step
+from jitfast.step import (GraphedTrainStep, check_like, make_optimizer, optimizer_state, set_lr,
+                          train_step)
 from test_capture_safety import META, NoHostTensors, meta_denoiser
 
 
@@ -105,3 +106,14 @@ def test_make_optimizer_reads_lr_and_step_on_the_device():
     optimizer.step()
     assert optimizer.param_groups[0]["lr"].is_cuda
     assert all(v.is_cuda for v in optimizer.state[p].values())
+
+
+def test_checkpointed_optimizer_state_holds_float_learning_rates():
+    """A device lr (fused AdamW on CUDA) is saved as a float: checkpoints load anywhere."""
+    p = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([p], lr=0.1)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.25)
+    state = optimizer_state(optimizer.state_dict())
+    assert type(state["param_groups"][0]["lr"]) is float and state["param_groups"][0]["lr"] == 0.25
+    assert torch.is_tensor(optimizer.param_groups[0]["lr"])  # the optimizer itself untouched
+    assert optimizer_state({}) == {}  # an FSDP rank that holds no gathered state

@@ -161,3 +161,18 @@ def test_bad_inputs_say_what_is_wrong(tmp_path, monkeypatch):
     run(tmp_path, "d", "--steps", "2")
     with pytest.raises(train.TrainingError, match="checkpoint is at step 2, not before --steps 2"):
         run(tmp_path, "d", "--steps", "2", "--resume", str(tmp_path / "d"))
+    with pytest.raises(train.TrainingError, match="--cuda-graph on: it needs a CUDA device"):
+        run(tmp_path, "e", "--cuda-graph", "on", "--steps", "1")
+
+
+@pytest.mark.gpu
+def test_graphed_training_resumes_and_matches_ungraphed(tmp_path):
+    """On CUDA the default replays the whole step from one CUDA graph: a resumed run repeats the
+    uninterrupted one loss for loss, and the losses follow an ungraphed run's (bf16)."""
+    common = ["--device", "cuda", "--steps", "8", "--ckpt-every", "4", "--keep-checkpoints", "5"]
+    full = run(tmp_path, "full", *common)
+    resumed = run(tmp_path, "resumed", *common, "--resume",
+                  os.path.join(tmp_path, "full", "checkpoint-00000004.pt"))
+    assert losses(resumed) == losses(full)[4:]
+    eager = run(tmp_path, "eager", *common, "--cuda-graph", "off")
+    assert torch.allclose(torch.tensor(losses(full)), torch.tensor(losses(eager)), rtol=1e-2)

@@ -26,7 +26,8 @@ from jitfast.experiments.classifier import frechet_distance, judge, train_classi
 from jitfast.images import image_grid, save_png, to_uint8
 from jitfast.model import JiT
 from jitfast.shapes import ShapesDataset
-from jitfast.train import lr_at, train_step
+from jitfast.step import set_lr, train_step
+from jitfast.train import lr_at
 
 NETWORK = dict(hidden_size=64, depth=4, num_heads=4, in_context_len=4, in_context_start=1,
                num_classes=10, backend="torch")
@@ -52,8 +53,8 @@ def train_denoiser(size, patch, bottleneck, pred, loss, steps, batch, seed=0, lr
     data = ShapesDataset(size, steps * batch, seed)
     for step in range(steps):
         x, y = data.batch(range(step * batch, (step + 1) * batch))
-        loss_value = train_step(denoiser, denoiser, optimizer, ema, x, y, None, None,
-                                lr_at(step, schedule, lr), clip_grad=0.0)
+        set_lr(optimizer, lr_at(step, schedule, lr))
+        loss_value = train_step(denoiser, denoiser, optimizer, ema, x, y, None, None)
         if not torch.isfinite(loss_value):
             raise RuntimeError(f"{pred}-pred/{loss}-loss: non-finite loss at step {step}")
     return denoiser, ema

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one script for a lent GPU machine (no network), ordered by value and time-boxed so that a
 # cold H100 returns its headline numbers within 6 minutes:
-#   1. a smoke subset of the GPU tests (<= 90 s): graph capture of training and sampling, the
-#      kernels in bf16;
+#   1. a smoke subset of the GPU tests (<= 90 s): graph capture of the training step and the
+#      sampler, the noise kernel, the graphed CLI's resume, the kernels in bf16;
 #   2. the benchmarks of benchmarks/gpu_plan.txt, most valuable first (B/16 training: eager
 #      baseline and graphed step; B/16 sampling at batch 1 and 128; L/16 training; the kernels at
 #      the B/16 shapes; then the rest while time is left);
@@ -40,8 +40,8 @@ if "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; th
                 torch.__version__, '| CUDA', torch.version.cuda)"
   echo "== GPU smoke tests (at most $TESTS_S s) =="
   timeout "$TESTS_S" "$PYTHON" -m pytest -m gpu -q -rs tests/test_step.py \
-    tests/test_gpu_sampling.py tests/test_kernels_model.py tests/test_kernels_ops.py 2>&1 \
-    | tee "$OUT/gpu_tests.log"
+    tests/test_gpu_sampling.py tests/test_draws.py tests/test_train.py tests/test_kernels_model.py \
+    tests/test_kernels_ops.py 2>&1 | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
   export JITFAST_BENCH_PLAN="${JITFAST_BENCH_PLAN:-benchmarks/gpu_plan.txt}"
 else

@@ -23,7 +23,8 @@ GROUPS = (
     ("casts and copies", r"copy|cast|convert|^aten::(to|_to_copy|cat|contiguous)$"),
 )
 JITFAST = re.compile(r"^_(\w+_(fwd|bwd))$|^jitfast::(\w+)")
-PHASE_GROUPS = {"optimizer": "optimizer", "ema": "EMA"}  # phases (jitfast.markers) that name a group
+# the phases (jitfast.markers) whose operators all belong to one group
+PHASE_GROUPS = {"optimizer": "optimizer", "ema": "EMA"}
 
 
 def group_of(name, phase=None):

@@ -67,8 +67,8 @@ def test_report_table_and_epoch_time(tmp_path, capsys):
     lines = text.splitlines()
     assert ("| train step JiT-B/16 | triton | JiT-B/16 | 128x256px | bfloat16 | 100 | 1,000 | – "
             "| 40.0% | – | – | 1.50 |") in lines
-    assert ("| swiglu forward | triton | JiT-B/16 | 128x256px | bfloat16 | 0.02 | – | – | 40.0% "
-            "| 2,680 | 80% | 1.50 |") in lines
+    assert ("| swiglu forward | triton | JiT-B/16 | 128x256px | bfloat16 | 0.02 | – | – "
+            "| 40.0% | 2,680 | 80% | 1.50 |") in lines
     hours = IMAGENET_IMAGES / 1000 / 3600
     assert lines[-1] == f"- JiT-B/16 triton: 1,000 img/s → {hours:.3g} h"
 

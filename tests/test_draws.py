@@ -9,6 +9,7 @@ import torch
 from jitfast.draws import StepDraws, generator_noise, seed_of
 
 SHAPE = (3, 5, 7)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernel under the interpreter
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="the noise kernel needs Triton")
 
@@ -54,7 +55,7 @@ def test_noise_kernel_draws_each_example_from_its_seed_alone():
     from jitfast.kernels.noise import BLOCK, per_example_randn
     shape = (3, 19, 23)  # 1311 numbers per example: two blocks, the second partial
     assert BLOCK < math.prod(shape) < 2 * BLOCK
-    seeds = torch.tensor([seed_of(0, 1, i) for i in range(6)] + [5, 5 + 2**40])
+    seeds = torch.tensor([seed_of(0, 1, i) for i in range(6)] + [5, 5 + 2**40]).to(DEVICE)
     noise = per_example_randn(seeds, shape)
     assert noise.shape == (8, *shape) and noise.dtype == torch.float32
     assert torch.equal(per_example_randn(seeds, shape), noise)  # deterministic
@@ -75,7 +76,18 @@ def test_noise_kernel_draws_each_example_from_its_seed_alone():
 @needs_triton
 def test_noise_kernel_registers_as_a_torch_op():
     from jitfast.kernels.noise import per_example_randn
-    torch.library.opcheck(per_example_randn, (torch.tensor([7, 2**62 + 1]), [2, 3]))
+    torch.library.opcheck(per_example_randn, (torch.tensor([7, 2**62 + 1]).to(DEVICE), [2, 3]))
+
+
+@pytest.mark.gpu
+def test_cuda_draws_are_slice_invariant_and_standard_normal():
+    """The trainer's path on CUDA (seeds copied from pinned memory, one Triton launch): a rank's
+    slice equals the whole batch sliced."""
+    cuda = StepDraws(3, 7, SHAPE, uniform_t, 0.5, "cuda")
+    whole, part = cuda(4, 0, 7), cuda(4, 2, 3)
+    for a, b in zip(part, whole):
+        assert a.is_cuda and torch.equal(a, b[2:5])
+    assert abs(whole[1].mean()) < 0.2 and abs(whole[1].std() - 1) < 0.1
 
 
 def test_noise_into_a_reused_buffer_equals_fresh_noise():

@@ -2,6 +2,7 @@
 interpreter; the switch must be set before Triton is first imported, hence here."""
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
@@ -19,3 +20,12 @@ TRITON = pytest.param("triton", marks=[
 def backend(request):
     """A JiT op backend: the PyTorch reference, then the fused kernels (interpreted on CPU)."""
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def within_deadline():
+    """Skip what would start after JITFAST_TEST_DEADLINE (a Unix time): device_check.sh gives
+    the GPU tests a time budget, and a skip says what was not reached."""
+    deadline = os.environ.get("JITFAST_TEST_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("the GPU tests' time budget (JITFAST_TEST_DEADLINE) is spent")

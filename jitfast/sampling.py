@@ -180,18 +180,22 @@ def warm_up(denoiser, y, z, grid, method):
 
 class CapturedTrajectory:
     """``integrate`` for one batch size, grid and method, captured as one CUDA graph over static
-    label and state buffers, and replayed for every run with those settings."""
+    label and state buffers, and replayed for every run with those settings.
+
+    Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
+    off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
+    region ends, and would miss the new values of weights changed in place (EMA swaps)."""
 
     def __init__(self, denoiser, y, z, grid, method):
         self.y, self.z, self.grid = y.clone(), z.clone(), grid  # the graph reads the grid
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # autotuning and lazy init happen before the capture
+        with torch.cuda.stream(side), no_cast_cache():  # autotuning, lazy init before capture
             for _ in range(2):
                 warm_up(denoiser, self.y, self.z, grid, method)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph), no_cast_cache():
             self.out = integrate(denoiser, self.y, self.z, grid, method)
 
     def __call__(self, y, z):
@@ -199,6 +203,12 @@ class CapturedTrajectory:
         self.z.copy_(z)
         self.graph.replay()
         return self.out.clone()  # the next replay overwrites self.out
+
+
+def no_cast_cache():
+    """CUDA autocast as the caller set it (on or off, its dtype), without the weight-cast cache."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
 
 
 def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
@@ -230,7 +240,7 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
         first = next(net.parameters())
         # graphs hold raw pointers: recapture if the weights were moved or re-typed
         key = (y.shape[0], steps, method, float(cfg), tuple(interval), first.data_ptr(),
-               first.dtype, torch.is_autocast_enabled("cuda"))
+               first.dtype, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         if key not in denoiser.graph_cache:
             grid = Grid.make(steps, cfg, interval, y.device)
             denoiser.graph_cache[key] = CapturedTrajectory(denoiser, y, z, grid, method)

@@ -7,8 +7,10 @@ whole-network capture recipe:
 - its first calls are ordinary steps on a side stream (they compile, autotune and allocate; they
   train, so nothing is wasted or perturbed); the next call captures the step over static copies
   of its inputs and replays it, and every later call copies its batch in and replays;
-- the learning rate is a device tensor that fused AdamW reads (``make_optimizer``), set with
-  ``set_lr`` outside the graph; a python float would be baked into the capture;
+- the optimizer is fused AdamW (``make_optimizer`` on CUDA), which reads the step count and the
+  learning rate from device tensors; the lr is set with ``set_lr`` outside the graph (a python
+  float would be baked into the capture). Its groups are marked capturable at the capture, the
+  flag torch checks there (for the fused kernel it changes nothing else);
 - gradients are None when capture begins, so the backward allocates them in the graph's pool;
 - autocast runs without its weight-cast cache, which would hold tensors across the capture.
 Dropout stays exact: each replay draws from the seed and offset of the CUDA generator at that
@@ -87,8 +89,11 @@ class GraphedTrainStep:
     later step. Every batch must have the shapes and dtypes of the first."""
 
     def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
+        if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+            raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
+                             f"CUDA), got {type(optimizer).__name__}")
         self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, clip_grad)
-        self.warmup = warmup
+        self.optimizer, self.warmup = optimizer, warmup
         self.graph = self.inputs = self.loss = None
 
     def __call__(self, *batch):
@@ -107,6 +112,8 @@ class GraphedTrainStep:
         for static, value in zip(self.inputs, batch):
             static.copy_(value, non_blocking=True)
         if self.graph is None:
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.loss = self.step(*self.inputs)

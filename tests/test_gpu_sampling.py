@@ -41,3 +41,23 @@ def test_fused_graphed_sampler_equals_torch_backend():
     fused = denoiser(torch.float32).generate(y, cuda_graphs=True, **kwargs)
     want = denoiser(torch.float32, "torch").generate(y, cuda_graphs=False, **kwargs)
     assert ((fused - want).norm() / want.norm()).item() < 1e-5
+
+
+def test_graphs_under_autocast_follow_weights_changed_in_place():
+    """A float32 network under bf16 autocast (as the trainer samples with EMA weights swapped
+    in): the captured trajectory casts the weights it reads at every replay, so a second run
+    after an in-place change of the weights equals an eager run, in a new autocast region."""
+    d = denoiser(torch.float32)
+    y = torch.arange(2, device="cuda")
+    z0 = torch.randn(2, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kwargs = dict(steps=4, cfg=2.0, interval=(0.2, 0.9), z0=z0)
+    with torch.autocast("cuda", torch.bfloat16):
+        first = d.generate(y, cuda_graphs=True, **kwargs)
+    with torch.no_grad():
+        for p in d.net.parameters():
+            p.mul_(0.9)
+    with torch.autocast("cuda", torch.bfloat16):
+        graphed = d.generate(y, cuda_graphs=True, **kwargs)
+        eager = d.generate(y, cuda_graphs=False, **kwargs)
+    assert len(d.graph_cache) == 1 and not torch.allclose(graphed, first)
+    assert ((graphed - eager).norm() / eager.norm()).item() < 2e-2

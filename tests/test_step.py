@@ -117,3 +117,11 @@ def test_checkpointed_optimizer_state_holds_float_learning_rates():
     assert type(state["param_groups"][0]["lr"]) is float and state["param_groups"][0]["lr"] == 0.25
     assert torch.is_tensor(optimizer.param_groups[0]["lr"])  # the optimizer itself untouched
     assert optimizer_state({}) == {}  # an FSDP rank that holds no gathered state
+
+
+def test_graphed_step_needs_fused_adamw():
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="needs fused AdamW .* got SGD"):
+        GraphedTrainStep(None, None, torch.optim.SGD([p], lr=0.1), None)
+    with pytest.raises(ValueError, match="got AdamW"):
+        GraphedTrainStep(None, None, torch.optim.AdamW([p], lr=0.1), None)

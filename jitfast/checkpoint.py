@@ -5,9 +5,10 @@ prefixed ``net.``), ``optimizer``, ``epoch`` and ``args`` (an argparse.Namespace
 files). Files are read with ``torch.load(weights_only=True)`` plus an allow-list for Namespace:
 a file that needs arbitrary unpickling is refused, never executed. jitfast adds ``config``, the
 model's constructor keywords as plain data, so custom configurations load exactly.
+.safetensors files, diffusers-format folders and the other published key layouts are read
+through jitfast.weights, into the same checkpoint dict.
 """
 import argparse
-import math
 import os
 import pickle
 import re
@@ -16,23 +17,27 @@ import torch
 
 from jitfast.model import JiT
 from jitfast.presets import ARCHITECTURES, preset_config
+from jitfast.weights.configs import check_config_fits, shape_facts
+from jitfast.weights.errors import CheckpointError
+from jitfast.weights.files import atomic_write, checkpoint_from_folder, checkpoint_from_safetensors
+from jitfast.weights.layouts import foreign_keys_note, to_official
+from jitfast.weights.layouts import strip_prefixes  # noqa: F401 (re-exported, as before)
 
 WEIGHT_KEYS = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
-WRAPPER_PREFIXES = ("net.", "module.", "_orig_mod.")
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used, with what is wrong and what to do."""
-
-
 def read_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint file safely (weights only), turning every failure into a clear error."""
+    """Load a checkpoint file safely (weights only), turning every failure into a clear error.
+    A .safetensors file or a diffusers-format folder is read without pickle (jitfast.weights)."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist (a Hub repo id goes to "
+                                f"JiT.from_pretrained)")
     if os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is a folder; pass the checkpoint file inside it")
+        return checkpoint_from_folder(path)
+    if path.endswith(".safetensors"):
+        return checkpoint_from_safetensors(path)
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
@@ -56,16 +61,6 @@ def read_checkpoint(path, map_location="cpu"):
                               f"re-download it or use an earlier checkpoint") from None
 
 
-def strip_prefixes(state):
-    """Remove the Denoiser (``net.``), DDP (``module.``) and torch.compile prefixes."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith(WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
-
-
 def select_weights(ckpt, weights):
     """The network state dict of `weights` ("ema1" | "ema2" | "model") from a loaded file."""
     if weights not in WEIGHT_KEYS:
@@ -77,41 +72,30 @@ def select_weights(ckpt, weights):
         if weights != "model":
             raise CheckpointError(f"the file is a bare state dict with no EMA weights; load it "
                                   f"with weights='model' (asked for {weights!r})")
-        return strip_prefixes(ckpt)
+        return to_official(ckpt)
+    if "holds" in ckpt:  # a safetensors file or folder of one weight set
+        if ckpt["holds"] not in (None, weights):
+            raise CheckpointError(f"the file holds the {ckpt['holds']!r} weights only; load it "
+                                  f"with weights={ckpt['holds']!r} (asked for {weights!r})")
+        return to_official(ckpt["model"])
     key = WEIGHT_KEYS[weights]
     if key not in ckpt:
         present = [w for w, k in WEIGHT_KEYS.items() if k in ckpt]
         raise CheckpointError(f"the checkpoint has no {key!r} entry for weights={weights!r}; "
                               f"it holds weights {present} (entries: {sorted(ckpt)})")
-    return strip_prefixes(ckpt[key])
-
-
-def _require(state, key):
-    if key not in state:
-        raise CheckpointError(f"not a JiT state dict: key {key!r} is missing "
-                              f"(found {len(state)} keys, e.g. {sorted(state)[:5]})")
-    return state[key]
+    return to_official(ckpt[key])
 
 
 def infer_config(state, ckpt=None, **overrides):
     """JiT constructor keywords: the stored config, else the tensor shapes (plus the official
     args); `overrides` win over both."""
     stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(stored, dict):
-        return {**stored, **overrides}
-    pos = _require(state, "pos_embed")
-    proj1 = _require(state, "x_embedder.proj1.weight")
-    hidden, num_patches = pos.shape[-1], pos.shape[1]
-    grid = math.isqrt(num_patches)
-    head_dim = _require(state, "blocks.0.attn.q_norm.weight").shape[0]
-    mlp_hidden = _require(state, "blocks.0.mlp.w12.weight").shape[0] // 2
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    ic = state.get("in_context_posemb")
-    config = dict(input_size=grid * proj1.shape[-1], patch_size=proj1.shape[-1],
-                  in_channels=proj1.shape[1], hidden_size=hidden, depth=depth,
-                  num_heads=hidden // head_dim, mlp_ratio=mlp_hidden * 1.5 / hidden,
-                  num_classes=_require(state, "y_embedder.embedding_table.weight").shape[0] - 1,
-                  bottleneck_dim=proj1.shape[0], in_context_len=0 if ic is None else ic.shape[1])
+    if isinstance(stored, dict):  # a config.json may leave fields to the shapes
+        check_config_fits(stored, state)
+        return infer_config(state, {"args": ckpt.get("args")}, **{**stored, **overrides})
+    facts = {k: value for k, (value, _) in shape_facts(state).items()}
+    hidden, mlp_hidden = facts["hidden_size"], facts.pop("mlp_hidden")
+    config = dict(facts, mlp_ratio=mlp_hidden * 1.5 / hidden)
     if int(int(hidden * 4.0) * 2 / 3) == mlp_hidden:
         config["mlp_ratio"] = 4.0
     config.update(overrides)
@@ -152,7 +136,8 @@ def check_state_dict(model, state):
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.append(f"unexpected keys: {', '.join(unexpected)}"
+                        + foreign_keys_note(unexpected))
     if mismatched:
         problems.append(f"shape mismatches: {'; '.join(mismatched)}")
     if problems:
@@ -180,17 +165,7 @@ def model_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", **
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a
     crash mid-write leaves the previous file intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, denoiser, ema=None, optimizer=None, epoch=0, args=None, **extra):

@@ -95,7 +95,7 @@ def parse_args(argv=None):
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--ckpt", required=True, help="checkpoint file (official or jitfast layout)")
+    add("--ckpt", required=True, help="checkpoint file or model folder (any published layout)")
     add("--out", required=True, help="package file to write, e.g. model.pt2")
     add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="device the package runs on")

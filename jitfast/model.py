@@ -240,6 +240,19 @@ class JiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
+    def save_pretrained(self, folder, layout="jitfast", weights=None):
+        """config.json + safetensors in `folder`; layout "jitfast" or "diffusers" (the keys of
+        diffusers pull request #13098). See jitfast.weights.pretrained."""
+        from jitfast.weights.pretrained import save_pretrained  # the higher layer, on demand
+        return save_pretrained(self, folder, layout, weights)
+
+    @classmethod
+    def from_pretrained(cls, folder_or_repo_id, subfolder=None, weights="ema1", **kwargs):
+        """A JiT from a model/pipeline folder, a weights file or a Hugging Face Hub repo id, in
+        any published layout. See jitfast.weights.pretrained."""
+        from jitfast.weights.pretrained import from_pretrained
+        return from_pretrained(folder_or_repo_id, subfolder, weights, **kwargs)
+
     def initialize_weights(self):
         """The official initialisation."""
         for module in self.modules():

@@ -33,7 +33,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m jitfast.sample", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--ckpt", required=True, help="checkpoint file (official or jitfast layout)")
+    add("--ckpt", required=True, help="checkpoint file or model folder (any published layout)")
     add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
     add("--model", default=None, help="assert the checkpoint is this preset, e.g. JiT-B/16")
     add("--classes", default=None, help="comma-separated class ids; default: every class")

@@ -1,0 +1,79 @@
+"""Convert JiT weights between the published layouts.
+
+    python -m jitfast.convert SRC DST --layout official|diffusers|jitfast [--weights ema1]
+
+SRC is anything ``load_checkpoint`` reads (an official or jitfast .pth/.pt, a .safetensors, a
+diffusers-format model or pipeline folder, keys in any published layout). Layouts of DST:
+- official: a .pth that the official code loads (``model``, ``model_ema1``, ``model_ema2``,
+  Denoiser keys under ``net.``); a DST that does not end in .pth is a folder, written as
+  DST/checkpoint-last.pth, the file the official ``--resume DST`` reads. Sets the source lacks get
+  a copy of --weights' set, as the Hub's own converter does.
+- diffusers: a folder that diffusers pull request #13098's ``JiTTransformer2DModel`` loads.
+- jitfast: a folder for ``JiT.from_pretrained``.
+"""
+import argparse
+import os
+import sys
+
+from jitfast.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_from_checkpoint,
+                                read_checkpoint, select_weights)
+from jitfast.weights.pretrained import save_pretrained
+
+LAYOUTS = ("official", "diffusers", "jitfast")
+
+
+def official_checkpoint(ckpt, weights, **overrides):
+    """The official checkpoint dict of every weight set of `ckpt` (missing ones: `weights`')."""
+    chosen = model_from_checkpoint(ckpt, weights, **overrides)  # checks keys, shapes, config
+    sets = {}
+    for name, entry in WEIGHT_KEYS.items():
+        try:
+            sets[entry] = select_weights(ckpt, name)
+        except CheckpointError:
+            pass
+    copied = [entry for entry in WEIGHT_KEYS.values() if entry not in sets]
+    for entry in copied:
+        sets[entry] = chosen.state_dict()
+    out = {entry: {f"net.{k}": v for k, v in state.items()} for entry, state in sets.items()}
+    return {**out, "config": dict(chosen.config)}, copied
+
+
+def convert(src, dst, layout, weights="ema1", **overrides):
+    """Write `src`'s weights to `dst` in `layout`; returns the path written."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    ckpt = read_checkpoint(src)
+    if layout != "official":
+        net = model_from_checkpoint(ckpt, weights, **overrides)
+        return save_pretrained(net, dst, layout, weights)
+    out, copied = official_checkpoint(ckpt, weights, **overrides)
+    if copied:
+        print(f"the source has no {', '.join(copied)}: they hold a copy of its {weights} weights")
+    if not os.fspath(dst).endswith(".pth"):
+        os.makedirs(dst, exist_ok=True)
+        dst = os.path.join(dst, "checkpoint-last.pth")
+    atomic_save(out, dst)
+    return dst
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="weights: a .pth/.pt/.safetensors file or a model folder")
+    parser.add_argument("dst", help="where to write (a folder; official: a .pth or a folder)")
+    parser.add_argument("--layout", required=True, choices=LAYOUTS)
+    parser.add_argument("--weights", default="ema1", choices=sorted(WEIGHT_KEYS),
+                        help="the weight set to convert (official: the one that fills sets the "
+                             "source lacks)")
+    parser.add_argument("--in-context-start", type=int, default=None,
+                        help="only for weights whose in-context start no config or preset tells")
+    args = parser.parse_args(argv)
+    overrides = {} if args.in_context_start is None else \
+        {"in_context_start": args.in_context_start}
+    try:
+        print(f"wrote {convert(args.src, args.dst, args.layout, args.weights, **overrides)}")
+    except (CheckpointError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

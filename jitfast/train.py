@@ -29,6 +29,7 @@ from jitfast.presets import JiT_models
 from jitfast.progress import MetricsLog, ProgressBar
 from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
                           train_step)
+from jitfast.weights.files import save_training_weights
 
 SMALL_ARCHS = ("T", "S")  # CPU-sized presets: minutes of training, not epochs
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
@@ -209,6 +210,7 @@ def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank):
                  "config": dict(denoiser.net.config), "step": step,
                  "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
                           "images_seen": step * args.batch_size}}, path)
+    save_training_weights(path[:-len(".pt")] + ".safetensors", states, denoiser.net.config)
     existing = sorted(glob.glob(os.path.join(args.out, "checkpoint-*.pt")))
     for old in existing[:-args.keep_checkpoints]:
         os.remove(old)

@@ -118,8 +118,8 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         run(tmp_path, "run", "--steps", "4", "--ckpt-every", "4", "--resume", previous)
     monkeypatch.setattr(torch, "save", real_save)
-    assert [f for f in os.listdir(tmp_path / "run") if "checkpoint" in f] == [
-        "checkpoint-00000002.pt"]  # no half-written file, no leftover temporary
+    assert sorted(f for f in os.listdir(tmp_path / "run") if "checkpoint" in f) == [
+        "checkpoint-00000002.pt", "checkpoint-00000002.safetensors"]  # nothing half-written
     assert read_checkpoint(previous)["step"] == 2
 
 
@@ -137,8 +137,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         run(tmp_path, "run", "--steps", "6", "--ckpt-every", "2")
     ckpt = read_checkpoint(os.path.join(tmp_path, "run", "checkpoint-00000002.pt"))
     assert ckpt["step"] == 2 and all(v.isfinite().all() for v in ckpt["model"].values())
-    assert glob.glob(os.path.join(tmp_path, "run", "checkpoint-*")) == [
-        os.path.join(tmp_path, "run", "checkpoint-00000002.pt")]
+    assert sorted(glob.glob(os.path.join(tmp_path, "run", "checkpoint-*"))) == [
+        os.path.join(tmp_path, "run", f"checkpoint-00000002.{ext}")
+        for ext in ("pt", "safetensors")]
 
 
 def test_cli_turns_errors_into_one_line(tmp_path, monkeypatch):

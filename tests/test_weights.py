@@ -196,9 +196,11 @@ def diffusers_folder(tmp_path, state=None, **config_changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(num_layers=5), r"depth=5 \(depth / num_layers\) but blocks\.0 to blocks\.3 give 4"),
-    (dict(hidden_size=96), r"hidden_size=96 .* but pos_embed \(1, 16, 64\) give 64"),
-    (dict(num_classes=7), r"num_classes=7 .* y_embedder\.embedding_table\.weight \(11, 64\)"),
+    (dict(num_layers=5), r"depth=5 \(depth / num_layers\) but the weights say 4 \(blocks\.0 to "
+                          r"blocks\.3\)"),
+    (dict(hidden_size=96), r"hidden_size=96 .* but the weights say 64 \(pos_embed \(1, 16, 64\)\)"),
+    (dict(num_classes=7), r"num_classes=7 .* say 10 \(y_embedder\.embedding_table\.weight "
+                          r"\(11, 64\)"),
     (dict(mlp_ratio=3.0), r"mlp_ratio=3\.0 gives a SwiGLU hidden size of 128, but "
                           r"blocks\.0\.mlp\.w12\.weight \(340, 64\) gives 170"),
     (dict(norm_eps=1e-5), r"norm_eps 1e-05 is not supported"),
@@ -248,8 +250,9 @@ def test_repo_id_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(CheckpointError, match=r"cannot get 'BiliSakura/JiT-diffusers' from the "
-                                              r"Hugging Face Hub \(HF_HUB_OFFLINE is set\).*"
+    with pytest.raises(CheckpointError, match=r"'BiliSakura/JiT-diffusers' is not a local path, "
+                                              r"and cannot be had from the Hugging Face Hub "
+                                              r"\(HF_HUB_OFFLINE is set\).*"
                                               r"huggingface-cli download BiliSakura/JiT-diffusers "
                                               r"--include 'JiT-B-16/\*'"):
         JiT.from_pretrained("BiliSakura/JiT-diffusers", subfolder="JiT-B-16")

@@ -102,7 +102,8 @@ def shape_facts(state):
 def check_config_fits(config, state):
     """Raise naming the field and the tensor where a stored config disagrees with the shapes."""
     facts = shape_facts(state)
-    problems = [f"{k}={config[k]} ({' / '.join(FIELDS[k])}) but {tensor} give {value}"
+    problems = [f"{k}={config[k]} ({' / '.join(FIELDS[k])}) but the weights say {value} "
+                f"({tensor})"
                 for k, (value, tensor) in facts.items() if k in config and config[k] != value]
     if "mlp_ratio" in config:
         hidden = config.get("hidden_size", facts["hidden_size"][0])

@@ -98,7 +98,7 @@ def atomic_write(path, write):
 
 def save_safetensors(tensors, path, **metadata):
     """Tensors (made contiguous, on the CPU, unshared) to `path` atomically; metadata as text."""
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    plain = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     data = save(plain, metadata={"format": "pt", **text})
     atomic_write(path, lambda f: f.write(data))

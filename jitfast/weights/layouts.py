@@ -99,8 +99,8 @@ def foreign_keys_note(keys):
 
 
 def detect_layout(keys):
-    """The layout that explains the most keys (ties: the order of LAYOUTS), and the keys that
-    none explains."""
+    """The layout that explains the most keys (ties: the order of LAYOUTS), and the keys it
+    does not explain."""
     unmatched = {layout: [k for k in keys if _official_name(k, layout) is None]
                  for layout in LAYOUTS}
     best = min(LAYOUTS, key=lambda layout: len(unmatched[layout]))

@@ -52,11 +52,12 @@ def hub_folder(repo_id, subfolder=None):
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in \
             (None, "", "0") else ""
         include = f" --include '{prefix}*'" if prefix else ""
+        first_line = (str(err).splitlines() or [""])[0].rstrip(".")
         raise CheckpointError(
-            f"cannot get {repo_id!r} from the Hugging Face Hub{offline}: "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Download it "
-            f"where there is network (huggingface-cli download {repo_id}{include} --local-dir "
-            f"DIR) and pass the local folder") from None
+            f"{repo_id!r} is not a local path, and cannot be had from the Hugging Face "
+            f"Hub{offline}: {type(err).__name__}: {first_line}. Download it where there is "
+            f"network (huggingface-cli download {repo_id}{include} --local-dir DIR) and pass "
+            f"the local folder") from None
     return os.path.join(root, subfolder) if subfolder else root
 
 

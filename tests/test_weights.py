@@ -82,6 +82,19 @@ def test_folder_written_by_the_pull_request_code_gives_its_outputs(tmp_path):
     assert rel_error(JiT.from_pretrained(pipeline), THEIR_FORWARD) < 1e-5
 
 
+def test_sharded_folder(tmp_path):
+    """Weights split over shards named by diffusion_pytorch_model.safetensors.index.json."""
+    state = load_file(FIXTURES / "diffusers_tiny" / "diffusion_pytorch_model.safetensors")
+    keys = sorted(state)
+    shards = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, tmp_path / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(FIXTURES / "diffusers_tiny" / "config.json", tmp_path)
+    assert rel_error(load_checkpoint(tmp_path), THEIR_FORWARD) < 1e-5
+
+
 def official_tiny_as(layout, prefix=""):
     state = OFFICIAL["state_dict"] if layout == "official" else \
         from_official(OFFICIAL["state_dict"], layout)

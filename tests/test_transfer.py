@@ -1,0 +1,75 @@
+"""Resolution transfer: the child computes the nearest upsampling of its parent's output on the
+nearest upsampling of its input, and bad requests are refused."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jitfast import JiT, TransferError, transfer
+
+TINY = dict(in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=7,
+            bottleneck_dim=5, in_context_len=3, in_context_start=1)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_parent(size, patch, backend="torch"):
+    """A tiny JiT with every parameter random (the zero-initialised adaLN and output layers
+    included, so that every part of the network shapes the output)."""
+    torch.manual_seed(0)
+    net = JiT(input_size=size, patch_size=patch, backend=backend, **TINY)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.requires_grad:  # not the fixed sin-cos table
+                param.normal_(0, 0.2)
+    return net.eval()
+
+
+@pytest.mark.parametrize("size, patch, k", [(12, 2, 2), (8, 2, 3)])
+def test_child_of_upsampled_input_is_upsampled_parent(backend, size, patch, k):
+    parent = random_parent(size, patch, backend)
+    child = transfer(parent, size * k, patch * k)
+    assert (child.input_size, child.patch_size, child.backend) == (size * k, patch * k, backend)
+    z = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([0.1, 0.5, 0.97]), torch.tensor([0, 6, 7])  # 7: the null class
+    with torch.no_grad():
+        want = F.interpolate(parent(z, t, y), scale_factor=k, mode="nearest")
+        got = child(F.interpolate(z, scale_factor=k, mode="nearest"), t, y)
+    assert want.abs().mean() > 0.1  # not trivially zero
+    assert rel_err(got, want) < 1e-5
+    # Any input: the child reads the k×k block averages and writes a nearest upsampling.
+    x = torch.randn(3, 3, size * k, size * k, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = F.interpolate(parent(F.avg_pool2d(x, k), t, y), scale_factor=k, mode="nearest")
+        assert rel_err(child(x, t, y), want) < 1e-5
+
+def test_body_is_shared_and_the_parent_untouched():
+    parent = random_parent(12, 2)
+    before = {k: v.clone() for k, v in parent.state_dict().items()}
+    child = transfer(parent, 24, 4)
+    changed = {"x_embedder.proj1.weight", "final_layer.linear.weight", "final_layer.linear.bias"}
+    for name, value in child.state_dict().items():
+        assert torch.equal(parent.state_dict()[name], before[name])
+        if name not in changed:
+            assert torch.equal(value, before[name]), name
+    assert child.x_embedder.proj1.weight.shape == (5, 3, 4, 4)
+    assert child.final_layer.linear.weight.shape == (4 * 4 * 3, 32)
+    assert child.config == {**parent.config, "input_size": 24, "patch_size": 4}
+    child.x_embedder.proj1.weight.data.zero_()  # a copy, not a view of the parent's
+    assert torch.equal(parent.x_embedder.proj1.weight, before["x_embedder.proj1.weight"])
+
+
+def test_refusals_say_what_is_wrong():
+    parent = random_parent(12, 2)
+    with pytest.raises(TransferError, match="patch size 5 does not divide image size 24"):
+        transfer(parent, 24, 5)
+    with pytest.raises(TransferError, match="factor 18/12 = 1.5 is not an integer"):
+        transfer(parent, 18, 3)
+    with pytest.raises(TransferError, match="factor 6/12 = 0.5 is not an integer"):
+        transfer(parent, 6, 1)
+    with pytest.raises(TransferError, match=r"12x12 token grid, the model's is 6x6: .* "
+                                            r"interpolated"):
+        transfer(parent, 24, 2)
+    with pytest.raises(TypeError, match="needs a jitfast.JiT"):
+        transfer(torch.compile(parent), 24, 4)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jitfast import JiT, TransferError, transfer
+from jitfast import JiT, TransferError, load_checkpoint, read_checkpoint, train, transfer
+from test_train import run
 
 TINY = dict(in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=7,
             bottleneck_dim=5, in_context_len=3, in_context_start=1)
@@ -73,3 +74,50 @@ def test_refusals_say_what_is_wrong():
         transfer(parent, 24, 2)
     with pytest.raises(TypeError, match="needs a jitfast.JiT"):
         transfer(torch.compile(parent), 24, 4)
+
+
+def test_init_from_a_trained_checkpoint(tmp_path, capsys):
+    """`python -m jitfast.train --init-from`: a JiT-T/4 at 8 px becomes a JiT-T/8 at 16 px with
+    the noise scale doubled, a fresh optimizer, both EMAs started from the transferred weights
+    and the parent in its checkpoint; resuming it needs its noise scale."""
+    parent = run(tmp_path, "parent", "--model", "JiT-T/4", "--image-size", "8", "--steps", "2")
+    capsys.readouterr()
+    child = run(tmp_path, "child", "--init-from", parent["checkpoint"], "--steps", "1")
+    assert (f"init from {parent['checkpoint']} (ema1, step 2): 8 px patch 4 -> 16 px patch 8 "
+            f"(factor 2); noise scale 2 (the parent's 1 x 2; --noise-scale overrides)"
+            in capsys.readouterr().err)
+    ckpt = read_checkpoint(child["checkpoint"])
+    assert ckpt["args"]["noise_scale"] == 2.0 and child["denoiser"].noise_scale == 2.0
+    assert ckpt["args"]["parent"]["path"] == parent["checkpoint"]
+    assert (ckpt["args"]["parent"]["step"], ckpt["args"]["parent"]["weights"]) == (2, "ema1")
+    assert [s["step"].item() for s in ckpt["optimizer"]["state"].values()] == [1.0] * len(
+        ckpt["optimizer"]["state"])  # a fresh optimizer: one step, not the parent's three
+    # One step in: ema_k = d_k·start + (1 - d_k)·weights, so each EMA gives back its start.
+    start = transfer(load_checkpoint(parent["checkpoint"]), 16, 8).state_dict()
+    for key, decay in (("model_ema1", 0.99), ("model_ema2", 0.98)):
+        for name, value in ckpt[key].items():
+            began = (value - (1 - decay) * ckpt["model"][name]) / decay
+            assert torch.allclose(began, start[name.removeprefix("net.")], atol=1e-6), name
+    # Resuming the child: with its noise scale, and its parent stays recorded.
+    more = ["--steps", "2", "--resume", child["checkpoint"]]
+    with pytest.raises(train.TrainingError, match="trained with noise scale 2, this run has 1: "
+                                                  "pass --noise-scale 2"):
+        run(tmp_path, "child", *more)
+    resumed = run(tmp_path, "child", *more, "--noise-scale", "2")
+    assert read_checkpoint(resumed["checkpoint"])["args"]["parent"] == ckpt["args"]["parent"]
+
+
+def test_init_from_refusals(tmp_path, capsys):
+    parent = run(tmp_path, "parent", "--model", "JiT-T/4", "--image-size", "8", "--steps", "1")
+    child = run(tmp_path, "given", "--init-from", parent["checkpoint"], "--steps", "1",
+                "--noise-scale", "3", "--init-weights", "model")
+    assert "(model, step 1)" in capsys.readouterr().err
+    assert child["denoiser"].noise_scale == 3.0
+    with pytest.raises(SystemExit):
+        run(tmp_path, "both", "--init-from", parent["checkpoint"], "--resume", parent["checkpoint"])
+    assert "--init-from starts a new run, --resume continues one" in capsys.readouterr().err
+    with pytest.raises(TransferError, match=r"--model JiT-S/8 is not the architecture of .* "
+                                            r"\(depth 6 vs 8, hidden_size 192 vs 256"):
+        run(tmp_path, "other", "--init-from", parent["checkpoint"], "--model", "JiT-S/8")
+    with pytest.raises(TransferError, match="is a 3x3 token grid, the model's is 2x2"):
+        run(tmp_path, "grid", "--init-from", parent["checkpoint"], "--image-size", "24")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jitfast import JiT, TransferError, load_checkpoint, read_checkpoint, train, transfer
+from jitfast import Denoiser, JiT, TransferError, load_checkpoint, read_checkpoint, train, transfer
 from test_train import run
 
 TINY = dict(in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=7,
@@ -121,3 +121,21 @@ def test_init_from_refusals(tmp_path, capsys):
         run(tmp_path, "other", "--init-from", parent["checkpoint"], "--model", "JiT-S/8")
     with pytest.raises(TransferError, match="is a 3x3 token grid, the model's is 2x2"):
         run(tmp_path, "grid", "--init-from", parent["checkpoint"], "--image-size", "24")
+
+
+def test_transferred_sampler_draws_the_parents_images_upsampled():
+    """DESIGN.md §9's noise rule, exactly: the child at noise scale k·s from start noise z0
+    follows the parent's ODE on the k×k block averages, whose start noise s·(k·avg z0) has the
+    parent's distribution; its within-block part decays, and the last Euler step removes it.
+    So its images are the parent's images (from k·avg z0), upsampled."""
+    parent, k = random_parent(12, 2), 2
+    child = transfer(parent, 24, 4)
+    y = torch.tensor([0, 3, 6, 2])
+    z0 = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    parent_z0 = k * F.avg_pool2d(z0, k)
+    assert abs(parent_z0.std().item() - 1) < 0.06  # a standard-normal start for the parent
+    settings = dict(steps=4, cfg=2.0, interval=(0.1, 0.8))
+    images = Denoiser(child, noise_scale=2.0).generate(y, z0=z0, **settings)
+    want = Denoiser(parent, noise_scale=1.0).generate(y, z0=parent_z0, **settings)
+    assert want.std() > 0.1
+    assert rel_err(images, F.interpolate(want, scale_factor=k, mode="nearest")) < 1e-5

@@ -107,6 +107,7 @@ def test_colour_blind_judge_sees_shapes_not_colours():
 def test_transfer_experiment_writes_table_json_and_figures(tmp_path):
     config = dict(transfer.QUICK, parent_steps=2, steps=2, batch=2, sample_steps=1,
                   classifier_steps=2, colour_blind_steps=2)
+    transfer.run(config, str(tmp_path), part="seeds", seeds=[1])  # as a parallel process would
     results = transfer.run(config, str(tmp_path))
     saved = json.loads((tmp_path / "transfer.json").read_text())
     assert set(results) == set(transfer.ARMS) and saved["results"] == results
@@ -122,3 +123,5 @@ def test_transfer_experiment_writes_table_json_and_figures(tmp_path):
     with Image.open(tmp_path / "samples.png") as figure:  # 4 arms and the real images
         assert figure.size == (5 * 64 + 4 * 6, 10 * 64 + 14)
     assert (tmp_path / "loss.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="holds a run with another config"):
+        transfer.run(dict(config, lr=1.0), str(tmp_path))

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from jitfast.checkpoint import atomic_save
 from jitfast.diffusion import Denoiser
 from jitfast.ema import EMA
-from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
+from jitfast.experiments.classifier import (ShapesClassifier, frechet_distance, judge,
+                                            train_classifier)
 from jitfast.images import image_grid, save_png, to_uint8
 from jitfast.model import JiT
 from jitfast.shapes import ShapesDataset
@@ -104,19 +106,37 @@ def run_seed(seed, config, labels, log):
     return samples, losses
 
 
-def judges(config, count, log):
+def cached(path, config, make):
+    """make(), saved to `path` with the config; or what a run with this config (an earlier one,
+    or a --part running beside this one) saved there."""
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved["config"] != config:
+            raise ValueError(f"{path} holds a run with another config ({saved['config']}); "
+                             f"remove it or choose another --out")
+        return saved["value"]
+    value = make()
+    atomic_save({"config": config, "value": value}, path)
+    return value
+
+
+def judges(config, count, out, log):
     """{judge name: (classifier, real accuracy, real features, Fréchet floor)} at 64 px."""
     real, labels = ShapesDataset(CHILD[0], count, seed=8).batch(range(count))
     more_real, _ = ShapesDataset(CHILD[0], count, seed=9).batch(range(count))
-    out = {}
+    out_judges = {}
     for name, steps in zip(JUDGES, (config["classifier_steps"], config["colour_blind_steps"])):
-        classifier = train_classifier(CHILD[0], steps, seed=7, colour_blind=name != "colour")
+        classifier = ShapesClassifier()
+        classifier.load_state_dict(cached(os.path.join(out, f"judge-{name}.pt"), config, lambda: (
+            train_classifier(CHILD[0], steps, seed=7, colour_blind=name != "colour")
+            .state_dict())))
+        classifier.eval()
         accuracy, features = judge(classifier, real, labels)
         floor = frechet_distance(judge(classifier, more_real, labels)[1], features)
-        out[name] = (classifier, accuracy, features, floor)
+        out_judges[name] = (classifier, accuracy, features, floor)
         log(f"{name} judge ({steps} steps): real accuracy {accuracy:.3f}, Fréchet real vs real "
             f"{floor:.1f}")
-    return out, real
+    return out_judges, real
 
 
 def mean_std(values):
@@ -183,7 +203,9 @@ def markdown_table(results, reference, config):
     return "\n".join(lines)
 
 
-def run(config, out):
+def run(config, out, part="all", seeds=None):
+    """The experiment; part "judges" or "seeds" (those of `seeds`, default all) only trains
+    and saves that part in `out`, for processes run side by side; "all" uses what they saved."""
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
 
@@ -191,13 +213,21 @@ def run(config, out):
         print(f"[{time.perf_counter() - start:5.0f}s] {message}", flush=True)
 
     labels = torch.arange(10).repeat_interleave(config["samples_per_class"])
-    judged, real = judges(config, len(labels), log)
+
+    def seed_run(seed):
+        return cached(os.path.join(out, f"seed{seed}.pt"), config,
+                      lambda: run_seed(seed, config, labels, log))
+
+    if part == "seeds":
+        return [seed_run(seed) for seed in seeds or config["seeds"]]
+    judged, real = judges(config, len(labels), out, log)
+    if part == "judges":
+        return judged
     reference = {j: {"accuracy": judged[j][1], "frechet": judged[j][3]} for j in JUDGES}
     scores = {arm: {j: {"accuracy": [], "frechet": []} for j in JUDGES} for arm in ARMS}
     losses = {}
     for seed in config["seeds"]:
-        samples, seed_losses = run_seed(seed, config, labels, log)
-        torch.save(samples, os.path.join(out, f"samples-seed{seed}.pt"))  # to judge again
+        samples, seed_losses = seed_run(seed)
         for arm in ARMS:
             for j, (classifier, _, real_features, _) in judged.items():
                 accuracy, features = judge(classifier, samples[arm], labels)
@@ -232,9 +262,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"a reduced run (about a minute): {QUICK}; default {FULL}")
     p.add_argument("--out", default="runs/transfer", help="folder for the table and figures")
+    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
+                   help="train only the judges or the --seeds' models, saving them in --out, "
+                        "to run parts in parallel processes; all: the rest, then the results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --part seeds: which of the config's seeds")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # small matmuls: more threads mostly wait for each other
-    run(QUICK if args.quick else FULL, args.out)
+    run(QUICK if args.quick else FULL, args.out, args.part, args.seeds)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def judges(config, count, out, log):
         out_judges[name] = (classifier, accuracy, features, floor)
         log(f"{name} judge ({steps} steps): real accuracy {accuracy:.3f}, Fréchet real vs real "
             f"{floor:.1f}")
-    return out_judges, real
+    return out_judges, real[torch.argsort(labels, stable=True)]  # by class, as the samples
 
 
 def mean_std(values):

@@ -26,7 +26,8 @@ class TransferError(ValueError):
 def transfer(net, image_size, patch_size):
     """A new JiT at `image_size` px with patches of `patch_size` px, function-preserving:
     ``transfer(net, ...)(U z, t, y) == U net(z, t, y)`` for U the nearest upsampling by the factor
-    k = patch_size / net.patch_size (float32: to rounding).
+    k = patch_size / net.patch_size (float32: to rounding); on any input x, the child computes
+    U net(A x), A the k×k block average.
 
     Supported: integer factors k ≥ 1 that keep the token grid (image_size / patch_size equal to
     the parent's). Refused, with a TransferError: a patch size that does not divide the image,

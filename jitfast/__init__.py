@@ -16,10 +16,11 @@ from jitfast.ema import EMA
 from jitfast.export import export
 from jitfast.model import JiT
 from jitfast.presets import JiT_models
+from jitfast.transfer import TransferError, transfer
 
 # `python -m jitfast.export` runs as __main__ the module imported above for `jitfast.export(...)`;
 # runpy warns about that, harmlessly
 warnings.filterwarnings("ignore", r"'jitfast\.export' found in sys\.modules", RuntimeWarning)
 
 __all__ = ["JiT", "JiT_models", "Denoiser", "EMA", "load_checkpoint", "read_checkpoint",
-           "save_checkpoint", "CheckpointError", "export"]
+           "save_checkpoint", "CheckpointError", "export", "transfer", "TransferError"]

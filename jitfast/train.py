@@ -29,6 +29,7 @@ from jitfast.presets import JiT_models
 from jitfast.progress import MetricsLog, ProgressBar
 from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
                           train_step)
+from jitfast.transfer import TransferError, transferred_run
 from jitfast.weights.files import save_training_weights
 
 SMALL_ARCHS = ("T", "S")  # CPU-sized presets: minutes of training, not epochs
@@ -70,10 +71,18 @@ def parse_args(argv=None):
     add("--label-drop-prob", type=float, default=0.1, help="p of the null class (for CFG)")
     add("--P-mean", type=float, default=-0.8, help="logit-normal t: mean")
     add("--P-std", type=float, default=0.8, help="logit-normal t: std")
-    add("--noise-scale", type=float, default=1.0, help="noise std (official: 2.0 at 512 px)")
+    add("--noise-scale", type=float, default=None,
+        help="noise std (official: 2.0 at 512 px). Default: 1.0; with --init-from, the "
+             "parent's times the resolution factor")
     add("--seed", type=int, default=0, help="seeds data order, init and every draw")
     add("--out", default="runs/jitfast", help="folder for checkpoints, samples and metrics")
     add("--resume", default=None, help="checkpoint file, or a folder (its latest checkpoint)")
+    add("--init-from", default=None,
+        help="start a new run from a checkpoint at a lower resolution (any file load_checkpoint "
+             "reads): its network transferred to --image-size with --model's patch size "
+             "(jitfast.transfer), a fresh optimizer, both EMAs from the transferred weights")
+    add("--init-weights", default="ema1", choices=("ema1", "ema2", "model"),
+        help="which weights of the --init-from checkpoint")
     add("--log-every", type=int, default=25, help="steps between logs (the only host syncs)")
     add("--ckpt-every", type=int, default=200, help="steps between checkpoints; 0: at the end")
     add("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -110,6 +119,12 @@ def parse_args(argv=None):
         args.ema_decays = [0.99, 0.98] if small else [0.9999, 0.9996]
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
         p.error("--steps, --batch-size and --log-every must be positive")
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run, --resume continues one: give one of them (a run "
+                "started with --init-from resumes with --resume alone)")
+    if args.noise_scale is None and not args.init_from:
+        args.noise_scale = 1.0
+    args.parent = None  # the --init-from record, saved with the args
     return args
 
 
@@ -148,10 +163,11 @@ def checkpointed(block):
     block.forward = lambda *a: torch.utils.checkpoint.checkpoint(forward, *a, use_reentrant=False)
 
 
-def build(args, num_classes, device, world):
-    """(denoiser, module to call for the loss)."""
-    net = JiT_models[args.model](input_size=args.image_size, num_classes=num_classes,
-                                 backend=args.backend)
+def build(args, num_classes, device, world, net=None):
+    """(denoiser, module to call for the loss); net: the JiT to train, else a new --model."""
+    if net is None:
+        net = JiT_models[args.model](input_size=args.image_size, num_classes=num_classes,
+                                     backend=args.backend)
     net.check_values = False  # t and labels are ours; the range checks would sync every step
     denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, noise_scale=args.noise_scale,
                         label_drop_prob=0.0).to(device)  # labels are dropped by StepDraws
@@ -233,6 +249,12 @@ def restore(path, denoiser, ema, optimizer, args):
         denoiser.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     lr_on_device(optimizer, next(denoiser.parameters()).device)  # the file holds floats
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    if saved.get("noise_scale", args.noise_scale) != args.noise_scale:
+        raise TrainingError(f"{path!r} was trained with noise scale {saved['noise_scale']:g}, "
+                            f"this run has {args.noise_scale:g}: pass --noise-scale "
+                            f"{saved['noise_scale']:g}")
+    args.parent = saved.get("parent")
     for k in (1, 2):
         state = ckpt[f"model_ema{k}"]
         ema.load_state_dict(sharded_like(state, denoiser) if args.fsdp else state, k)
@@ -295,7 +317,14 @@ def main(argv=None):
                             f"{world} processes")
     torch.manual_seed(args.seed)
     dataset = open_dataset(args.data_path, args.image_size, args.seed)
-    denoiser, model = build(args, dataset.num_classes, device, world)
+    child = None
+    if args.init_from:
+        child, args.parent, args.noise_scale, line = transferred_run(
+            args.init_from, args.model, args.image_size, dataset.num_classes, args.init_weights,
+            args.backend, args.noise_scale)
+        if rank == 0:
+            print(line, file=sys.stderr)
+    denoiser, model = build(args, dataset.num_classes, device, world, child)
     ema = EMA(denoiser, args.ema_decays)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     try:
@@ -388,7 +417,7 @@ def main(argv=None):
 def cli():
     try:
         main()
-    except (DataError, TrainingError, CheckpointError, FileNotFoundError) as err:
+    except (DataError, TrainingError, CheckpointError, TransferError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -1,12 +1,15 @@
 """The CPU reproductions of the paper's evidence (jitfast.experiments), at test size."""
+import itertools
 import json
 import math
 
 import pytest
 import torch
+from PIL import Image
 
-from jitfast.experiments import targets, toy
-from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
+from jitfast.experiments import targets, toy, transfer
+from jitfast.experiments.classifier import (frechet_distance, judge, scramble_colours,
+                                            train_classifier)
 from jitfast.shapes import ShapesDataset
 
 
@@ -75,3 +78,50 @@ def test_targets_pipeline_writes_table_json_and_one_grid_per_cell(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| x-pred | - | - | " in table  # the control has only the v-loss column
     assert json.loads((tmp_path / "targets.json").read_text())["results"] == results
+
+
+def test_scramble_colours_permutes_and_negates_each_image_on_its_own():
+    images = torch.randn(200, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    out = scramble_colours(images, torch.Generator().manual_seed(1))
+    variants = set()
+    for before, after in zip(images, out):
+        found = [(perm, sign) for perm in itertools.permutations(range(3)) for sign in (1, -1)
+                 if torch.equal(after, sign * before[list(perm)])]
+        assert len(found) == 1
+        variants.add(found[0])
+    assert len(variants) == 12  # every permutation with either sign, image by image
+
+
+def test_colour_blind_judge_sees_shapes_not_colours():
+    """Scrambling the colours of real images fools the colour judge, not the colour-blind one."""
+    images, labels = ShapesDataset(16, 300, seed=2).batch(range(300))
+    scrambled = scramble_colours(images, torch.Generator().manual_seed(3))
+    colour = train_classifier(16, steps=80, seed=1)
+    blind = train_classifier(16, steps=80, seed=1, colour_blind=True)
+    assert judge(colour, images, labels)[0] - judge(colour, scrambled, labels)[0] > 0.3
+    blind_accuracy = judge(blind, images, labels)[0]
+    assert blind_accuracy > 0.2  # chance: 0.1
+    assert abs(blind_accuracy - judge(blind, scrambled, labels)[0]) < 0.1
+
+
+def test_transfer_experiment_writes_table_json_and_figures(tmp_path):
+    config = dict(transfer.QUICK, parent_steps=2, steps=2, batch=2, sample_steps=1,
+                  classifier_steps=2, colour_blind_steps=2)
+    transfer.run(config, str(tmp_path), part="seeds", seeds=[1])  # as a parallel process would
+    results = transfer.run(config, str(tmp_path))
+    saved = json.loads((tmp_path / "transfer.json").read_text())
+    assert set(results) == set(transfer.ARMS) and saved["results"] == results
+    for arm in transfer.ARMS:
+        for name in transfer.JUDGES:
+            accuracies = saved["scores"][arm][name]["accuracy"]
+            assert len(accuracies) == 2  # one per seed
+            assert results[arm][name]["accuracy"]["mean"] == pytest.approx(
+                sum(accuracies) / 2)
+    assert [len(c) for c in saved["losses"]["scratch P + N"]] == [4, 4]
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") == 6 and "| transferred + N | 2 |" in table
+    with Image.open(tmp_path / "samples.png") as figure:  # 4 arms and the real images
+        assert figure.size == (5 * 64 + 4 * 6, 10 * 64 + 14)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="holds a run with another config"):
+        transfer.run(dict(config, lr=1.0), str(tmp_path))

@@ -1,6 +1,14 @@
 """A small CNN classifier of the built-in shapes dataset, the judge of generated samples: class
 accuracy of class-conditional samples, and a Fréchet distance in its feature space (an FID with
 this CNN in place of Inception).
+
+Every class of the built-in data has its own colour, so this judge can score blobs of the right
+colour high. Its colour-blind twin (``train_classifier(..., colour_blind=True)``) is the same CNN
+trained on images whose channels are permuted and negated at random (one permutation and one
+sign per image, ``scramble_colours``): hue no longer names the class, the shape has to. It
+scores images as they are, as the colour judge does: the unscrambled image is one of the 12
+variants it was trained on. (Channel magnitudes up to order survive the scrambling: it is blind
+to hue, not to brightness or saturation.)
 """
 import torch
 import torch.nn as nn
@@ -25,14 +33,27 @@ class ShapesClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-def train_classifier(size, steps=300, batch=64, seed=0):
-    """A ShapesClassifier trained on fresh `size`-px images of ShapesDataset(seed=seed)."""
+def scramble_colours(images, generator):
+    """Images (B, 3, H, W) in [-1, 1], each with its channels permuted and its sign flipped
+    at random."""
+    B = images.shape[0]
+    perms = torch.argsort(torch.rand(B, 3, generator=generator), dim=1)
+    signs = torch.randint(0, 2, (B, 1, 1, 1), generator=generator) * 2.0 - 1.0
+    return images[torch.arange(B)[:, None], perms] * signs
+
+
+def train_classifier(size, steps=300, batch=64, seed=0, colour_blind=False):
+    """A ShapesClassifier trained on fresh `size`-px images of ShapesDataset(seed=seed), with
+    colour_blind on colour-scrambled ones (``scramble_colours``)."""
     data = ShapesDataset(size, steps * batch, seed)
     torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     model = ShapesClassifier(data.num_classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for step in range(steps):
         images, labels = data.batch(range(step * batch, (step + 1) * batch))
+        if colour_blind:
+            images = scramble_colours(images, generator)
         loss = nn.functional.cross_entropy(model(images), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,276 @@
+"""Resolution transfer at CPU scale (DESIGN.md §9): does a JiT trained at 32 px, transferred to
+64 px by ``jitfast.transfer`` (same 8x8 token grid, patch 4 -> 8, noise scale 1 -> 2), beat
+training at 64 px from scratch?
+
+Per seed: a parent at 32 px, patch 4, trained P steps; four children at 64 px, patch 8, noise
+scale 2, all with the same later data and the same sampling noise:
+  transferred          the parent's EMA transferred, no fine-tuning
+  transferred + N      the same, fine-tuned N steps (fresh optimizer and EMA)
+  scratch N            a fresh JiT trained N steps
+  scratch P + N        a fresh JiT trained as many steps as parent and fine-tuning together
+Judged at 64 px by the CNN judge and its colour-blind twin (``jitfast.experiments.classifier``):
+class accuracy of class-conditional samples and Fréchet distance to real images in the judge's
+feature space. Mean ± std over seeds; a figure of the samples and one of the loss curves.
+
+    python -m jitfast.experiments.transfer [--quick] [--out runs/transfer]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from jitfast.checkpoint import atomic_save
+from jitfast.diffusion import Denoiser
+from jitfast.ema import EMA
+from jitfast.experiments.classifier import (ShapesClassifier, frechet_distance, judge,
+                                            train_classifier)
+from jitfast.images import image_grid, save_png, to_uint8
+from jitfast.model import JiT
+from jitfast.shapes import ShapesDataset
+from jitfast.step import set_lr, train_step
+from jitfast.train import lr_at
+from jitfast.transfer import transfer
+
+NETWORK = dict(hidden_size=96, depth=4, num_heads=4, bottleneck_dim=32, in_context_len=4,
+               in_context_start=1, num_classes=10, backend="torch")
+PARENT, CHILD = (32, 4, 1.0), (64, 8, 2.0)  # image size, patch size, noise scale
+ARMS = ("transferred", "transferred + N", "scratch N", "scratch P + N")
+JUDGES = ("colour", "colour-blind")
+FULL = dict(parent_steps=300, steps=150, batch=16, lr=2e-3, ema=0.98, samples_per_class=10,
+            sample_steps=10, classifier_steps=300, colour_blind_steps=800, seeds=(0, 1, 2))
+QUICK = dict(parent_steps=6, steps=4, batch=4, lr=2e-3, ema=0.98, samples_per_class=1,
+             sample_steps=2, classifier_steps=4, colour_blind_steps=4, seeds=(0, 1))
+CHILD_DATA = 1000  # children's data seed offset: images the parent never saw
+
+
+def new_denoiser(resolution, seed):
+    size, patch, noise_scale = resolution
+    torch.manual_seed(seed)
+    net = JiT(input_size=size, patch_size=patch, **NETWORK)
+    net.check_values = False
+    return Denoiser(net, noise_scale=noise_scale)
+
+
+def fit(denoiser, steps, config, data_seed):
+    """Train `denoiser` in place (the trainer's step, warm-up and AdamW betas, fresh images);
+    returns (its EMA, started from its current weights, and the loss of every step)."""
+    torch.manual_seed(data_seed)  # times, noise and label drops
+    ema = EMA(denoiser, (config["ema"],))
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config["lr"], betas=(0.9, 0.95),
+                                  weight_decay=0.0)
+    schedule = SimpleNamespace(warmup_steps=min(50, steps // 4), schedule="constant")
+    data = ShapesDataset(denoiser.net.input_size, steps * config["batch"], data_seed)
+    losses, batch = [], config["batch"]
+    for step in range(steps):
+        x, y = data.batch(range(step * batch, (step + 1) * batch))
+        set_lr(optimizer, lr_at(step, schedule, config["lr"]))
+        losses.append(train_step(denoiser, denoiser, optimizer, ema, x, y, None, None).item())
+    return ema, losses
+
+
+def sample(denoiser, ema, labels, config, seed):
+    """Class-conditional samples (Heun, no guidance) of the EMA weights (of the weights as they
+    are, when ema is None), clamped to [-1, 1]."""
+    denoiser.eval()
+    with ema.swapped(1) if ema is not None else nullcontext():
+        return denoiser.generate(labels, config["sample_steps"],
+                                 generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
+
+
+def run_seed(seed, config, labels, log):
+    """Train the parent and the four children of one seed; (samples by arm, losses by arm)."""
+    parent = new_denoiser(PARENT, seed)
+    parent_ema, parent_losses = fit(parent, config["parent_steps"], config, seed)
+    with parent_ema.swapped(1):
+        child_net = transfer(parent.net, CHILD[0], CHILD[1])
+    log(f"seed {seed}: parent trained, final loss {np.mean(parent_losses[-20:]):.4f}")
+    samples, losses = {}, {"parent (32 px)": parent_losses}
+    transferred = Denoiser(child_net, noise_scale=CHILD[2])
+    samples["transferred"] = sample(transferred, None, labels, config, seed)
+    transferred.train()
+    ema, losses["transferred + N"] = fit(transferred, config["steps"], config, CHILD_DATA + seed)
+    samples["transferred + N"] = sample(transferred, ema, labels, config, seed)
+    for arm, steps in (("scratch N", config["steps"]),
+                       ("scratch P + N", config["parent_steps"] + config["steps"])):
+        scratch = new_denoiser(CHILD, seed)
+        ema, losses[arm] = fit(scratch, steps, config, CHILD_DATA + seed)
+        samples[arm] = sample(scratch, ema, labels, config, seed)
+        log(f"seed {seed}: {arm} trained, final loss {np.mean(losses[arm][-20:]):.4f}")
+    return samples, losses
+
+
+def cached(path, config, make):
+    """make(), saved to `path` with the config; or what a run with this config (an earlier one,
+    or a --part running beside this one) saved there."""
+    if os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved["config"] != config:
+            raise ValueError(f"{path} holds a run with another config ({saved['config']}); "
+                             f"remove it or choose another --out")
+        return saved["value"]
+    value = make()
+    atomic_save({"config": config, "value": value}, path)
+    return value
+
+
+def judges(config, count, out, log):
+    """{judge name: (classifier, real accuracy, real features, Fréchet floor)} at 64 px."""
+    real, labels = ShapesDataset(CHILD[0], count, seed=8).batch(range(count))
+    more_real, _ = ShapesDataset(CHILD[0], count, seed=9).batch(range(count))
+    out_judges = {}
+    for name, steps in zip(JUDGES, (config["classifier_steps"], config["colour_blind_steps"])):
+        classifier = ShapesClassifier()
+        classifier.load_state_dict(cached(os.path.join(out, f"judge-{name}.pt"), config, lambda: (
+            train_classifier(CHILD[0], steps, seed=7, colour_blind=name != "colour")
+            .state_dict())))
+        classifier.eval()
+        accuracy, features = judge(classifier, real, labels)
+        floor = frechet_distance(judge(classifier, more_real, labels)[1], features)
+        out_judges[name] = (classifier, accuracy, features, floor)
+        log(f"{name} judge ({steps} steps): real accuracy {accuracy:.3f}, Fréchet real vs real "
+            f"{floor:.1f}")
+    return out_judges, real[torch.argsort(labels, stable=True)]  # by class, as the samples
+
+
+def mean_std(values):
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def titled(image, title):
+    """An (H, W, 3) uint8 image with a 14-px white title strip above it."""
+    panel = Image.new("RGB", (image.shape[1], image.shape[0] + 14), "white")
+    panel.paste(Image.fromarray(image), (0, 14))
+    ImageDraw.Draw(panel).text((2, 1), title, fill="black")
+    return np.asarray(panel)
+
+
+def sample_figure(samples, real, config, columns=4):
+    """One panel per arm and one of real images: a row per class, `columns` samples each."""
+    per_class = config["samples_per_class"]
+    columns = min(columns, per_class)
+    keep = [c * per_class + i for c in range(10) for i in range(columns)]
+    panels = [titled(image_grid(to_uint8(images[keep]), columns), name)
+              for name, images in (*samples.items(), ("real", real))]
+    gap = np.full((panels[0].shape[0], 6, 3), 255, dtype=np.uint8)
+    return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+
+
+def loss_figure(losses, config, path):
+    """Mean loss over seeds (moving average of 20 steps) against total training steps: the
+    fine-tuned child is drawn after its parent's P steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, curves in losses.items():
+        curve = np.mean(curves, axis=0)
+        smooth = np.convolve(curve, np.ones(20) / 20, mode="valid") if len(curve) >= 20 else curve
+        offset = config["parent_steps"] if arm == "transferred + N" else 0
+        ax.plot(offset + np.arange(len(smooth)) + 1, smooth, label=arm,
+                linestyle="--" if arm.startswith("parent") else "-")
+    ax.set_xlabel("training steps (the fine-tuned child after its parent's)")
+    ax.set_ylabel("v-loss (mean of seeds, 20-step average)")
+    ax.set_title("64 px children (noise 2); the parent at 32 px (noise 1), dashed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_table(results, reference, config):
+    lines = [f"| child at 64 px (patch 8) | steps at 64 px | "
+             + " | ".join(f"{j} accuracy | {j} Fréchet" for j in JUDGES) + " |",
+             "| --- | --- |" + " --- | --- |" * len(JUDGES)]
+    steps = {"transferred": 0, "transferred + N": config["steps"], "scratch N": config["steps"],
+             "scratch P + N": config["parent_steps"] + config["steps"]}
+    for arm in ARMS:
+        cells = [f"{results[arm][j][m]['mean']:.3f} ± {results[arm][j][m]['std']:.3f}"
+                 if m == "accuracy" else
+                 f"{results[arm][j][m]['mean']:.1f} ± {results[arm][j][m]['std']:.1f}"
+                 for j in JUDGES for m in ("accuracy", "frechet")]
+        lines.append(f"| {arm} | {steps[arm]} | " + " | ".join(cells) + " |")
+    lines.append("| real images | - | " + " | ".join(
+        f"{reference[j]['accuracy']:.3f} | {reference[j]['frechet']:.1f} (floor)"
+        for j in JUDGES) + " |")
+    return "\n".join(lines)
+
+
+def run(config, out, part="all", seeds=None):
+    """The experiment; part "judges" or "seeds" (those of `seeds`, default all) only trains
+    and saves that part in `out`, for processes run side by side; "all" uses what they saved."""
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - start:5.0f}s] {message}", flush=True)
+
+    labels = torch.arange(10).repeat_interleave(config["samples_per_class"])
+
+    def seed_run(seed):
+        return cached(os.path.join(out, f"seed{seed}.pt"), config,
+                      lambda: run_seed(seed, config, labels, log))
+
+    if part == "seeds":
+        return [seed_run(seed) for seed in seeds or config["seeds"]]
+    judged, real = judges(config, len(labels), out, log)
+    if part == "judges":
+        return judged
+    reference = {j: {"accuracy": judged[j][1], "frechet": judged[j][3]} for j in JUDGES}
+    scores = {arm: {j: {"accuracy": [], "frechet": []} for j in JUDGES} for arm in ARMS}
+    losses = {}
+    for seed in config["seeds"]:
+        samples, seed_losses = seed_run(seed)
+        for arm in ARMS:
+            for j, (classifier, _, real_features, _) in judged.items():
+                accuracy, features = judge(classifier, samples[arm], labels)
+                scores[arm][j]["accuracy"].append(accuracy)
+                scores[arm][j]["frechet"].append(frechet_distance(features, real_features))
+            log(f"seed {seed} {arm}: " + ", ".join(
+                f"{j} {scores[arm][j]['accuracy'][-1]:.3f} / {scores[arm][j]['frechet'][-1]:.1f}"
+                for j in JUDGES))
+        for arm, curve in seed_losses.items():
+            losses.setdefault(arm, []).append(curve)
+        if seed == config["seeds"][0]:
+            save_png(sample_figure(samples, real, config), os.path.join(out, "samples.png"))
+    results = {arm: {j: {m: mean_std(v) for m, v in by_metric.items()}
+                     for j, by_metric in by_judge.items()} for arm, by_judge in scores.items()}
+    loss_figure(losses, config, os.path.join(out, "loss.png"))
+    seconds = round(time.perf_counter() - start, 1)
+    table = markdown_table(results, reference, config)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"{table}\n\n{config}; {seconds} s on {torch.get_num_threads()} thread(s).\n")
+    with open(os.path.join(out, "transfer.json"), "w") as f:
+        json.dump({"config": config, "network": NETWORK, "reference": reference,
+                   "results": results, "scores": scores, "losses": losses,
+                   "seconds": seconds}, f)
+    print(table)
+    log(f"wrote {out}/table.md, transfer.json, samples.png and loss.png")
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m jitfast.experiments.transfer",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"a reduced run (about a minute): {QUICK}; default {FULL}")
+    p.add_argument("--out", default="runs/transfer", help="folder for the table and figures")
+    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
+                   help="train only the judges or the --seeds' models, saving them in --out, "
+                        "to run parts in parallel processes; all: the rest, then the results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --part seeds: which of the config's seeds")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # small matmuls: more threads mostly wait for each other
+    run(QUICK if args.quick else FULL, args.out, args.part, args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from jitfast.files import atomic_write
 from jitfast.model import JiT
 from jitfast.presets import ARCHITECTURES, preset_config
 
@@ -54,6 +55,13 @@ def read_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path!r} is truncated or corrupt and cannot be read ({err}); "
                               f"re-download it or use an earlier checkpoint") from None
+
+
+def training_setting(ckpt, name, default):
+    """A value of the checkpoint's training args (official Namespace or jitfast dict)."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+    return default if value is None else value
 
 
 def strip_prefixes(state):
@@ -179,18 +187,8 @@ def model_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", **
 
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a
-    crash mid-write leaves the previous file intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    crash mid-write leaves the previous file intact; a failed write raises WriteError."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path, denoiser, ema=None, optimizer=None, epoch=0, args=None, **extra):

@@ -21,12 +21,12 @@ class Progress:
         self.total, self.first, self.unit = total, first, unit
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, initial=first, unit=unit, file=self.stream,
-                        dynamic_ncols=True, disable=not self.stream.isatty())
+                        dynamic_ncols=True) if self.stream.isatty() else None
 
     def update(self, n, **fields):
         postfix = ", ".join(f"{k}={tqdm.format_num(v) if isinstance(v, float) else v}"
                             for k, v in fields.items())
-        if not self.bar.disable:
+        if self.bar is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.update(n - self.bar.n)
             return
@@ -36,7 +36,8 @@ class Progress:
         print(line, file=self.stream, flush=True)
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLog:

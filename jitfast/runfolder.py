@@ -2,7 +2,8 @@
 
 ``FolderLock``: an OS lock (flock) on ``<folder>/.lock`` for a process's whole life; a second
 process into the folder is refused at once, told who holds it and since when. The kernel drops
-the lock when its holder dies, however it dies: nothing to clean up by hand.
+the lock when its holder dies, however it dies: nothing to clean up by hand (the next holder
+deletes the half-written temporaries a killed process left).
 
 ``TrainingFolder``: what ``jitfast.train`` owns in ``--out``. A run has a random id, kept in
 ``run.json`` beside its checkpoints and in each checkpoint. A new run is refused a folder that
@@ -12,6 +13,7 @@ one just written.
 """
 import argparse
 import datetime
+import fcntl
 import glob
 import json
 import os
@@ -29,6 +31,7 @@ from jitfast.files import atomic_write_json
 from jitfast.progress import read_metrics
 
 LOCK_NAME = ".lock"
+TEMPORARY = re.compile(r"\.tmp-\d+$")
 RUN_NAME = "run.json"
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 # what jitfast.train writes into --out: --overwrite deletes exactly these
@@ -59,17 +62,18 @@ class FolderLock:
         except OSError as err:
             raise RunFolderError(f"cannot write to the output folder {folder!r}: "
                                  f"{err.strerror}; choose another --out") from None
-        import fcntl  # POSIX only; imported here so the module loads everywhere
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(self.fd, 4096).decode(errors="replace")
             os.close(self.fd)
-            raise RunFolderError(f"{folder!r} is in use by another process ({holder_text(holder)}); "
-                                 f"wait for it to end, or choose another --out") from None
+            raise RunFolderError(f"{folder!r} is in use by another process "
+                                 f"({holder_text(holder)}); wait for it to end, or choose "
+                                 f"another --out") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
                                           since=now(), command=command)).encode())
+        remove_temporaries(folder)
 
     def release(self):
         if self.fd is not None:
@@ -81,6 +85,16 @@ class FolderLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def remove_temporaries(folder):
+    """Delete the half-written files (``<name>.tmp-<pid>``, see ``atomic_write``) that killed
+    processes left in `folder` and its subfolders: the lock's holder is the only writer."""
+    ours = f".tmp-{os.getpid()}"
+    for root in [folder] + [e.path for e in os.scandir(folder) if e.is_dir()]:
+        for entry in os.scandir(root):
+            if TEMPORARY.search(entry.name) and not entry.name.endswith(ours):
+                os.remove(entry.path)
 
 
 def holder_text(holder):
@@ -126,7 +140,6 @@ class TrainingFolder:
         except BaseException:
             self.lock.release()
             raise
-        self._remove_stale_temporaries()
 
     def _claim(self, command, resume, overwrite):
         owner = self._owner()
@@ -202,13 +215,6 @@ class TrainingFolder:
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
                 deleted.append(os.path.basename(path))
         print(f"--overwrite: deleted {', '.join(deleted)} from {self.out}", file=sys.stderr)
-
-    def _remove_stale_temporaries(self):
-        """Half-written checkpoints of killed processes (<name>.tmp-<pid>): this process holds
-        the lock, so no other one is writing them."""
-        for path in glob.glob(os.path.join(glob.escape(self.out), "checkpoint-*.tmp-*")):
-            if not path.endswith(f".tmp-{os.getpid()}"):
-                os.remove(path)
 
     def prune(self, keep, newest):
         """Keep the `keep` latest checkpoints of this run, `newest` (just written) among them;

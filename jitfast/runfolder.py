@@ -6,8 +6,8 @@ the lock when its holder dies, however it dies: nothing to clean up by hand (the
 deletes the half-written temporaries a killed process left).
 
 ``TrainingFolder``: what ``jitfast.train`` owns in ``--out``. A run has a random id, kept in
-``run.json`` beside its checkpoints and in each checkpoint. A new run is refused a folder that
-holds another run's checkpoints or metrics (unless told to delete them), a resumed run any
+``train-run.json`` beside its checkpoints and in each checkpoint. A new run is refused a folder
+that holds another run's checkpoints or metrics (unless told to delete them), a resumed run any
 folder but its own, and ``--keep-checkpoints`` prunes only the run's own checkpoints, never the
 one just written.
 """
@@ -32,7 +32,7 @@ from jitfast.progress import read_metrics
 
 LOCK_NAME = ".lock"
 TEMPORARY = re.compile(r"\.tmp-\d+$")
-RUN_NAME = "run.json"
+RUN_NAME = "train-run.json"  # not run.json: jitfast.sample's manifest
 CHECKPOINT_GLOB = "checkpoint-*.pt"
 # what jitfast.train writes into --out: --overwrite deletes exactly these
 RUN_FILES = (RUN_NAME, "checkpoint-*", "metrics.jsonl", "samples-*.png", "tensorboard")

@@ -72,11 +72,11 @@ def test_a_new_run_is_refused_a_folder_holding_a_run_unless_overwriting(tmp_path
         TrainingFolder(out, "second")
     assert sorted(os.listdir(out)) == [".lock", "checkpoint-00000050.pt",
                                        "checkpoint-00000060.pt", "metrics.jsonl", "notes.txt",
-                                       "run.json"]
+                                       "train-run.json"]
     second = TrainingFolder(out, "second", overwrite=True)
     assert second.run_id != first.run_id
-    assert sorted(os.listdir(out)) == [".lock", "notes.txt", "run.json"]  # the user's file stays
-    assert json.loads((tmp_path / "run.json").read_text())["run_id"] == second.run_id
+    assert sorted(os.listdir(out)) == [".lock", "notes.txt", "train-run.json"]  # the user's
+    assert json.loads((tmp_path / "train-run.json").read_text())["run_id"] == second.run_id
     second.release()
 
 
@@ -118,7 +118,7 @@ def test_pruning_deletes_only_this_runs_older_checkpoints_and_their_siblings(tmp
     folder.prune(2, newest)
     assert sorted(os.listdir(out)) == [".lock", os.path.basename(legacy),
                                        os.path.basename(foreign), "checkpoint-00000025.pt",
-                                       "checkpoint-00000030.pt", "run.json"]
+                                       "checkpoint-00000030.pt", "train-run.json"]
     folder.prune(0, newest)
     assert "checkpoint-00000025.pt" in os.listdir(out)  # never the one just written
     folder.release()

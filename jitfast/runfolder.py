@@ -166,9 +166,9 @@ class TrainingFolder:
         later = [step_of(p) for p in self._checkpoints() if step_of(p) > start]
         if later:
             raise RunFolderError(f"{self.out!r} holds checkpoints of this run after step "
-                                 f"{start} (steps {', '.join(map(str, later))}): they would be "
-                                 f"taken for this resumed run's. Resume the latest one "
-                                 f"(--resume {self.out}), or move them away")
+                                 f"{start} (steps {', '.join(map(str, later))}), which a later "
+                                 f"--resume would continue instead of this one; resume the "
+                                 f"latest (--resume {self.out}), or move them away")
         if owner == run_id and run_id:
             return run_id
         return self._write_run_file(run_id or secrets.token_hex(8), command)

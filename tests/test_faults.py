@@ -308,6 +308,7 @@ def test_sampling_killed_at_seeded_moments_gives_the_same_npz(sampling, tmp_path
     assert np.array_equal(resumed["arr_0"], full["arr_0"])
     assert np.array_equal(resumed["arr_1"], full["arr_1"])
     assert sorted(os.listdir(images)) == [f"{i:06d}.png" for i in range(12 * ROUNDS)]
+    assert not [name for name in os.listdir(out) if ".tmp-" in name]  # the FIFO went too
 
 
 def test_two_samplers_into_one_folder_and_a_write_past_the_size_limit(sampling, tmp_path):

@@ -51,6 +51,21 @@ def now():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+_HELD = set()  # descriptors of the locks this process holds
+
+
+def _forget_locks():
+    """In a forked child (a DataLoader worker): close the lock descriptors, which share the
+    parent's lock, so that the lock goes the moment the parent dies, not when the orphaned
+    children notice."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
 class FolderLock:
     """flock on ``<folder>/.lock`` until ``release()`` (or the process's end); the file says
     who holds it."""
@@ -70,15 +85,17 @@ class FolderLock:
             raise RunFolderError(f"{folder!r} is in use by another process "
                                  f"({holder_text(holder)}); wait for it to end, or choose "
                                  f"another --out") from None
+        _HELD.add(self.fd)
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
                                           since=now(), command=command)).encode())
         remove_temporaries(folder)
 
     def release(self):
-        if self.fd is not None:
+        if self.fd in _HELD:  # not yet released, nor forgotten in a forked child
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the only descriptor drops the flock
-            self.fd = None
+        self.fd = None
 
     def __enter__(self):
         return self

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -45,6 +46,27 @@ def test_the_lock_of_a_killed_process_needs_no_cleaning(tmp_path):
     holder.wait()
     assert (tmp_path / ".lock").exists()  # its file stays; its lock went with it
     FolderLock(str(tmp_path), "after its death").release()
+
+
+def test_forked_children_do_not_keep_the_lock(tmp_path):
+    """A forked child (a DataLoader worker) shares its parent's lock descriptor; it lets go of
+    it, so the lock ends with the parent even while orphaned children live on."""
+    lock = FolderLock(str(tmp_path), "parent")
+    started_r, started_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the fork's hooks have run by now
+        os.write(started_w, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.read(started_r, 1)
+        lock.release()
+        FolderLock(str(tmp_path), "next").release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(started_r)
+        os.close(started_w)
 
 
 def test_the_lock_holder_removes_temporaries_of_killed_writers(tmp_path):

@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jitfast", "jitfast.*"]) + ["jitfast.kernels"],
     package_dir={"jitfast": "jitfast", "jitfast.kernels": "kernels"},
-    install_requires=["torch>=2.5", "numpy", "pillow", "safetensors"],
+    install_requires=["torch>=2.5", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         # triton as on the GPU image; its CPU interpreter breaks with numpy >= 2.4
         "dev": ["pytest", "pytest-benchmark", "triton==3.6.0", "numpy<2.4", "huggingface_hub"],

@@ -15,11 +15,12 @@ import re
 
 import torch
 
+from jitfast.files import atomic_write
 from jitfast.model import JiT
 from jitfast.presets import ARCHITECTURES, preset_config
 from jitfast.weights.configs import check_config_fits, shape_facts
 from jitfast.weights.errors import CheckpointError
-from jitfast.weights.files import atomic_write, checkpoint_from_folder, checkpoint_from_safetensors
+from jitfast.weights.files import checkpoint_from_folder, checkpoint_from_safetensors
 from jitfast.weights.layouts import foreign_keys_note, to_official
 from jitfast.weights.layouts import strip_prefixes  # noqa: F401 (re-exported, as before)
 
@@ -59,6 +60,13 @@ def read_checkpoint(path, map_location="cpu"):
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path!r} is truncated or corrupt and cannot be read ({err}); "
                               f"re-download it or use an earlier checkpoint") from None
+
+
+def training_setting(ckpt, name, default):
+    """A value of the checkpoint's training args (official Namespace or jitfast dict)."""
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+    return default if value is None else value
 
 
 def select_weights(ckpt, weights):
@@ -164,7 +172,7 @@ def model_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", **
 
 def atomic_save(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a
-    crash mid-write leaves the previous file intact."""
+    crash mid-write leaves the previous file intact; a failed write raises WriteError."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -1,10 +1,11 @@
 """Model images to files: uint8 conversion (as the official evaluation does), grids, PNGs."""
 import math
-import os
 
 import numpy as np
 import torch
 from PIL import Image
+
+from jitfast.files import atomic_write
 
 
 def to_uint8(images):
@@ -26,9 +27,8 @@ def image_grid(images, columns=None):
 
 def save_png(image, path):
     """Write an (H, W, C) uint8 image as PNG atomically: no half-written file is ever seen."""
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(tmp)
-    os.replace(tmp, path)
+    image = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)
 
 
 def load_png(path):

@@ -1,48 +1,67 @@
-"""What a training run reports: an in-place progress line on stderr and a metrics log (JSONL,
-plus TensorBoard when it is installed)."""
+"""What a run reports: progress on stderr (tqdm's bar on a terminal, plain lines in a log) and
+a metrics log (JSONL that survives crashes, plus TensorBoard when it is installed)."""
 import json
 import os
 import sys
 import time
 
+from tqdm import tqdm
 
-def format_seconds(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from jitfast.files import WriteError, append_line, describe
+
+PLAIN_FORMAT = "{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
-class ProgressBar:
-    """One stderr line rewritten in place: step, loss, images/s and ETA."""
+class Progress:
+    """A loop's progress: tqdm's bar on a terminal; where the stream is a file or a pipe, one
+    plain line per update (no carriage returns to garble the log)."""
 
-    def __init__(self, total, first=0, stream=sys.stderr, width=24):
-        self.total, self.first, self.stream, self.width = total, first, stream, width
+    def __init__(self, total, first=0, unit="step", stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.first, self.unit = total, first, unit
         self.start = time.perf_counter()
+        self.bar = tqdm(total=total, initial=first, unit=unit, file=self.stream,
+                        dynamic_ncols=True) if self.stream.isatty() else None
 
-    def update(self, step, **fields):
-        done = (step - self.first) / max(1, self.total - self.first)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (1 - done) if done > 0 else 0.0
-        filled = int(self.width * step / max(1, self.total))
-        bar = "#" * filled + "-" * (self.width - filled)
-        values = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in fields.items())
-        self.stream.write(f"\r[{bar}] {step}/{self.total} {values} "
-                          f"eta {format_seconds(eta)}\x1b[K")
-        self.stream.flush()
+    def update(self, n, **fields):
+        postfix = ", ".join(f"{k}={tqdm.format_num(v) if isinstance(v, float) else v}"
+                            for k, v in fields.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n - self.bar.n)
+            return
+        line = tqdm.format_meter(n, self.total, time.perf_counter() - self.start,
+                                 prefix=self.unit, unit=self.unit, initial=self.first,
+                                 postfix=postfix, bar_format=PLAIN_FORMAT)
+        print(line, file=self.stream, flush=True)
 
     def close(self):
-        self.stream.write("\n")
-        self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLog:
-    """One JSON object per logged step in `path` (appended to when resuming); scalars are
-    mirrored to TensorBoard."""
+    """One JSON object per logged step, appended to `path` a whole line per write; scalars are
+    mirrored to TensorBoard.
 
-    def __init__(self, path, append=False, tensorboard=True):
+    The file is never truncated. A crash leaves at most a torn last line (which ``read_metrics``
+    skips, and the next writer ends with a newline); a resumed run first appends
+    ``{"resumed_from": step}``, after which readers drop the records of later steps.
+    """
+
+    def __init__(self, path, resumed_from=None, tensorboard=True):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self.file = open(path, "a" if append else "w", encoding="utf-8")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(self.fd).st_size
+            torn = size > 0 and os.pread(self.fd, 1, size - 1) != b"\n"
+        except OSError as err:
+            raise WriteError(f"cannot write {path}: {describe(err)}") from None
+        if torn:
+            append_line(self.fd, "", path)  # the torn line stays one (skipped) line
+        if resumed_from is not None:
+            append_line(self.fd, json.dumps({"resumed_from": resumed_from}), path)
         self.writer = None
         if tensorboard:
             try:
@@ -52,20 +71,32 @@ class MetricsLog:
                 pass
 
     def write(self, step, **metrics):
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
+        append_line(self.fd, json.dumps({"step": step, **metrics}), self.path)
         if self.writer is not None:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(name, value, step)
 
     def close(self):
-        self.file.close()
+        os.close(self.fd)
         if self.writer is not None:
             self.writer.close()
 
 
 def read_metrics(path):
-    """The records of a metrics log, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics log, in step order: torn lines (a crash mid-write) are skipped,
+    and a resume marker drops the records logged after its step by the run it replaced."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if "resumed_from" in record:
+                records = [r for r in records if r["step"] <= record["resumed_from"]]
+            elif "step" in record:
+                records.append(record)
+    return records

@@ -7,17 +7,19 @@ PNGs are written atomically) and gives the same images as an uninterrupted one.
 import argparse
 import json
 import os
-import time
 
 import numpy as np
 import torch
 
-from jitfast.checkpoint import model_from_checkpoint, read_checkpoint
+from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 from jitfast.diffusion import Denoiser
 from jitfast.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
+from jitfast.files import (WriteError, atomic_write, atomic_write_json,
+                           report_size_limit_as_error)
 from jitfast.images import image_grid, load_png, save_png, to_uint8
 from jitfast.presets import preset_config
-from jitfast.progress import ProgressBar
+from jitfast.progress import Progress
+from jitfast.runfolder import FolderLock, RunFolderError, command_line
 
 GRID_IMAGES = 64
 # settings that change the images: a folder is resumed only with the same ones
@@ -58,13 +60,6 @@ def parse_args(argv=None):
     add("--inception-weights", default=None,
         help="local Inception weights for torch-fidelity (when it cannot download them)")
     return p.parse_args(argv)
-
-
-def training_setting(ckpt, name, default):
-    """A value of the checkpoint's training args (official Namespace or jitfast dict)."""
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
-    return default if value is None else value
 
 
 def check_preset(net, name):
@@ -110,8 +105,7 @@ def prepare_out(out, settings):
             raise SampleError(f"{out!r} holds a run with other settings ({', '.join(changed)}); "
                               f"use another --out, or the same settings to resume it")
     else:
-        with open(manifest, "w") as f:
-            json.dump(settings, f, indent=1)
+        atomic_write_json(manifest, settings)
     return images
 
 
@@ -150,7 +144,7 @@ def run(args):
     shape = (net.in_channels, net.input_size, net.input_size)
     paths = [os.path.join(images_dir, f"{i:06d}.png") for i in range(len(labels))]
     done = sum(os.path.exists(p) for p in paths)
-    progress, start, made = ProgressBar(len(labels), first=done), time.perf_counter(), 0
+    progress = Progress(len(labels), done, unit="img")
     for first in range(0, len(labels), args.batch):
         batch = range(first, min(first + args.batch, len(labels)))
         if all(os.path.exists(paths[i]) for i in batch):
@@ -161,30 +155,30 @@ def run(args):
                                    cuda_graphs=device.type == "cuda" and not args.no_graphs)
         for i, image in zip(batch, to_uint8(images)):
             save_png(image, paths[i])
-        made += len(batch)
-        progress.update(first + len(batch), **{"img/s": made / (time.perf_counter() - start)})
+        progress.update(first + len(batch))
     progress.close()
     arrays = np.stack([load_png(p) for p in paths])
     save_png(image_grid(arrays[:GRID_IMAGES]), os.path.join(args.out, "grid.png"))
     npz = os.path.join(args.out, "samples.npz")
-    np.savez(npz + ".tmp.npz", arr_0=arrays, arr_1=np.array(labels, dtype=np.int64))
-    os.replace(npz + ".tmp.npz", npz)
+    labels_array = np.array(labels, dtype=np.int64)
+    atomic_write(npz, lambda f: np.savez(f, arr_0=arrays, arr_1=labels_array))
     print(f"wrote {len(paths)} images to {images_dir}, the grid and {npz} (arr_0: uint8 "
           f"{arrays.shape}, NHWC)")
     if args.fid:
         scores = fid_and_inception_score(images_dir, args.fid_stats, device.type == "cuda",
                                          args.inception_weights)
-        with open(os.path.join(args.out, "metrics.json"), "w") as f:
-            json.dump(scores, f, indent=1)
+        atomic_write_json(os.path.join(args.out, "metrics.json"), scores)
         print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()))
     return npz
 
 
 def main(argv=None):
     args = parse_args(argv)
+    report_size_limit_as_error()
     try:
-        run(args)
-    except (ValueError, FileNotFoundError, EvaluationError) as err:
+        with FolderLock(args.out, command_line("jitfast.sample", argv)):
+            run(args)
+    except (ValueError, FileNotFoundError, EvaluationError, WriteError, RunFolderError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -23,10 +24,12 @@ from jitfast.data import DataError, StepBatches, make_loader, open_dataset, to_m
 from jitfast.diffusion import Denoiser
 from jitfast.draws import StepDraws, seed_of
 from jitfast.ema import EMA
+from jitfast.files import WriteError, report_size_limit_as_error
 from jitfast.images import image_grid, save_png, to_uint8
 from jitfast.markers import phase
 from jitfast.presets import JiT_models
-from jitfast.progress import MetricsLog, ProgressBar
+from jitfast.progress import MetricsLog, Progress
+from jitfast.runfolder import RunFolderError, TrainingFolder, command_line
 from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
                           train_step)
 from jitfast.transfer import TransferError, transferred_run
@@ -83,6 +86,9 @@ def parse_args(argv=None):
              "(jitfast.transfer), a fresh optimizer, both EMAs from the transferred weights")
     add("--init-weights", default="ema1", choices=("ema1", "ema2", "model"),
         help="which weights of the --init-from checkpoint")
+    add("--overwrite", action="store_true",
+        help="a new run into an --out that holds a run deletes that run's checkpoints, metrics "
+             "and sample grids first (without it, such a folder is refused)")
     add("--log-every", type=int, default=25, help="steps between logs (the only host syncs)")
     add("--ckpt-every", type=int, default=200, help="steps between checkpoints; 0: at the end")
     add("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
@@ -125,6 +131,8 @@ def parse_args(argv=None):
     if args.noise_scale is None and not args.init_from:
         args.noise_scale = 1.0
     args.parent = None  # the --init-from record, saved with the args
+    if args.overwrite and args.resume:
+        p.error("--overwrite starts a new run; it does not go with --resume")
     return args
 
 
@@ -213,8 +221,9 @@ def full_state(denoiser, ema, optimizer, fsdp):
     return states
 
 
-def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank):
-    """Write checkpoint-<step>.pt atomically (rank 0); delete those beyond --keep-checkpoints."""
+def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank, folder):
+    """Write checkpoint-<step>.pt atomically (rank 0); delete this run's beyond
+    --keep-checkpoints."""
     if rank != 0 and not args.fsdp:
         return None
     states = full_state(denoiser, ema, optimizer, args.fsdp)  # a collective under FSDP
@@ -223,13 +232,11 @@ def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank):
     epoch = step // steps_per_epoch
     path = os.path.join(args.out, CHECKPOINT_NAME.format(step))
     atomic_save({**states, "epoch": epoch, "args": dict(vars(args)),
-                 "config": dict(denoiser.net.config), "step": step,
+                 "config": dict(denoiser.net.config), "step": step, "run_id": folder.run_id,
                  "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
                           "images_seen": step * args.batch_size}}, path)
     save_training_weights(path[:-len(".pt")] + ".safetensors", states, denoiser.net.config)
-    existing = sorted(glob.glob(os.path.join(args.out, "checkpoint-*.pt")))
-    for old in existing[:-args.keep_checkpoints]:
-        os.remove(old)
+    folder.prune(args.keep_checkpoints, path)
     return path
 
 
@@ -310,6 +317,14 @@ def sample_grid(denoiser, ema, args, num_classes, device):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
+    resume = latest_checkpoint(args.resume) if args.resume else None
+    with (TrainingFolder(args.out, command_line("jitfast.train", argv), resume, args.overwrite)
+          if rank == 0 else nullcontext()) as folder:
+        return run(args, rank, world, device, folder)
+
+
+def run(args, rank, world, device, folder):
+    """The training run; rank 0 holds `folder` (--out) all along."""
     if device.type == "cpu":
         set_cpu_threads(args.cpu_threads, world)
     if args.batch_size % world:
@@ -346,9 +361,9 @@ def main(argv=None):
     null = torch.tensor(dataset.num_classes, device=device)
     step_fn = training_step(args, model, denoiser, optimizer, ema, device, world)
     os.makedirs(args.out, exist_ok=True)
-    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"), append=bool(args.resume)) \
-        if rank == 0 else None
-    bar = ProgressBar(args.steps, start) if rank == 0 else None
+    log = MetricsLog(os.path.join(args.out, "metrics.jsonl"),
+                     resumed_from=start if args.resume else None) if rank == 0 else None
+    bar = Progress(args.steps, start) if rank == 0 else None
     if rank == 0:
         params = sum(p.numel() for p in denoiser.parameters())
         print(f"{args.model} ({params / 1e6:.1f}M parameters) at {args.image_size} px on "
@@ -397,7 +412,7 @@ def main(argv=None):
             last_log, timer = step, now
         if save_now:
             last_ckpt = save(args, step, sampler.steps_per_epoch, denoiser, ema, optimizer,
-                             rank) or last_ckpt
+                             rank, folder) or last_ckpt
     if rank == 0:
         bar.close()
         log.close()
@@ -415,9 +430,11 @@ def main(argv=None):
 
 
 def cli():
+    report_size_limit_as_error()
     try:
         main()
-    except (DataError, TrainingError, CheckpointError, TransferError, FileNotFoundError) as err:
+    except (DataError, TrainingError, CheckpointError, TransferError, FileNotFoundError,
+            WriteError, RunFolderError) as err:
         sys.exit(f"error: {err}")
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from jitfast.files import atomic_write
 from jitfast.weights.configs import jit_config
 from jitfast.weights.errors import CheckpointError
 from jitfast.weights.layouts import strip_prefixes
@@ -78,22 +79,6 @@ def checkpoint_from_folder(path):
         with open(config_path) as f:
             ckpt["config"] = jit_config(json.load(f), config_path)
     return ckpt
-
-
-def atomic_write(path, write):
-    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: a crash
-    mid-write leaves the previous file intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_safetensors(tensors, path, **metadata):

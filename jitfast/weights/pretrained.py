@@ -9,8 +9,9 @@ import os
 import re
 
 from jitfast.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
+from jitfast.files import atomic_write
 from jitfast.weights.configs import diffusers_config
-from jitfast.weights.files import CONFIG_NAME, WEIGHTS_NAME, atomic_write, save_safetensors
+from jitfast.weights.files import CONFIG_NAME, WEIGHTS_NAME, save_safetensors
 from jitfast.weights.layouts import from_official
 
 FOLDER_LAYOUTS = ("jitfast", "diffusers")

@@ -222,7 +222,7 @@ def full_state(denoiser, ema, optimizer, fsdp):
 
 
 def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank, folder):
-    """Write checkpoint-<step>.pt atomically (rank 0); delete this run's beyond
+    """Write checkpoint-<step>.safetensors and .pt atomically (rank 0); delete this run's beyond
     --keep-checkpoints."""
     if rank != 0 and not args.fsdp:
         return None
@@ -231,11 +231,17 @@ def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank, folder):
         return None
     epoch = step // steps_per_epoch
     path = os.path.join(args.out, CHECKPOINT_NAME.format(step))
-    atomic_save({**states, "epoch": epoch, "args": dict(vars(args)),
-                 "config": dict(denoiser.net.config), "step": step, "run_id": folder.run_id,
-                 "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
-                          "images_seen": step * args.batch_size}}, path)
-    save_training_weights(path[:-len(".pt")] + ".safetensors", states, denoiser.net.config)
+    # the weights first: a checkpoint-<step>.pt, written last, always has its .safetensors
+    weights = path[:-len(".pt")] + ".safetensors"
+    save_training_weights(weights, states, denoiser.net.config)
+    try:
+        atomic_save({**states, "epoch": epoch, "args": dict(vars(args)),
+                     "config": dict(denoiser.net.config), "step": step, "run_id": folder.run_id,
+                     "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
+                              "images_seen": step * args.batch_size}}, path)
+    except Exception:
+        os.remove(weights)  # no weights of a step whose checkpoint failed
+        raise
     folder.prune(args.keep_checkpoints, path)
     return path
 

@@ -206,7 +206,9 @@ def test_training_killed_at_seeded_moments_resumes_bit_for_bit(reference, tmp_pa
     print("kills (fault, step, bytes or delay, killed):", kills)
     assert [k[-1] for k in kills] == [True] * 4 * ROUNDS
     assert sorted(os.listdir(out)) == [".lock", f"checkpoint-{STEPS - 3:08d}.pt",
-                                       f"checkpoint-{STEPS:08d}.pt", "metrics.jsonl",
+                                       f"checkpoint-{STEPS - 3:08d}.safetensors",
+                                       f"checkpoint-{STEPS:08d}.pt",
+                                       f"checkpoint-{STEPS:08d}.safetensors", "metrics.jsonl",
                                        f"samples-{STEPS:08d}.png",
                                        "train-run.json"]  # no temporary left behind
     assert_bit_equal(weights(os.path.join(out, f"checkpoint-{STEPS:08d}.pt")),
@@ -255,7 +257,9 @@ def test_a_checkpoint_write_past_the_file_size_limit_fails_cleanly(tmp_path):
     assert run.wait() == 1
     message = run.output().splitlines()[-1]
     print(message)
-    assert message == f"error: cannot write {out}/checkpoint-00000006.pt: File too large (EFBIG)"
+    # the weights are written first, then the .pt
+    assert message == (f"error: cannot write {out}/checkpoint-00000006.safetensors: "
+                       f"File too large (EFBIG)")
     assert {k: v for k, v in digests(out).items() if k != "metrics.jsonl"} == before
     assert read_checkpoint(os.path.join(out, "checkpoint-00000003.pt"))["step"] == 3
     metrics = os.path.join(out, "metrics.jsonl")

@@ -1,7 +1,8 @@
-"""Gaussian data, where the sampler's answer is known: class k's images are N(mean_k, diag(std²))
-per pixel, so the optimal x-prediction E[x | z_t] is affine in z and the ODE's flow is
-closed-form while 1 - t >= t_eps (z_t = t·μ + r(t)·z_0/σ, r² = t²s² + (1 - t)²σ², σ the noise
-scale). Past 1 - t_eps the clamped ODE leaves that flow, so the reference integrates it finely.
+"""Gaussian data, where the sampler's answer is known: class k's images are
+N(mean_k, diag(std²)) per pixel, so the optimal x-prediction E[x | z_t] is affine in z and the
+ODE's flow is closed-form while 1 - t >= t_eps (z_t = t·μ + r(t)·z_0/σ,
+r² = t²s² + (1 - t)²σ², σ the noise scale). Past 1 - t_eps the clamped ODE leaves that flow,
+so the reference integrates it finely.
 
 The null class is its own Gaussian (not the mixture of the classes), which keeps the guided
 prediction affine too: guidance then changes the ODE, not its difficulty.

@@ -49,7 +49,7 @@ def schedule_times(schedule, steps, denoiser, cfg, interval):
     for jump in guidance_jumps(cfg, interval):
         if steps < 2:
             raise ValueError(f"guidance on the interval {tuple(interval)} needs a grid point on "
-                             f"each end inside (0, 1): use at least 3 steps")
+                             f"each end inside (0, 1): use at least 2 steps (3 when both ends are)")
         k = 1 + int((t[1:-1] - jump).abs().argmin())
         if k in taken:
             raise ValueError(f"{steps} steps are too few to put a grid point on both ends of the "

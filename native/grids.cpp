@@ -58,12 +58,15 @@ std::vector<float> schedule_times(const std::string& schedule, int64_t steps, do
     const double u = static_cast<double>(i) / steps;
     if (schedule == "linear") {
       t[i] = static_cast<float>(u);
+    } else if (schedule == "cosine") {
+      t[i] = static_cast<float>(std::pow(std::sin(0.5 * std::acos(-1.0) * u), 2));
     } else if (schedule == "lambda") {
       const double lam = top * u;
       t[i] = static_cast<float>(lam <= knee ? -std::expm1(-lam)
                                             : 1.0 - t_eps + (lam - knee) * t_eps);
     } else {
-      throw std::invalid_argument("schedule must be linear or lambda, got '" + schedule + "'" +
+      throw std::invalid_argument("schedule must be linear, cosine or lambda, got '" + schedule +
+                                  "'" +
                                   (schedule == "quantile" ? " (quantile needs the training "
                                    "distribution of t, which the package does not record)" : ""));
     }

@@ -38,7 +38,7 @@ step's guidance decided at its midpoint).
   --out         uint8 images (B, H, W, C) as a .npy
   --steps       ODE steps (default 50)
   --method      heun (default), euler, or ddim, dpm2m, dpm3m, unipc2, unipc3
-  --schedule    the exponential methods' grid: linear (default) or lambda
+  --schedule    the exponential methods' grid: linear (default), cosine or lambda
   --cfg         guidance scale (default 1.0: no guidance)
   --interval    guidance interval (default 0 1)
   --seed        z0 = torch.randn((B, C, H, W), generator=torch.Generator().manual_seed(SEED)),

@@ -29,7 +29,7 @@ struct SamplerOptions {
   int64_t steps = 50;
   std::string method = "heun";  // Heun with a last Euler step, "euler", or an exponential
                                 // method: ddim, dpm2m, dpm3m, unipc2, unipc3
-  std::string schedule = "linear";  // the exponential methods' grid: linear or lambda
+  std::string schedule = "linear";  // the exponential methods' grid: linear, cosine or lambda
   double cfg = 1.0;
   double lo = 0.0, hi = 1.0;  // guidance where t < hi and (lo == 0 or t > lo)
 };

@@ -95,7 +95,8 @@ CASES = {  # labels, steps, method, cfg, interval, schedule
     "dpm2m lambda, cfg on (0.2, 0.9), batch 4": ([0, 1, 2, 3], 7, "dpm2m", 2.0, (0.2, 0.9),
                                                  "lambda"),
     "dpm3m lambda, 12 steps, cfg on [0, 0.7)": ([3], 12, "dpm3m", 3.0, (0.0, 0.7), "lambda"),
-    "unipc2, cfg on (0.3, 0.7), batch 3": ([0, 4, 2], 10, "unipc2", 2.5, (0.3, 0.7), "linear"),
+    "unipc2 cosine, cfg on (0.3, 0.7), batch 3": ([0, 4, 2], 10, "unipc2", 2.5, (0.3, 0.7),
+                                                  "cosine"),
     "unipc3 lambda, cfg on (0.1, 1], batch 2": ([2, 1], 9, "unipc3", 3.0, (0.1, 1.0), "lambda"),
 }
 

@@ -116,7 +116,8 @@ def test_inversion_round_trip_on_gaussian_data(method, steps, bound):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="rk4"), r"method must be one of \('heun', 'euler', 'ddim', 'dpm2m'"),
-    (dict(method="dpm2m", schedule="cosine"), r"schedule must be one of \('linear', 'lambda'"),
+    (dict(method="dpm2m", schedule="karras"),
+     r"schedule must be one of \('linear', 'cosine', 'lambda'"),
     (dict(method="dpm3m", steps=2), "dpm3m is a 3-step method: it needs steps >= 3, got 2"),
     (dict(method="heun", schedule="lambda"), "heun runs the official linear grid"),
     (dict(method="ddim", steps=3, cfg=2.0, interval=(0.4, 0.5)),

@@ -5,7 +5,7 @@ and the CNN judge (class accuracy, Fréchet distance; ``classifier``) by evaluat
 
     python -m jitfast.experiments.samplers --ckpt runs/jitfast/checkpoint-00000600.pt \
         --out runs/samplers [--part gaussian errors judge inversion grid plot] [--images 10] \
-        [--judge-images 100] [--fast unipc2 lambda] [--grid-steps 15]
+        [--judge-images 100] [--fast unipc2 cosine] [--grid-steps 15]
 
 Every result goes into OUT/results.json as soon as it is measured (a rerun skips what is there,
 the references are cached in OUT), tables into OUT/tables.md and the plot (the ``plot`` extra,
@@ -27,11 +27,13 @@ from jitfast.shapes import ShapesDataset
 
 GUIDED, UNGUIDED = (3.0, (0.1, 1.0)), (1.0, (0.0, 1.0))  # (cfg, interval)
 REFERENCE_STEPS = 400  # Heun
-EVALUATIONS = (5, 7, 10, 15, 20, 30)
+EVALUATIONS = (5, 7, 10, 12, 15, 20, 30)
 HEUN_STEPS = (3, 5, 8, 13, 25, 50)  # 5 to 99 evaluations
-SOLVERS = {"guided": [("unipc2", "lambda"), ("dpm2m", "lambda"), ("unipc3", "lambda"),
-                      ("ddim", "linear"), ("unipc2", "linear"), ("dpm3m", "lambda")],
-           "unguided": [("unipc2", "lambda"), ("dpm2m", "lambda"), ("ddim", "linear")]}
+SOLVERS = {"guided": [("unipc2", "cosine"), ("unipc3", "cosine"), ("dpm2m", "cosine"),
+                      ("unipc2", "linear"), ("ddim", "linear"), ("unipc2", "lambda"),
+                      ("dpm2m", "lambda"), ("unipc3", "lambda"), ("dpm3m", "lambda")],
+           "unguided": [("unipc2", "cosine"), ("unipc2", "linear"), ("unipc2", "lambda"),
+                        ("dpm2m", "lambda"), ("ddim", "linear")]}
 JUDGE_HEUN_STEPS = (3, 8, 50)  # 5, 15 and 99 evaluations
 JUDGE_EVALUATIONS = (5, 10, 15, 25)
 ERROR_TABLES = ("gaussian guided", "gaussian unguided", "errors guided", "errors unguided")
@@ -249,8 +251,9 @@ def main(argv=None):
                    choices=("gaussian", "errors", "judge", "inversion", "grid", "plot"))
     p.add_argument("--images", type=int, default=10, help="images of the error tables")
     p.add_argument("--judge-images", type=int, default=100, help="images per judged sampler")
-    p.add_argument("--fast", nargs=2, default=("unipc2", "lambda"), metavar=("METHOD", "SCHEDULE"),
-                   help="the fast sampler the judge compares with Heun")
+    p.add_argument("--fast", nargs=2, default=("unipc2", "cosine"),
+                   metavar=("METHOD", "SCHEDULE"),
+                   help="the fast sampler the judge, the inversion and the grid time measure")
     p.add_argument("--grid-steps", type=int, default=15, help="steps of the timed grid")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

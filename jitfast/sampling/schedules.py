@@ -21,13 +21,21 @@ def lambda_times(steps, denoiser):
     return torch.where(lam <= knee, -torch.expm1(-lam), 1.0 - t_eps + (lam - knee) * t_eps)
 
 
+def cosine_times(steps, denoiser):
+    """t = sin²(πu/2) for u uniform: dense at both ends, where the images' layout is decided
+    (guided, on a trained JiT) and where their details form."""
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    return torch.sin(0.5 * math.pi * u) ** 2
+
+
 def quantile_times(steps, denoiser):
     """The quantiles i/steps of the training distribution of t, sigmoid(N(P_mean, P_std²))."""
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     return torch.sigmoid(denoiser.P_mean + denoiser.P_std * math.sqrt(2) * torch.erfinv(2 * u - 1))
 
 
-SCHEDULES = {"linear": linear_times, "lambda": lambda_times, "quantile": quantile_times}
+SCHEDULES = {"linear": linear_times, "cosine": cosine_times, "lambda": lambda_times,
+             "quantile": quantile_times}
 
 
 def guidance_jumps(cfg, interval):

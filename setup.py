@@ -16,5 +16,6 @@ setup(
         "flash": ["flash-attn"],
         "profile": ["nvtx"],
         "eval": ["torch-fidelity"],
+        "plot": ["matplotlib"],  # python -m jitfast.experiments.samplers --part plot
     },
 )

@@ -18,8 +18,8 @@ from jitfast.workloads import SAMPLE_VARIANTS, sampler
 SIZE = ("JiT-B/16", 256, 50, (1, 16, 128, 256)) if ON_CUDA else ("JiT-T/8", 64, 8, (1, 8))
 CFG, INTERVAL = 2.9, (0.1, 1.0)
 # name -> (method, steps, schedule): Heun-50's trajectory error, and its judge's quality
-MATCHED = {"unipc2-lambda-15": ("unipc2", 15, "lambda"),
-           "unipc2-lambda-10": ("unipc2", 10, "lambda")}
+MATCHED = {"unipc2-cosine-15": ("unipc2", 15, "cosine"),
+           "unipc2-cosine-10": ("unipc2", 10, "cosine")}
 MATCHED_BATCHES = (1, 128) if ON_CUDA else (1, 8)
 
 

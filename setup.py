@@ -12,10 +12,12 @@ setup(
     install_requires=["torch>=2.5", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         # triton as on the GPU image; its CPU interpreter breaks with numpy >= 2.4
-        "dev": ["pytest", "pytest-benchmark", "triton==3.6.0", "numpy<2.4", "huggingface_hub"],
+        "dev": ["pytest", "pytest-benchmark", "triton==3.6.0", "numpy<2.4", "huggingface_hub",
+                "matplotlib"],
         "flash": ["flash-attn"],
         "profile": ["nvtx"],
         "eval": ["torch-fidelity"],
         "hub": ["huggingface_hub"],  # JiT.from_pretrained of a Hub repo id
+        "plot": ["matplotlib"],  # the figures of jitfast.experiments.samplers and .transfer
     },
 )

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from jitfast.backend import head_kernels
-from jitfast.sampling import generate
+from jitfast.sampling import generate, invert
 
 SPACES = ("x", "e", "v")
 
@@ -113,7 +113,16 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def generate(self, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
-                 generator=None, cuda_graphs=None):
+                 generator=None, cuda_graphs=None, schedule="linear"):
         """Sample images for labels y by integrating the ODE from t = 0 to 1; see
-        ``jitfast.sampling.generate``. Returns float32 images (B, C, H, W), unclipped."""
-        return generate(self, y, steps, method, cfg, interval, z0, generator, cuda_graphs)
+        ``jitfast.sampling.generate`` (the methods and schedules). Returns float32 images
+        (B, C, H, W), unclipped."""
+        return generate(self, y, steps, method, cfg, interval, z0, generator, cuda_graphs,
+                        schedule)
+
+    @torch.no_grad()
+    def invert(self, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
+               schedule="linear", cuda_graphs=None):
+        """The standard-normal start whose trajectory ends at `images` (the ODE integrated from
+        t = 1 back to 0); see ``jitfast.sampling.invert``."""
+        return invert(self, images, y, steps, method, cfg, interval, schedule, cuda_graphs)

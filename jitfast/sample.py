@@ -20,11 +20,12 @@ from jitfast.images import image_grid, load_png, save_png, to_uint8
 from jitfast.presets import preset_config
 from jitfast.progress import Progress
 from jitfast.runfolder import FolderLock, RunFolderError, command_line
+from jitfast.sampling import METHODS, SCHEDULES
 
 GRID_IMAGES = 64
 # settings that change the images: a folder is resumed only with the same ones
 RUN_SETTINGS = ("ckpt", "weights", "labels", "cfg", "interval", "steps", "method", "batch",
-                "seed", "noise_scale", "t_eps", "dtype")
+                "seed", "noise_scale", "t_eps", "dtype", "schedule")
 
 
 class SampleError(ValueError):
@@ -44,7 +45,11 @@ def parse_args(argv=None):
     add("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LO", "HI"),
         help="guidance applies for LO < t < HI (LO = 0: t < HI)")
     add("--steps", type=int, default=50, help="ODE steps")
-    add("--method", default="heun", choices=("heun", "euler"), help="ODE solver")
+    add("--method", default="heun", choices=METHODS,
+        help="ODE solver: heun/euler (official; heun takes 2·steps - 1 evaluations) or an "
+             "exponential method, one evaluation per step (docs/samplers.md)")
+    add("--schedule", default="linear", choices=tuple(SCHEDULES),
+        help="time grid of the exponential methods (heun/euler: linear only)")
     add("--batch", type=int, default=64, help="images per network batch")
     add("--seed", type=int, default=0, help="image i starts from the noise of seed (seed, i)")
     add("--noise-scale", type=float, default=None,
@@ -139,7 +144,8 @@ def run(args):
     settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, labels=labels,
                     cfg=args.cfg, interval=list(args.interval), steps=args.steps,
                     method=args.method, batch=args.batch, seed=args.seed,
-                    noise_scale=noise_scale, t_eps=args.t_eps, dtype=dtype)
+                    noise_scale=noise_scale, t_eps=args.t_eps, dtype=dtype,
+                    schedule=args.schedule)
     images_dir = prepare_out(args.out, settings)
     shape = (net.in_channels, net.input_size, net.input_size)
     paths = [os.path.join(images_dir, f"{i:06d}.png") for i in range(len(labels))]
@@ -152,7 +158,8 @@ def run(args):
         y = torch.tensor([labels[i] for i in batch], device=device)
         images = denoiser.generate(y, args.steps, args.method, args.cfg, tuple(args.interval),
                                    z0=initial_noise(batch, shape, args.seed).to(device),
-                                   cuda_graphs=device.type == "cuda" and not args.no_graphs)
+                                   cuda_graphs=device.type == "cuda" and not args.no_graphs,
+                                   schedule=args.schedule)
         for i, image in zip(batch, to_uint8(images)):
             save_png(image, paths[i])
         progress.update(first + len(batch))

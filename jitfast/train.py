@@ -30,6 +30,7 @@ from jitfast.markers import phase
 from jitfast.presets import JiT_models
 from jitfast.progress import MetricsLog, Progress
 from jitfast.runfolder import RunFolderError, TrainingFolder, command_line
+from jitfast.sampling import METHODS, SCHEDULES
 from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
                           train_step)
 from jitfast.transfer import TransferError, transferred_run
@@ -113,7 +114,14 @@ def parse_args(argv=None):
     add("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard)")
     add("--activation-checkpointing", action="store_true",
         help="recompute each block in the backward pass (torch.utils.checkpoint)")
-    add("--sample-steps", type=int, default=50, help="ODE steps (Heun) for the sample grid")
+    add("--sample-steps", type=int, default=15,
+        help="ODE steps of the sample grid (one evaluation each; Heun: 2·steps - 1)")
+    add("--sample-method", default="unipc2", choices=METHODS,
+        help="sampler of the grid, a preview: the fast setting of docs/samplers.md by default "
+             "(the official sampler: --sample-method heun --sample-schedule linear "
+             "--sample-steps 50)")
+    add("--sample-schedule", default="cosine", choices=tuple(SCHEDULES),
+        help="time grid of the sample grid's sampler")
     add("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grid")
     add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
     add("--grid-classes", type=int, default=10, help="rows of the sample grid")
@@ -315,8 +323,9 @@ def sample_grid(denoiser, ema, args, num_classes, device):
     gen = torch.Generator(device).manual_seed(args.seed)
     with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
                                         enabled=device.type == "cuda"):
-        images = denoiser.generate(y, steps=args.sample_steps, cfg=args.sample_cfg,
-                                   generator=gen)
+        images = denoiser.generate(y, steps=args.sample_steps, method=args.sample_method,
+                                   cfg=args.sample_cfg, generator=gen,
+                                   schedule=args.sample_schedule)
     return image_grid(to_uint8(images), columns=args.samples_per_class)
 
 

@@ -60,9 +60,10 @@ def training_step(preset, image, batch, variant, device):
     return lambda: step(*inputs)
 
 
-def sampler(preset, image, steps, batch, variant, device, cfg, interval):
-    """A closure sampling `batch` images of a fresh model with Heun, guidance cfg on `interval`
-    (bf16 network on CUDA, as python -m jitfast.sample runs it)."""
+def sampler(preset, image, steps, batch, variant, device, cfg, interval, method="heun",
+            schedule="linear"):
+    """A closure sampling `batch` images of a fresh model with `method` (Heun by default),
+    guidance cfg on `interval` (bf16 network on CUDA, as python -m jitfast.sample runs it)."""
     torch.manual_seed(0)
     net = build(preset, input_size=image, num_classes=NUM_CLASSES).to(device)
     if device.type == "cuda":
@@ -70,6 +71,6 @@ def sampler(preset, image, steps, batch, variant, device, cfg, interval):
     denoiser = Denoiser(net)
     y = torch.randint(NUM_CLASSES, (batch,), device=device)
     z0 = torch.randn(batch, 3, image, image, device=device)
-    return lambda: denoiser.generate(y, steps, "heun", cfg, interval, z0,
-                                     cuda_graphs=SAMPLE_VARIANTS[variant])
+    return lambda: denoiser.generate(y, steps, method, cfg, interval, z0,
+                                     cuda_graphs=SAMPLE_VARIANTS[variant], schedule=schedule)
 

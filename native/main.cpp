@@ -21,20 +21,24 @@
 namespace {
 
 const char kUsage[] = R"(usage: jitfast-sample --package MODEL.pt2 --labels L[,L...]
-                     --out IMAGES.npy [--steps 50] [--method heun|euler] [--cfg 1.0]
+                     --out IMAGES.npy [--steps 50] [--method heun] [--schedule linear]
+                     [--cfg 1.0]
                      [--interval LO HI] [--seed 0 | --z0 Z0.npy] [--raw RAW.npy]
                      [--png-dir DIR] [--image-size N]
 
 Samples one image per label from a JiT package written by `python -m jitfast.export`, as
 jitfast's Denoiser.generate does: Heun steps with a last Euler step (or Euler throughout) on the
 linear grid t_i = i/steps, classifier-free guidance with weight cfg where LO < t < HI (t < HI
-when LO is 0), a float32 state starting from noise_scale * z0.
+when LO is 0), a float32 state starting from noise_scale * z0; or one of its exponential
+methods (one evaluation per step, a grid point on each end of the guidance interval, each
+step's guidance decided at its midpoint).
 
   --package     the exported package (.pt2)
   --labels      comma-separated class ids in [0, num_classes]; num_classes is the null class
   --out         uint8 images (B, H, W, C) as a .npy
   --steps       ODE steps (default 50)
-  --method      heun (default) or euler
+  --method      heun (default), euler, or ddim, dpm2m, dpm3m, unipc2, unipc3
+  --schedule    the exponential methods' grid: linear (default), cosine or lambda
   --cfg         guidance scale (default 1.0: no guidance)
   --interval    guidance interval (default 0 1)
   --seed        z0 = torch.randn((B, C, H, W), generator=torch.Generator().manual_seed(SEED)),
@@ -104,6 +108,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--out") args.out = value();
     else if (flag == "--steps") args.options.steps = number<int64_t>(flag, value());
     else if (flag == "--method") args.options.method = value();
+    else if (flag == "--schedule") args.options.schedule = value();
     else if (flag == "--cfg") args.options.cfg = number<double>(flag, value());
     else if (flag == "--interval") {
       args.options.lo = number<double>(flag, value());

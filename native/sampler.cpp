@@ -1,5 +1,7 @@
 #include "sampler.h"
 
+#include "grids.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/InferenceMode.h>
 
@@ -38,8 +40,12 @@ void check_sampling_args(const PackageSettings& s, const at::Tensor& labels,
          std::to_string(s.num_classes) + ", the null class) for this package, got [" +
          std::to_string(low) + ", " + std::to_string(high) + "]");
   if (o.steps < 1) fail("steps must be >= 1, got " + std::to_string(o.steps));
-  if (o.method != "heun" && o.method != "euler")
-    fail("method must be heun or euler, got '" + o.method + "'");
+  if (o.method != "heun" && o.method != "euler" && !is_multistep(o.method))
+    fail("method must be one of heun, euler, ddim, dpm2m, dpm3m, unipc2, unipc3, got '" +
+         o.method + "'");
+  if (!is_multistep(o.method) && o.schedule != "linear")
+    fail(o.method + " runs the official linear grid; the '" + o.schedule + "' schedule is for "
+         "the exponential methods (ddim, dpm2m, dpm3m, unipc2, unipc3)");
   if (o.cfg < 0) fail("cfg must be >= 0, got " + std::to_string(o.cfg));
   if (!(0.0 <= o.lo && o.lo <= o.hi && o.hi <= 1.0))
     fail("the interval must satisfy 0 <= lo <= hi <= 1, got (" + std::to_string(o.lo) + ", " +
@@ -138,13 +144,9 @@ at::Tensor Sampler::generate_batch(const at::Tensor& labels, const at::Tensor& z
                                    const SamplerOptions& o) {
   const auto y = labels.to(device_);
   auto z = settings_.noise_scale * z0.to(device_, at::kFloat);
+  if (is_multistep(o.method)) return integrate_multistep(y, z, o).cpu();
   const auto timesteps = at::linspace(0.0, 1.0, o.steps + 1, at::kFloat);
-  // guidance_weights: the float32 grid against the interval, compared as torch compares
-  auto inside = timesteps < o.hi;
-  if (o.lo != 0) inside = inside & (timesteps > o.lo);
-  const auto weights = at::where(inside, at::scalar_tensor(o.cfg, at::kFloat),
-                                 at::scalar_tensor(1.0, at::kFloat)).to(at::kDouble);
-  const auto w = weights.accessor<double, 1>();
+  const auto w = guidance_weights(timesteps, o.cfg, o.lo, o.hi);
   const auto times = timesteps.to(at::kDouble);
   const auto t = times.accessor<double, 1>();
   for (int64_t i = 0; i < o.steps; ++i) {
@@ -158,6 +160,32 @@ at::Tensor Sampler::generate_batch(const at::Tensor& labels, const at::Tensor& z
     z = z_next;
   }
   return z.cpu();
+}
+
+// jitfast.sampling.multistep.integrate_multistep: x̂ = z + c·v at each step's start, the
+// previous step redone with it when corrected, then the predictor's step.
+at::Tensor Sampler::integrate_multistep(const at::Tensor& y, at::Tensor z,
+                                        const SamplerOptions& o) {
+  const auto grid = multistep_grid(o.method, o.schedule, o.steps, o.cfg, o.lo, o.hi,
+                                   settings_.t_eps);
+  auto combine = [](const std::vector<double>& coef, const at::Tensor& state,
+                    const std::vector<at::Tensor>& predictions) {
+    auto out = coef[0] * state;
+    for (size_t i = 1; i < coef.size(); ++i) out = out + coef[i] * predictions[i - 1];
+    return out;
+  };
+  std::vector<at::Tensor> history;  // x̂ newest first
+  at::Tensor start = z;
+  for (size_t n = 0; n < grid.size(); ++n) {
+    const auto& step = grid[n];
+    const auto x = z + step.c * velocity(z, y, step.t, step.w);
+    history.insert(history.begin(), x);
+    if (n > 0 && !grid[n - 1].corr.empty()) z = combine(grid[n - 1].corr, start, history);
+    if (history.size() > 4) history.pop_back();
+    start = z;
+    z = combine(step.pred, z, history);
+  }
+  return z;
 }
 
 // network_velocity: one conditional pass, or (where w != 1) cond and uncond as one batch.

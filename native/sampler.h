@@ -27,7 +27,9 @@ PackageSettings read_package_settings(const std::string& path);
 
 struct SamplerOptions {
   int64_t steps = 50;
-  std::string method = "heun";  // Heun with a last Euler step, or "euler"
+  std::string method = "heun";  // Heun with a last Euler step, "euler", or an exponential
+                                // method: ddim, dpm2m, dpm3m, unipc2, unipc3
+  std::string schedule = "linear";  // the exponential methods' grid: linear, cosine or lambda
   double cfg = 1.0;
   double lo = 0.0, hi = 1.0;  // guidance where t < hi and (lo == 0 or t > lo)
 };
@@ -47,6 +49,7 @@ class Sampler {
  private:
   at::Tensor generate_batch(const at::Tensor& labels, const at::Tensor& z0,
                             const SamplerOptions& options);
+  at::Tensor integrate_multistep(const at::Tensor& y, at::Tensor z, const SamplerOptions& options);
   at::Tensor velocity(const at::Tensor& z, const at::Tensor& y, double t, double w);
   at::Tensor to_velocity(const at::Tensor& out, const at::Tensor& z, const at::Tensor& t) const;
 

@@ -11,8 +11,8 @@ from torch.utils._pytree import tree_leaves
 
 from jitfast import Denoiser, JiT
 from jitfast.model import timestep_embedding
-from jitfast import sampling
-from jitfast.sampling import Grid, integrate
+from jitfast.sampling import evaluation
+from jitfast.sampling import METHODS, integrate, make_grid
 
 META = torch.device("meta")
 
@@ -75,17 +75,20 @@ def test_training_forward_and_backward_stay_on_the_device(backend):
     assert all(p.grad is not None for p in denoiser.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("method", ["heun", "euler"])
+@pytest.mark.parametrize("method, reverse", [(m, False) for m in METHODS]
+                         + [("heun", True), ("unipc3", True)])
 @pytest.mark.parametrize("precompute", [True, False])
-def test_sampler_trajectory_stays_on_the_device(backend, method, precompute, monkeypatch):
+def test_sampler_trajectory_stays_on_the_device(backend, method, precompute, reverse,
+                                                monkeypatch):
     """The whole trajectory as CapturedTrajectory captures it (guided evaluations inside the
-    interval, unguided ones outside), with the conditioning precomputed for the run or not."""
+    interval, unguided ones outside), with the conditioning precomputed for the run or not,
+    sampling or inverting (reverse)."""
     if not precompute:
-        monkeypatch.setattr(sampling, "CONDITIONING_BUDGET", 0)
+        monkeypatch.setattr(evaluation, "CONDITIONING_BUDGET", 0)
     denoiser = meta_denoiser(backend).eval()
     z = torch.empty(2, 3, 16, 16, device=META)
     y = torch.zeros(2, dtype=torch.long, device=META)
-    grid = Grid.make(4, 2.5, (0.3, 0.8), META)
+    grid = make_grid(denoiser, 4, method, 2.5, (0.3, 0.8), "linear", META, reverse)
     assert any(grid.guided) and not all(grid.guided)
     with NoHostTensors():
         state = integrate(denoiser, y, z, grid, method)

@@ -16,13 +16,17 @@ def denoiser(dtype, backend="auto"):
     return Denoiser(net.to(dtype))
 
 
+METHODS = [("heun", "linear"), ("unipc2", "lambda"), ("dpm3m", "linear")]
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_graph_replay_equals_eager(dtype, tolerance, batch):
+@pytest.mark.parametrize("method, schedule", METHODS)
+def test_graph_replay_equals_eager(dtype, tolerance, batch, method, schedule):
     d = denoiser(dtype)
     y = torch.arange(batch, device="cuda") % 10
     z0 = torch.randn(batch, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    kwargs = dict(steps=6, cfg=2.5, interval=(0.1, 1.0), z0=z0)
+    kwargs = dict(steps=6, method=method, cfg=2.5, interval=(0.1, 1.0), z0=z0, schedule=schedule)
     eager = d.generate(y, cuda_graphs=False, **kwargs)
     graphed = d.generate(y, cuda_graphs=True, **kwargs)
     again = d.generate(y, cuda_graphs=True, **kwargs)  # replays the cached graphs
@@ -32,12 +36,15 @@ def test_graph_replay_equals_eager(dtype, tolerance, batch):
     assert len(d.graph_cache) == 1  # the whole trajectory, captured once
 
 
-def test_fused_graphed_sampler_equals_torch_backend():
-    """Velocity, guidance and Euler/Heun update in the head's epilogue (backend "auto" is the
-    kernels here), replayed from CUDA graphs, against the unfused torch backend in float32."""
+@pytest.mark.parametrize("method, schedule", METHODS)
+def test_fused_graphed_sampler_equals_torch_backend(method, schedule):
+    """Velocity, guidance and Euler/Heun update (or the x-prediction of the exponential
+    methods) in the head's epilogue (backend "auto" is the kernels here), replayed from CUDA
+    graphs, against the unfused torch backend in float32."""
     y = torch.arange(3, device="cuda")
     z0 = torch.randn(3, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    kwargs = dict(steps=4, cfg=2.5, interval=(0.1, 0.9), z0=z0)
+    kwargs = dict(steps=4, method=method, cfg=2.5, interval=(0.1, 0.9), z0=z0,
+                  schedule=schedule)
     fused = denoiser(torch.float32).generate(y, cuda_graphs=True, **kwargs)
     want = denoiser(torch.float32, "torch").generate(y, cuda_graphs=False, **kwargs)
     assert ((fused - want).norm() / want.norm()).item() < 1e-5

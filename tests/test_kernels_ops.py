@@ -15,7 +15,7 @@ from jitfast import ops as ref  # noqa: E402
 from jitfast.diffusion import convert  # noqa: E402
 from jitfast.kernels import _common  # noqa: E402
 from jitfast.positions import rope_2d  # noqa: E402
-from jitfast.sampling import ode_update  # noqa: E402
+from jitfast.ode import ode_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")

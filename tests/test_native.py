@@ -85,27 +85,37 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-CASES = {  # labels, steps, method, cfg, interval
-    "heun, cfg on (0.3, 0.7), batch 3": ([0, 4, 2], 10, "heun", 2.5, (0.3, 0.7)),
-    "heun, 12 steps, cfg on [0, 0.7), batch 1": ([3], 12, "heun", 3.0, (0.0, 0.7)),
+CASES = {  # labels, steps, method, cfg, interval, schedule
+    "heun, cfg on (0.3, 0.7), batch 3": ([0, 4, 2], 10, "heun", 2.5, (0.3, 0.7), "linear"),
+    "heun, 12 steps, cfg on [0, 0.7), batch 1": ([3], 12, "heun", 3.0, (0.0, 0.7), "linear"),
     "euler, no guidance, batch 5 (chunks of 4 + 1)": ([1, 0, 4, 3, 5], 6, "euler", 1.0,
-                                                       (0.0, 1.0)),
+                                                       (0.0, 1.0), "linear"),
+    # the exponential methods: 0.3 and 0.7 moved onto the grid, steps past 1 - t_eps
+    "ddim, no guidance, batch 5": ([1, 0, 4, 3, 5], 6, "ddim", 1.0, (0.0, 1.0), "linear"),
+    "dpm2m lambda, cfg on (0.2, 0.9), batch 4": ([0, 1, 2, 3], 7, "dpm2m", 2.0, (0.2, 0.9),
+                                                 "lambda"),
+    "dpm3m lambda, 12 steps, cfg on [0, 0.7)": ([3], 12, "dpm3m", 3.0, (0.0, 0.7), "lambda"),
+    "unipc2 cosine, cfg on (0.3, 0.7), batch 3": ([0, 4, 2], 10, "unipc2", 2.5, (0.3, 0.7),
+                                                  "cosine"),
+    "unipc3 lambda, cfg on (0.1, 1], batch 2": ([2, 1], 9, "unipc3", 3.0, (0.1, 1.0), "lambda"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("pred", ["x", "e"])
 def test_images_equal_python(native, tmp_path, case, pred):
-    labels, steps, method, cfg, interval = CASES[case]
+    labels, steps, method, cfg, interval, schedule = CASES[case]
     z0 = torch.randn(len(labels), *SHAPE, generator=torch.Generator().manual_seed(len(labels)))
     np.save(tmp_path / "z0.npy", z0.numpy())
     done = run(native, "--labels", ",".join(map(str, labels)), "--steps", steps, "--method",
-               method, "--cfg", cfg, "--interval", *interval, "--z0", tmp_path / "z0.npy",
+               method, "--schedule", schedule, "--cfg", cfg, "--interval", *interval, "--z0",
+               tmp_path / "z0.npy",
                "--out", tmp_path / "out.npy", "--raw", tmp_path / "raw.npy", "--png-dir",
                tmp_path / "png", package=native.package if pred == "x" else native.package_e)
     assert done.returncode == 0, done.stderr
     denoiser = Denoiser(native.net, pred=pred, noise_scale=NOISE_SCALE, t_eps=T_EPS)
-    expected = denoiser.generate(torch.tensor(labels), steps, method, cfg, interval, z0=z0)
+    expected = denoiser.generate(torch.tensor(labels), steps, method, cfg, interval, z0=z0,
+                                 schedule=schedule)
     raw = torch.from_numpy(np.load(tmp_path / "raw.npy"))
     error = relative_error(raw, expected)
     print(f"\npred {pred}, {case}: relative error {error:.2e}")
@@ -188,7 +198,13 @@ BAD = {  # name: (arguments added to a good command, made from (native, tmp_path
     "z0 not npy": (lambda n, d: ["--z0", n.package], "not a .npy file"),
     "seed and z0": (lambda n, d: ["--seed", 1, "--z0", d / "z.npy"], "--seed or --z0, not both"),
     "steps": (lambda n, d: ["--steps", 0], "steps must be >= 1, got 0"),
-    "method": (lambda n, d: ["--method", "rk4"], "method must be heun or euler"),
+    "method": (lambda n, d: ["--method", "rk4"], "method must be one of heun, euler, ddim"),
+    "schedule": (lambda n, d: ["--method", "ddim", "--schedule", "quantile"],
+                 "quantile needs the training distribution of t"),
+    "heun schedule": (lambda n, d: ["--schedule", "lambda"], "heun runs the official linear grid"),
+    "order": (lambda n, d: ["--method", "dpm3m"], "dpm3m is a 3-step method"),
+    "interval ends": (lambda n, d: ["--method", "ddim", "--cfg", 2, "--interval", 0.3, 0.4],
+                      "2 steps are too few to put a grid point on both ends"),
     "interval": (lambda n, d: ["--interval", 0.7, 0.3], "0 <= lo <= hi <= 1"),
     "number": (lambda n, d: ["--cfg", "strong"], "--cfg expects a number, got 'strong'"),
     "unknown option": (lambda n, d: ["--guidance", 2], "unknown option '--guidance'"),

@@ -54,6 +54,17 @@ def test_npz_layout_and_images_equal_the_api(ckpt, tmp_path):
     assert np.array_equal(data["arr_0"], to_uint8(expected))
 
 
+def test_method_and_schedule_reach_the_api(ckpt, tmp_path):
+    data = sample(ckpt, tmp_path / "a", "--classes", "2,5", "--method", "unipc2", "--schedule",
+                  "lambda")
+    z0 = sample_cli.initial_noise(range(2), (3, 32, 32), seed=0)
+    expected = Denoiser(lively_net()).generate(torch.tensor([2, 5]), 3, "unipc2", 2.0,
+                                               (0.0, 1.0), z0=z0, schedule="lambda")
+    assert np.array_equal(data["arr_0"], to_uint8(expected))
+    heun = sample(ckpt, tmp_path / "b", "--classes", "2,5")["arr_0"]
+    assert not np.array_equal(data["arr_0"], heun)
+
+
 def test_same_seed_same_images(ckpt, tmp_path):
     a = sample(ckpt, tmp_path / "a", "--classes", "3", "--num-per-class", "2")["arr_0"]
     b = sample(ckpt, tmp_path / "b", "--classes", "3", "--num-per-class", "2")["arr_0"]
@@ -102,6 +113,7 @@ def test_other_settings_do_not_resume(ckpt, tmp_path):
     (["--steps", "0"], "steps must be an integer >= 1"),
     (["--cfg", "-1"], "cfg must be >= 0"),
     (["--interval", "0.2", "1.5"], "interval must satisfy"),
+    (["--schedule", "lambda"], "heun runs the official linear grid"),
     (["--model", "JiT-B/16"], "not a JiT-B/16: .*depth 4 \\(preset: 12\\)"),
     (["--fid"], "--fid needs --fid-stats"),
     (["--fid", "--fid-stats", "/nonexistent/stats.npz"], "do not exist"),

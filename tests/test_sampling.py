@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from jitfast import Denoiser, JiT
-from jitfast import sampling
+from jitfast.sampling import evaluation
 from jitfast.sampling import guidance_weights
 
 OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
@@ -94,7 +94,7 @@ def test_batched_guidance_equals_separate_passes_and_skips_uncond(precompute, mo
     """Also: the run's conditioning computed once (rows sliced per evaluation) or per
     evaluation by the network (large batches) give the official loop's images."""
     if not precompute:
-        monkeypatch.setattr(sampling, "CONDITIONING_BUDGET", 0)
+        monkeypatch.setattr(evaluation, "CONDITIONING_BUDGET", 0)
     net = official_net()
     calls = []
     net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))

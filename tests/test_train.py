@@ -16,7 +16,7 @@ from jitfast.progress import read_metrics
 from test_data import write_folder
 
 TINY = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
-        "--sample-steps", "1", "--samples-per-class", "2", "--grid-classes", "3",
+        "--sample-steps", "2", "--samples-per-class", "2", "--grid-classes", "3",
         "--warmup-steps", "2", "--device", "cpu", "--cpu-threads", "1"]
 
 

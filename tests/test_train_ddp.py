@@ -9,7 +9,7 @@ from jitfast import read_checkpoint, train
 from jitfast.progress import read_metrics
 
 ARGS = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--steps", "3",
-        "--log-every", "1", "--warmup-steps", "1", "--sample-steps", "1",
+        "--log-every", "1", "--warmup-steps", "1", "--sample-steps", "2",
         "--samples-per-class", "1", "--grid-classes", "2", "--device", "cpu", "--cpu-threads", "1"]
 
 

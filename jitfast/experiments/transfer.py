@@ -166,9 +166,12 @@ def sample_figure(samples, real, config, columns=4):
 def loss_figure(losses, config, path):
     """Mean loss over seeds (moving average of 20 steps) against total training steps: the
     fine-tuned child is drawn after its parent's P steps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit(f"the loss figure needs matplotlib (pip install 'jitfast[plot]'): {err}")
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, curves in losses.items():
         curve = np.mean(curves, axis=0)

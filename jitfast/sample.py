@@ -105,6 +105,7 @@ def prepare_out(out, settings):
     if os.path.exists(manifest):
         with open(manifest) as f:
             previous = json.load(f)
+        previous.setdefault("schedule", "linear")  # manifests from before schedules existed
         changed = [k for k in RUN_SETTINGS if previous.get(k) != settings[k]]
         if changed:
             raise SampleError(f"{out!r} holds a run with other settings ({', '.join(changed)}); "

@@ -1,4 +1,5 @@
 """python -m jitfast.sample: outputs, the ADM npz layout, exact resume, bad input."""
+import json
 import sys
 import types
 import urllib.error
@@ -105,6 +106,20 @@ def test_other_settings_do_not_resume(ckpt, tmp_path):
     with pytest.raises(SystemExit, match=r"other settings \(cfg\)"):
         sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path), "--classes", "1",
                          "--steps", "3", "--cfg", "3.0", "--interval", "0.0", "1.0"])
+
+
+def test_a_run_from_before_schedules_resumes(ckpt, tmp_path):
+    """A run.json written before --schedule existed resumes with the linear grid it used."""
+    first = sample(ckpt, tmp_path, "--classes", "1")
+    manifest = tmp_path / "run.json"
+    settings = json.loads(manifest.read_text())
+    del settings["schedule"]
+    manifest.write_text(json.dumps(settings))
+    again = sample(ckpt, tmp_path, "--classes", "1")
+    assert np.array_equal(first["arr_0"], again["arr_0"])
+    with pytest.raises(SystemExit, match=r"other settings \(schedule\)"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path), "--classes", "1", *FAST,
+                         "--schedule", "cosine"])
 
 
 @pytest.mark.parametrize("extra, message", [

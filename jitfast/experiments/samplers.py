@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from jitfast.checkpoint import model_from_checkpoint, read_checkpoint
+from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 from jitfast.diffusion import Denoiser
+from jitfast.experiments import pyplot
 from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
-from jitfast.sample import training_setting
 from jitfast.shapes import ShapesDataset
 
 GUIDED, UNGUIDED = (3.0, (0.1, 1.0)), (1.0, (0.0, 1.0))  # (cfg, interval)
@@ -213,12 +213,7 @@ def markdown(results):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise SystemExit(f"the plot needs matplotlib (pip install 'jitfast[plot]'): {err}")
+    plt = pyplot("the plot")
     names = [name for name in ERROR_TABLES if results.get(name)]
     figure, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.4), squeeze=False)
     for ax, name in zip(axes[0], names):

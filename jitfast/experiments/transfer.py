@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from jitfast.checkpoint import atomic_save
 from jitfast.diffusion import Denoiser
 from jitfast.ema import EMA
+from jitfast.experiments import pyplot
 from jitfast.experiments.classifier import (ShapesClassifier, frechet_distance, judge,
                                             train_classifier)
 from jitfast.images import image_grid, save_png, to_uint8
@@ -166,12 +167,7 @@ def sample_figure(samples, real, config, columns=4):
 def loss_figure(losses, config, path):
     """Mean loss over seeds (moving average of 20 steps) against total training steps: the
     fine-tuned child is drawn after its parent's P steps."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise SystemExit(f"the loss figure needs matplotlib (pip install 'jitfast[plot]'): {err}")
+    plt = pyplot("the loss figure")
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm, curves in losses.items():
         curve = np.mean(curves, axis=0)

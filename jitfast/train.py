@@ -30,7 +30,7 @@ from jitfast.markers import phase
 from jitfast.presets import JiT_models
 from jitfast.progress import MetricsLog, Progress
 from jitfast.runfolder import RunFolderError, TrainingFolder, command_line
-from jitfast.sampling import METHODS, SCHEDULES
+from jitfast.sampling import METHODS, SCHEDULES, check_settings
 from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
                           train_step)
 from jitfast.transfer import TransferError, transferred_run
@@ -133,6 +133,11 @@ def parse_args(argv=None):
         args.ema_decays = [0.99, 0.98] if small else [0.9999, 0.9996]
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
         p.error("--steps, --batch-size and --log-every must be positive")
+    try:  # the grid is drawn after training: its settings are checked before
+        check_settings(args.sample_steps, args.sample_method, args.sample_cfg, (0.0, 1.0),
+                       args.sample_schedule)
+    except ValueError as err:
+        p.error(f"the sample grid's settings: {err}")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run, --resume continues one: give one of them (a run "
                 "started with --init-from resumes with --resume alone)")

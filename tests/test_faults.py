@@ -34,7 +34,7 @@ SEED = int(os.environ.get("JITFAST_FAULT_SEED", 18))  # of the moments of the ki
 STEPS = 6 * ROUNDS + 6  # a round moves the killed run on by 2 checkpoints
 TRAIN = ["--model", "JiT-T/tiny", "--image-size", "16", "--batch-size", "4",
          "--steps", str(STEPS),
-         "--ckpt-every", "3", "--log-every", "1", "--warmup-steps", "2", "--sample-steps", "1",
+         "--ckpt-every", "3", "--log-every", "1", "--warmup-steps", "2", "--sample-steps", "2",
          "--samples-per-class", "1", "--grid-classes", "2", "--device", "cpu", "--cpu-threads",
          "1", "--num-workers", "0"]
 # a round's 3 kills move a run on by at most 12 images: 6 images (3 batches, > 100 ms) are left

@@ -148,6 +148,17 @@ def test_cli_turns_errors_into_one_line(tmp_path, monkeypatch):
         train.cli()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sample-steps", "1"], "unipc2 is a 2-step method: it needs steps >= 2"),
+    (["--sample-method", "heun", "--sample-schedule", "cosine"],
+     "heun runs the official linear grid"),
+    (["--sample-cfg", "-1"], "cfg must be >= 0")])
+def test_the_sample_grid_settings_are_refused_before_training(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert f"the sample grid's settings: {message}" in capsys.readouterr().err
+
+
 def test_bad_inputs_say_what_is_wrong(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         run(tmp_path, "a", "--data-path", str(tmp_path / "missing"), "--steps", "1")

@@ -24,6 +24,15 @@ def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0,
         raise ValueError(f"class labels must lie in [0, {denoiser.num_classes - 1}] (or "
                          f"{denoiser.num_classes}, the null class), got "
                          f"[{y.min().item()}, {y.max().item()}]")
+    check_settings(steps, method, cfg, interval, schedule)
+    net = denoiser.net
+    shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)
+    if z0 is not None and tuple(z0.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(z0.shape)}")
+
+
+def check_settings(steps, method, cfg, interval, schedule):
+    """The sampler settings alone (no model needed): a command line checks them up front."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if method not in METHODS:
@@ -41,10 +50,6 @@ def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0,
     lo, hi = interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
-    net = denoiser.net
-    shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)
-    if z0 is not None and tuple(z0.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(z0.shape)}")
 
 
 def make_grid(denoiser, steps, method, cfg, interval, schedule, device, reverse=False):

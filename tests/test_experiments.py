@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from jitfast.experiments import targets, toy, transfer
+from jitfast import JiT
+from jitfast.diffusion import Denoiser
+from jitfast.experiments import classifier, samplers, targets, toy, transfer
 from jitfast.experiments.classifier import (frechet_distance, judge, scramble_colours,
                                             train_classifier)
 from jitfast.shapes import ShapesDataset
@@ -42,11 +44,15 @@ def test_toy_at_D512_only_x_prediction_stays_on_the_manifold():
 
 
 def test_toy_run_writes_the_figure_and_metrics(tmp_path):
-    report = toy.run([2, 8], steps=20, out=str(tmp_path))
+    report = toy.run([2, 8], steps=20, out=str(tmp_path), seeds=(0, 1))
     saved = json.loads((tmp_path / "toy.json").read_text())
     assert saved["results"] == report["results"]
     assert set(saved["results"]) == {f"D={d}/{p}-pred" for d in (2, 8) for p in "xev"}
-    assert saved["results"]["D=2/x-pred"]["off_manifold"] == 0.0  # P is square at D = 2
+    x2 = saved["results"]["D=2/x-pred"]
+    assert x2["off_manifold"] == {"mean": 0.0, "std": 0.0}  # P is square at D = 2
+    near = saved["per_seed"]["D=8/x-pred"]["near_spiral"]
+    assert len(near) == 2 and x2["near_spiral"]["std"] > 0  # two seeds, two different runs
+    assert "| 8 | " in (tmp_path / "table.md").read_text()
     assert (tmp_path / "toy.png").stat().st_size > 0
 
 
@@ -67,17 +73,27 @@ def test_classifier_separates_the_builtin_classes():
 
 
 def test_targets_pipeline_writes_table_json_and_one_grid_per_cell(tmp_path):
-    config = dict(steps=4, batch=4, samples_per_class=1, sample_steps=2, classifier_steps=4)
+    config = dict(steps=4, batch=4, samples_per_class=1, sample_steps=2, classifier_steps=4,
+                  colour_blind_steps=4, seeds=(0, 1))
+    targets.run(config, str(tmp_path), settings=("control",), part="seeds", seeds=[1])
+    assert (tmp_path / "control-seed1.pt").exists()  # as a parallel process would leave it
+    assert not list(tmp_path.glob("*.png"))  # the grids are the first seed's
     results = targets.run(config, str(tmp_path), settings=("control",))
     cells = {f"{p}-pred/v-loss" for p in "xev"}
-    assert set(results["control"]) == cells | {"real data"}
-    assert all(0.0 <= c["accuracy"] <= 1.0 and c["frechet"] >= 0
-               for c in results["control"].values())
+    assert set(results["control"]) == {"colour", "colour-blind"}
+    for by_cell in results["control"].values():
+        assert set(by_cell) == cells | {"real data"}
+        for cell in cells:
+            assert 0.0 <= by_cell[cell]["accuracy"]["mean"] <= 1.0
+            assert by_cell[cell]["frechet"]["std"] > 0  # two seeds, different samples
     for pred in "xev":
         assert (tmp_path / f"control-{pred}-pred-v-loss.png").stat().st_size > 0
     table = (tmp_path / "table.md").read_text()
     assert "| x-pred | - | - | " in table  # the control has only the v-loss column
-    assert json.loads((tmp_path / "targets.json").read_text())["results"] == results
+    assert "**control**, colour-blind judge" in table and " ± " in table
+    saved = json.loads((tmp_path / "targets.json").read_text())
+    assert saved["results"] == results
+    assert len(saved["scores"]["control"]["colour"]["x-pred/v-loss"]["accuracy"]) == 2
 
 
 def test_scramble_colours_permutes_and_negates_each_image_on_its_own():
@@ -125,3 +141,22 @@ def test_transfer_experiment_writes_table_json_and_figures(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 0
     with pytest.raises(ValueError, match="holds a run with another config"):
         transfer.run(dict(config, lr=1.0), str(tmp_path))
+
+
+def test_samplers_judge_table_scores_with_both_judges(tmp_path, monkeypatch):
+    monkeypatch.setattr(classifier, "JUDGE_STEPS", {"colour": 4, "colour-blind": 4})
+    monkeypatch.setattr(samplers, "JUDGE_HEUN_STEPS", (2,))
+    monkeypatch.setattr(samplers, "JUDGE_EVALUATIONS", (3,))
+    torch.manual_seed(0)
+    denoiser = Denoiser(JiT(input_size=8, patch_size=4, hidden_size=24, depth=1, num_heads=2,
+                            bottleneck_dim=8, num_classes=10, in_context_len=0,
+                            backend="torch"))
+    results = samplers.Results(str(tmp_path / "results.json"))
+    samplers.judge_table(denoiser, results, 10, ("unipc2", "cosine"), str(tmp_path / "j"))
+    rows = json.loads((tmp_path / "results.json").read_text())["judges"]
+    assert set(rows) == {"real data", "heun/linear/3", "unipc2/cosine/3"}
+    assert all(len(row) == 5 for row in rows.values())  # 2 judges x (accuracy, Fréchet), s
+    assert len(list((tmp_path / "j").glob("judge-*.pt"))) == 2
+    table = samplers.markdown(results.data)
+    assert "| colour-blind accuracy | colour-blind Fréchet |" in table
+    assert "| unipc2/cosine | 3 | " in table

@@ -10,10 +10,16 @@ scores images as they are, as the colour judge does: the unscrambled image is on
 variants it was trained on. (Channel magnitudes up to order survive the scrambling: it is blind
 to hue, not to brightness or saturation.)
 """
+import os
+
 import torch
 import torch.nn as nn
 
+from jitfast.checkpoint import atomic_save
 from jitfast.shapes import ShapesDataset
+
+# The two judges and their training steps: the colour-blind one needs more to learn shapes.
+JUDGE_STEPS = {"colour": 300, "colour-blind": 800}
 
 
 class ShapesClassifier(nn.Module):
@@ -79,3 +85,44 @@ def frechet_distance(a, b):
     root_a = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
     cross = torch.linalg.eigvalsh(root_a @ s_b @ root_a).clamp_min(0).sqrt().sum()
     return ((mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * cross).item()
+
+
+class Judge:
+    """A trained classifier with its reference: its accuracy on `count` held-out real images and
+    the Fréchet distance between two such sets (the floor of a distance at that sample size)."""
+
+    def __init__(self, classifier, size, count, seed):
+        self.classifier = classifier.eval()
+        real, labels = ShapesDataset(size, count, seed=seed + 1).batch(range(count))
+        more_real, _ = ShapesDataset(size, count, seed=seed + 2).batch(range(count))
+        self.real_accuracy, self.real_features = judge(self.classifier, real, labels)
+        self.floor = frechet_distance(judge(self.classifier, more_real, labels)[1],
+                                      self.real_features)
+
+    def score(self, images, labels):
+        """{"accuracy", "frechet"} of images (B, 3, H, W) in [-1, 1] of classes labels (B,)."""
+        accuracy, features = judge(self.classifier, images, labels)
+        return {"accuracy": accuracy, "frechet": frechet_distance(features, self.real_features)}
+
+    def reference(self):
+        return {"accuracy": self.real_accuracy, "frechet": self.floor}
+
+
+def trained_judges(size, count, seed=1, steps=None, cache=None):
+    """{"colour": Judge, "colour-blind": Judge} at `size` px, classifiers trained with `seed`
+    (steps: {name: steps}, default JUDGE_STEPS) and referenced on `count` real images of seeds
+    seed + 1 and seed + 2. With `cache` (a folder) each trained classifier is kept there and
+    read back by a later call with the same size, steps and seed."""
+    judges = {}
+    for name, n in (steps or JUDGE_STEPS).items():
+        path = cache and os.path.join(cache, f"judge-{name}-{size}px-{n}steps-seed{seed}.pt")
+        classifier = ShapesClassifier()
+        if path and os.path.exists(path):
+            classifier.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            classifier = train_classifier(size, n, seed=seed, colour_blind=name != "colour")
+            if path:
+                os.makedirs(cache, exist_ok=True)
+                atomic_save(classifier.state_dict(), path)
+        judges[name] = Judge(classifier, size, count, seed)
+    return judges

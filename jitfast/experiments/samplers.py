@@ -1,7 +1,8 @@
 """The samplers measured (docs/samplers.md): on Gaussian data against the exact answer (the
 clamped ODE with the optimal denoiser, ``gaussian``); on a trained JiT, the error of the final
 images against a 400-step Heun reference at 5 to 100 network evaluations, guided and unguided,
-and the CNN judge (class accuracy, Fréchet distance; ``classifier``) by evaluations.
+and both CNN judges, colour and colour-blind (class accuracy, Fréchet distance; ``classifier``),
+by evaluations.
 
     python -m jitfast.experiments.samplers --ckpt runs/jitfast/checkpoint-00000600.pt \
         --out runs/samplers [--part gaussian errors judge inversion grid plot] [--images 10] \
@@ -21,9 +22,8 @@ import torch
 from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 from jitfast.diffusion import Denoiser
 from jitfast.experiments import pyplot
-from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
+from jitfast.experiments.classifier import trained_judges
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
-from jitfast.shapes import ShapesDataset
 
 GUIDED, UNGUIDED = (3.0, (0.1, 1.0)), (1.0, (0.0, 1.0))  # (cfg, interval)
 REFERENCE_STEPS = 400  # Heun
@@ -123,16 +123,14 @@ def gaussian_tables(results):
                         f"{method}/{schedule}/{evaluations(method, steps)}", measure)
 
 
-def judge_table(denoiser, results, images, fast):
-    """Class accuracy and Fréchet distance (vs held-out real images) of unguided samples, by
-    method and evaluations; the real-data floor."""
+def judge_table(denoiser, results, images, fast, cache):
+    """Class accuracy and Fréchet distance (vs held-out real images) of unguided samples by
+    both judges (colour, colour-blind), by method and evaluations; the real-data floor."""
     size = denoiser.net.input_size
-    classifier = train_classifier(size, seed=1)
-    held_out, labels = ShapesDataset(size, images, seed=2).batch(range(images))
-    real_accuracy, real_features = judge(classifier, held_out, labels)
-    more_real, _ = ShapesDataset(size, images, seed=3).batch(range(images))
-    floor = frechet_distance(judge(classifier, more_real, labels)[1], real_features)
-    results.get("judge", "real data", lambda: [real_accuracy, floor, 0.0])
+    judges = trained_judges(size, images, seed=1, cache=cache)
+    labels = torch.arange(images) % denoiser.num_classes
+    results.get("judges", "real data", lambda: [
+        value for j in judges.values() for value in j.reference().values()] + [0.0])
     z0 = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(1))
     runs = [("heun", "linear", s) for s in JUDGE_HEUN_STEPS]
     runs += [(*fast, n) for n in JUDGE_EVALUATIONS]
@@ -140,9 +138,9 @@ def judge_table(denoiser, results, images, fast):
         def measure():
             samples, seconds = timed_generate(denoiser, labels, z0, method, steps, schedule,
                                               *UNGUIDED)
-            accuracy, features = judge(classifier, samples, labels)
-            return [accuracy, frechet_distance(features, real_features), seconds]
-        results.get("judge", f"{method}/{schedule}/{evaluations(method, steps)}", measure)
+            return [value for j in judges.values()
+                    for value in j.score(samples, labels).values()] + [seconds]
+        results.get("judges", f"{method}/{schedule}/{evaluations(method, steps)}", measure)
 
 
 def inversion_table(denoiser, results, images, fast):
@@ -190,15 +188,17 @@ def markdown(results):
             lines.append(f"| {row} | " + " | ".join(
                 "" if c is None else f"{c[0]:.2e}" for c in cells) + " |")
         lines.append("")
-    judged = results.get("judge", {})
+    judged = results.get("judges", {})
     if judged:
-        lines += ["| sampler | evaluations | accuracy | Fréchet | seconds |",
-                  "| --- | --- | --- | --- | --- |"]
-        for key, (accuracy, frechet, seconds) in judged.items():
+        lines += ["| sampler | evaluations | colour accuracy | colour Fréchet | colour-blind "
+                  "accuracy | colour-blind Fréchet | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for key, (*scores, seconds) in judged.items():
             sampler, evals = ("real data", "") if key == "real data" else (
                 "/".join(key.split("/")[:2]), key.split("/")[2])
-            lines.append(f"| {sampler} | {evals} | {accuracy:.3f} | {frechet:.2f} | "
-                         f"{seconds:.1f} |")
+            lines.append(f"| {sampler} | {evals} | " + " | ".join(
+                f"{v:.3f}" if i % 2 == 0 else f"{v:.1f}" for i, v in enumerate(scores))
+                + f" | {seconds:.1f} |")
     if results.get("inversion"):
         lines += ["", "| sampler | steps | evaluations each way | round-trip error |",
                   "| --- | --- | --- | --- |"]
@@ -261,7 +261,8 @@ def main(argv=None):
     if "errors" in args.part:
         error_tables(denoiser, results, args.out, args.images)
     if "judge" in args.part:
-        judge_table(denoiser, results, args.judge_images, tuple(args.fast))
+        judge_table(denoiser, results, args.judge_images, tuple(args.fast),
+                    os.path.join(args.out, "judges"))
     if "inversion" in args.part:
         inversion_table(denoiser, results, args.images, tuple(args.fast))
     if "grid" in args.part:

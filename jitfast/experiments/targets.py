@@ -6,11 +6,12 @@ Two settings, same network (4 blocks, hidden 64), 16 tokens each:
               size (as JiT-B/16 squeezes 768-d patches through 128), all 9 cells;
   control     16 px, patch 4: 48-d patch vectors, bottleneck 48, hidden 64 (nothing to squeeze,
               as JiT-B/4 at 64 px in the paper), the 3 prediction targets with the v-loss.
-Quality of class-conditional samples, judged by a small CNN trained on the same dataset
-(``jitfast.experiments.classifier``): its class accuracy on them, and the Fréchet distance in its
-feature space to held-out real images (an FID with that CNN, at this sample size).
+Quality of class-conditional samples, judged by a small CNN trained on the same dataset and by
+its colour-blind twin (``jitfast.experiments.classifier``): class accuracy on them, and the
+Fréchet distance in each judge's feature space to held-out real images (an FID with that CNN, at
+this sample size); mean ± std over 3 seeds (training data, initialisation and sampling noise).
 
-    python -m jitfast.experiments.targets [--quick] [--out runs/targets]
+    python -m jitfast.experiments.targets [--quick] [--out runs/targets] [--part seeds --seeds 1]
 """
 import argparse
 import json
@@ -22,7 +23,8 @@ import torch
 
 from jitfast.diffusion import SPACES, Denoiser
 from jitfast.ema import EMA
-from jitfast.experiments.classifier import frechet_distance, judge, train_classifier
+from jitfast.experiments import cached, mean_std
+from jitfast.experiments.classifier import trained_judges
 from jitfast.images import image_grid, save_png, to_uint8
 from jitfast.model import JiT
 from jitfast.shapes import ShapesDataset
@@ -35,8 +37,11 @@ SETTINGS = {  # name: (image size, patch size, bottleneck dim, cells as (pred, l
     "bottleneck": (32, 8, 16, [(p, l) for p in SPACES for l in SPACES]),
     "control": (16, 4, 48, [(p, "v") for p in SPACES]),
 }
-FULL = dict(steps=800, batch=32, samples_per_class=20, sample_steps=25, classifier_steps=300)
-QUICK = dict(steps=60, batch=16, samples_per_class=4, sample_steps=5, classifier_steps=100)
+JUDGES = ("colour", "colour-blind")
+FULL = dict(steps=800, batch=32, samples_per_class=20, sample_steps=25, classifier_steps=300,
+            colour_blind_steps=800, seeds=(0, 1, 2))
+QUICK = dict(steps=60, batch=16, samples_per_class=4, sample_steps=5, classifier_steps=100,
+             colour_blind_steps=100, seeds=(0,))
 
 
 def train_denoiser(size, patch, bottleneck, pred, loss, steps, batch, seed=0, lr=3e-3):
@@ -67,66 +72,97 @@ def sample(denoiser, ema, labels, steps, seed=0):
                                  generator=torch.Generator().manual_seed(seed))
 
 
-def run_setting(name, config, out, log):
-    """Train, sample and judge every cell of one setting; returns {cell: metrics}."""
+def run_seed(name, config, seed, out):
+    """{cell: its class-conditional samples} of one setting and seed; the grids of the first
+    seed are saved in `out`."""
     size, patch, bottleneck, cells = SETTINGS[name]
-    classifier = train_classifier(size, config["classifier_steps"], seed=1)
-    count = 10 * config["samples_per_class"]
-    held_out, held_labels = ShapesDataset(size, count, seed=2).batch(range(count))
-    real_accuracy, real_features = judge(classifier, held_out, held_labels)
-    more_real, _ = ShapesDataset(size, count, seed=3).batch(range(count))
-    floor = frechet_distance(judge(classifier, more_real, held_labels)[1], real_features)
-    results = {"real data": {"accuracy": real_accuracy, "frechet": floor}}
-    log(f"{name}: classifier accuracy on held-out real images {real_accuracy:.3f}, "
-        f"Fréchet distance real vs real {floor:.2f}")
     labels = torch.arange(10).repeat_interleave(config["samples_per_class"])
+    samples = {}
     for pred, loss in cells:
         denoiser, ema = train_denoiser(size, patch, bottleneck, pred, loss, config["steps"],
-                                       config["batch"])
-        images = sample(denoiser, ema, labels, config["sample_steps"])
-        accuracy, features = judge(classifier, images, labels)
-        cell = f"{pred}-pred/{loss}-loss"
-        results[cell] = {"accuracy": accuracy, "frechet": frechet_distance(features, real_features)}
-        grid = image_grid(to_uint8(images.clamp(-1, 1)), columns=config["samples_per_class"])
-        save_png(grid, os.path.join(out, f"{name}-{pred}-pred-{loss}-loss.png"))
-        log(f"{name} {cell}: accuracy {accuracy:.3f}, Fréchet {results[cell]['frechet']:.2f}")
-    return results
+                                       config["batch"], seed)
+        images = sample(denoiser, ema, labels, config["sample_steps"], seed)
+        samples[f"{pred}-pred/{loss}-loss"] = images
+        if seed == config["seeds"][0]:
+            grid = image_grid(to_uint8(images.clamp(-1, 1)), columns=config["samples_per_class"])
+            save_png(grid, os.path.join(out, f"{name}-{pred}-pred-{loss}-loss.png"))
+    return samples
+
+
+def setting_judges(name, config, out):
+    size = SETTINGS[name][0]
+    return trained_judges(size, 10 * config["samples_per_class"], seed=1, steps=dict(zip(
+        JUDGES, (config["classifier_steps"], config["colour_blind_steps"]))), cache=out)
 
 
 def markdown_table(results):
-    """One table per setting: rows are prediction targets, columns loss spaces, cells
-    'accuracy / Fréchet distance'; the real-data reference underneath."""
+    """Per setting and judge, a table: rows are prediction targets, columns loss spaces, cells
+    'accuracy / Fréchet distance', mean ± std over the seeds; the real-data reference below."""
     lines = []
-    for name, cells in results.items():
+    for name, by_judge in results.items():
         size, patch, bottleneck, _ = SETTINGS[name]
-        lines += [f"**{name}** ({size} px, patch {patch}: {3 * patch * patch}-d patch vectors, "
-                  f"bottleneck {bottleneck}, hidden {NETWORK['hidden_size']}) - class accuracy "
-                  f"(higher is better) / Fréchet distance (lower is better)", "",
-                  "| prediction | x-loss | e-loss | v-loss |", "| --- | --- | --- | --- |"]
-        for pred in SPACES:
-            row = [cells.get(f"{pred}-pred/{loss}-loss") for loss in SPACES]
-            lines.append(f"| {pred}-pred | " + " | ".join(
-                f"{c['accuracy']:.2f} / {c['frechet']:.1f}" if c else "-" for c in row) + " |")
-        real = cells["real data"]
-        lines += ["", f"Real held-out images: accuracy {real['accuracy']:.2f}, Fréchet distance "
-                      f"to other real images {real['frechet']:.1f}.", ""]
+        for j, cells in by_judge.items():
+            lines += [f"**{name}**, {j} judge ({size} px, patch {patch}: {3 * patch * patch}-d "
+                      f"patch vectors, bottleneck {bottleneck}, hidden {NETWORK['hidden_size']})"
+                      f" - class accuracy (higher is better) / Fréchet distance (lower is "
+                      f"better), mean ± std", "",
+                      "| prediction | x-loss | e-loss | v-loss |", "| --- | --- | --- | --- |"]
+            for pred in SPACES:
+                row = [cells.get(f"{pred}-pred/{loss}-loss") for loss in SPACES]
+                lines.append(f"| {pred}-pred | " + " | ".join(
+                    f"{c['accuracy']['mean']:.2f} ± {c['accuracy']['std']:.2f} / "
+                    f"{c['frechet']['mean']:.3g} ± {c['frechet']['std']:.2g}" if c else "-"
+                    for c in row) + " |")
+            real = cells["real data"]
+            lines += ["", f"Real held-out images: accuracy {real['accuracy']:.2f}, Fréchet "
+                          f"distance to other real images {real['frechet']:.1f}.", ""]
     return "\n".join(lines)
 
 
-def run(config, out, settings=tuple(SETTINGS)):
+def run(config, out, settings=tuple(SETTINGS), part="all", seeds=None):
+    """The experiment; part "judges" or "seeds" (those of `seeds`, default all) only trains
+    and saves that part in `out`, for processes run side by side; "all" uses what they saved."""
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
 
     def log(message):
         print(f"[{time.perf_counter() - start:5.0f}s] {message}", flush=True)
 
-    results = {name: run_setting(name, config, out, log) for name in settings}
+    def seed_run(name, seed):
+        samples = cached(os.path.join(out, f"{name}-seed{seed}.pt"), config,
+                         lambda: run_seed(name, config, seed, out))
+        log(f"{name} seed {seed}: sampled")
+        return samples
+
+    if part == "seeds":
+        return [seed_run(name, seed) for name in settings for seed in seeds or config["seeds"]]
+    judged = {name: setting_judges(name, config, out) for name in settings}
+    if part == "judges":
+        return judged
+    labels = torch.arange(10).repeat_interleave(config["samples_per_class"])
+    scores = {name: {j: {} for j in JUDGES} for name in settings}
+    for name in settings:
+        for seed in config["seeds"]:
+            for cell, images in seed_run(name, seed).items():
+                for j in JUDGES:
+                    metrics = judged[name][j].score(images, labels)
+                    by_metric = scores[name][j].setdefault(cell, {"accuracy": [], "frechet": []})
+                    for metric, value in metrics.items():
+                        by_metric[metric].append(value)
+                log(f"{name} seed {seed} {cell}: " + ", ".join(
+                    f"{j} {scores[name][j][cell]['accuracy'][-1]:.3f} / "
+                    f"{scores[name][j][cell]['frechet'][-1]:.1f}" for j in JUDGES))
+    results = {name: {j: {**{cell: {m: mean_std(v) for m, v in by_metric.items()}
+                             for cell, by_metric in cells.items()},
+                          "real data": judged[name][j].reference()}
+                      for j, cells in by_judge.items()} for name, by_judge in scores.items()}
     table = markdown_table(results)
     seconds = round(time.perf_counter() - start, 1)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"{table}\n{config}; {seconds} s on {torch.get_num_threads()} thread(s).\n")
     with open(os.path.join(out, "targets.json"), "w") as f:
-        json.dump({"config": config, "results": results, "seconds": seconds}, f, indent=1)
+        json.dump({"config": config, "results": results, "scores": scores,
+                   "seconds": seconds}, f, indent=1)
     print(table)
     log(f"wrote {out}/table.md, targets.json and the sample grids")
     return results
@@ -138,9 +174,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help=f"a reduced run (a minute or two): {QUICK}; default {FULL}")
     p.add_argument("--out", default="runs/targets", help="folder for table.md and the grids")
+    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
+                   help="train only the judges or the --seeds' models, saving them in --out, "
+                        "to run parts in parallel processes; all: the rest, then the results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --part seeds: which of the config's seeds")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # small matmuls: more threads mostly wait for each other
-    run(QUICK if args.quick else FULL, args.out)
+    run(QUICK if args.quick else FULL, args.out, part=args.part, seeds=args.seeds)
 
 
 if __name__ == "__main__":

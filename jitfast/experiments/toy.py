@@ -14,7 +14,8 @@ Times are drawn from the logit-normal with P_mean = +0.8 (JiT's images use -0.8)
 in 2-D is resolved near t = 1, which -0.8 seldom trains; with -0.8 no target learns the spiral
 in 1000 steps (docs/experiments.md).
 
-    python -m jitfast.experiments.toy [--out runs/toy] [--dims 2 8 16 512] [--steps 1000]
+    python -m jitfast.experiments.toy [--out runs/toy] [--dims 2 8 16 512] [--steps 1000] \
+        [--seeds 0 1 2]
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 from jitfast.diffusion import SPACES, Denoiser
+from jitfast.experiments import mean_std
 from jitfast.images import save_png
 
 
@@ -111,39 +113,67 @@ def scatter_panel(points, title, size=200, extent=2.5):
     return np.asarray(image)
 
 
-def run(dims, steps, out, seed=0, P_mean=0.8):
-    os.makedirs(out, exist_ok=True)
-    reference = spiral(2000, torch.Generator().manual_seed(seed + 1))
-    results, rows = {}, []
-    start = time.perf_counter()
+METRICS = ("near_spiral", "sw_2d", "off_manifold")
+
+
+def markdown_table(results, dims):
+    """Rows D, columns the targets, cells 'near / SW / off' as mean ± std over the seeds."""
+    lines = ["| D | " + " | ".join(f"{p}-pred near / SW / off" for p in SPACES) + " |",
+             "| --- |" + " --- |" * len(SPACES)]
     for dim in dims:
-        row = [scatter_panel(reference, f"data (D={dim})")]
-        for pred in SPACES:
-            samples, basis = train_and_sample(dim, pred, steps, seed=seed, P_mean=P_mean)
-            points = samples @ basis
-            metrics = {"near_spiral": round(near_fraction(points, reference), 4),
-                       "sw_2d": round(sliced_wasserstein(points, reference), 4),
-                       "off_manifold": round(off_manifold(samples, basis), 4)}
-            results[f"D={dim}/{pred}-pred"] = metrics
-            row.append(scatter_panel(points, f"{pred}: near {metrics['near_spiral']:.2f} "
-                                             f"off {metrics['off_manifold']:.3g}"))
-            print(f"D={dim:4d} {pred}-pred: near the spiral {metrics['near_spiral']:.3f}, "
-                  f"sliced Wasserstein (2-D) {metrics['sw_2d']:.4f}, "
-                  f"off-manifold residual {metrics['off_manifold']:.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
-        rows.append(np.concatenate(row, axis=1))
+        cells = [" / ".join(f"{m['mean']:.3g} ± {m['std']:.2g}" for m in (
+            results[f"D={dim}/{pred}-pred"][k] for k in METRICS)) for pred in SPACES]
+        lines.append(f"| {dim} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(dims, steps, out, seeds=(0,), P_mean=0.8):
+    """Every (D, target) for each seed (data, basis, init and noise); the figure of the first
+    seed; metrics as mean ± std over the seeds."""
+    os.makedirs(out, exist_ok=True)
+    per_seed, rows = {}, []
+    start = time.perf_counter()
+    for seed in seeds:
+        reference = spiral(2000, torch.Generator().manual_seed(seed + 1))
+        for dim in dims:
+            row = [scatter_panel(reference, f"data (D={dim})")]
+            for pred in SPACES:
+                samples, basis = train_and_sample(dim, pred, steps, seed=seed, P_mean=P_mean)
+                points = samples @ basis
+                metrics = dict(zip(METRICS, (near_fraction(points, reference),
+                                             sliced_wasserstein(points, reference),
+                                             off_manifold(samples, basis))))
+                for key, value in metrics.items():
+                    per_seed.setdefault(f"D={dim}/{pred}-pred", {}).setdefault(key, []).append(
+                        round(value, 4))
+                row.append(scatter_panel(points, f"{pred}: near {metrics['near_spiral']:.2f} "
+                                                 f"off {metrics['off_manifold']:.3g}"))
+                print(f"seed {seed} D={dim:4d} {pred}-pred: near the spiral "
+                      f"{metrics['near_spiral']:.3f}, sliced Wasserstein (2-D) "
+                      f"{metrics['sw_2d']:.4f}, off-manifold residual "
+                      f"{metrics['off_manifold']:.4f} ({time.perf_counter() - start:.0f}s)",
+                      flush=True)
+            if seed == seeds[0]:
+                rows.append(np.concatenate(row, axis=1))
     save_png(np.concatenate(rows, axis=0), os.path.join(out, "toy.png"))
+    results = {cell: {k: mean_std(v) for k, v in by_metric.items()}
+               for cell, by_metric in per_seed.items()}
+    table = markdown_table(results, dims)
     report = {"metrics": {"near_spiral": "fraction of projected samples within 0.1 of "
                                          "held-out data (higher is better)",
                           "sw_2d": "sliced Wasserstein-1 of the samples projected to 2-D, to "
                                    "held-out data (lower is better)",
                           "off_manifold": "mean ||x - P P^T x|| of the samples (data: 0; "
                                           "pure noise: about sqrt(D-2))"},
-              "steps": steps, "P_mean": P_mean, "dims": list(dims), "results": results,
+              "steps": steps, "P_mean": P_mean, "dims": list(dims), "seeds": list(seeds),
+              "results": results, "per_seed": per_seed,
               "seconds": round(time.perf_counter() - start, 1)}
     with open(os.path.join(out, "toy.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"wrote {out}/toy.png and {out}/toy.json")
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {out}/toy.png, toy.json and table.md")
     return report
 
 
@@ -156,13 +186,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=1000, help="training steps per model")
     p.add_argument("--P-mean", type=float, default=0.8,
                    help="logit-normal t: mean (JiT's images: -0.8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="one run per seed; mean ± std over them (the figure: the first)")
     p.add_argument("--out", default="runs/toy", help="folder for toy.png and toy.json")
     args = p.parse_args(argv)
     if min(args.dims) < 2 or args.steps < 1:
         p.error("--dims must be >= 2 and --steps >= 1")
     torch.set_num_threads(1)  # tiny matmuls: more threads mostly wait for each other
-    run(args.dims, args.steps, args.out, args.seed, args.P_mean)
+    run(args.dims, args.steps, args.out, args.seeds, args.P_mean)
 
 
 if __name__ == "__main__":

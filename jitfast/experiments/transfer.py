@@ -17,7 +17,6 @@ feature space. Mean ± std over seeds; a figure of the samples and one of the lo
 import argparse
 import json
 import os
-import statistics
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -26,12 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from jitfast.checkpoint import atomic_save
 from jitfast.diffusion import Denoiser
 from jitfast.ema import EMA
-from jitfast.experiments import pyplot
-from jitfast.experiments.classifier import (ShapesClassifier, frechet_distance, judge,
-                                            train_classifier)
+from jitfast.experiments import cached, mean_std, pyplot
+from jitfast.experiments.classifier import trained_judges
 from jitfast.images import image_grid, save_png, to_uint8
 from jitfast.model import JiT
 from jitfast.shapes import ShapesDataset
@@ -48,6 +45,7 @@ FULL = dict(parent_steps=300, steps=150, batch=16, lr=2e-3, ema=0.98, samples_pe
             sample_steps=10, classifier_steps=300, colour_blind_steps=800, seeds=(0, 1, 2))
 QUICK = dict(parent_steps=6, steps=4, batch=4, lr=2e-3, ema=0.98, samples_per_class=1,
              sample_steps=2, classifier_steps=4, colour_blind_steps=4, seeds=(0, 1))
+JUDGE_SEED = 7
 CHILD_DATA = 1000  # children's data seed offset: images the parent never saw
 
 
@@ -107,42 +105,10 @@ def run_seed(seed, config, labels, log):
     return samples, losses
 
 
-def cached(path, config, make):
-    """make(), saved to `path` with the config; or what a run with this config (an earlier one,
-    or a --part running beside this one) saved there."""
-    if os.path.exists(path):
-        saved = torch.load(path, weights_only=True)
-        if saved["config"] != config:
-            raise ValueError(f"{path} holds a run with another config ({saved['config']}); "
-                             f"remove it or choose another --out")
-        return saved["value"]
-    value = make()
-    atomic_save({"config": config, "value": value}, path)
-    return value
-
-
-def judges(config, count, out, log):
-    """{judge name: (classifier, real accuracy, real features, Fréchet floor)} at 64 px."""
-    real, labels = ShapesDataset(CHILD[0], count, seed=8).batch(range(count))
-    more_real, _ = ShapesDataset(CHILD[0], count, seed=9).batch(range(count))
-    out_judges = {}
-    for name, steps in zip(JUDGES, (config["classifier_steps"], config["colour_blind_steps"])):
-        classifier = ShapesClassifier()
-        classifier.load_state_dict(cached(os.path.join(out, f"judge-{name}.pt"), config, lambda: (
-            train_classifier(CHILD[0], steps, seed=7, colour_blind=name != "colour")
-            .state_dict())))
-        classifier.eval()
-        accuracy, features = judge(classifier, real, labels)
-        floor = frechet_distance(judge(classifier, more_real, labels)[1], features)
-        out_judges[name] = (classifier, accuracy, features, floor)
-        log(f"{name} judge ({steps} steps): real accuracy {accuracy:.3f}, Fréchet real vs real "
-            f"{floor:.1f}")
-    return out_judges, real[torch.argsort(labels, stable=True)]  # by class, as the samples
-
-
-def mean_std(values):
-    return {"mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+def real_by_class(count):
+    """`count` real 64-px images (the colour judge's reference set), ordered by class."""
+    real, labels = ShapesDataset(CHILD[0], count, seed=JUDGE_SEED + 1).batch(range(count))
+    return real[torch.argsort(labels, stable=True)]
 
 
 def titled(image, title):
@@ -219,26 +185,30 @@ def run(config, out, part="all", seeds=None):
 
     if part == "seeds":
         return [seed_run(seed) for seed in seeds or config["seeds"]]
-    judged, real = judges(config, len(labels), out, log)
+    judged = trained_judges(CHILD[0], len(labels), JUDGE_SEED, dict(zip(JUDGES, (
+        config["classifier_steps"], config["colour_blind_steps"]))), cache=out)
     if part == "judges":
         return judged
-    reference = {j: {"accuracy": judged[j][1], "frechet": judged[j][3]} for j in JUDGES}
+    reference = {j: judged[j].reference() for j in JUDGES}
+    for j in JUDGES:
+        log(f"{j} judge: real accuracy {reference[j]['accuracy']:.3f}, Fréchet real vs real "
+            f"{reference[j]['frechet']:.1f}")
     scores = {arm: {j: {"accuracy": [], "frechet": []} for j in JUDGES} for arm in ARMS}
     losses = {}
     for seed in config["seeds"]:
         samples, seed_losses = seed_run(seed)
         for arm in ARMS:
-            for j, (classifier, _, real_features, _) in judged.items():
-                accuracy, features = judge(classifier, samples[arm], labels)
-                scores[arm][j]["accuracy"].append(accuracy)
-                scores[arm][j]["frechet"].append(frechet_distance(features, real_features))
+            for j in JUDGES:
+                for metric, value in judged[j].score(samples[arm], labels).items():
+                    scores[arm][j][metric].append(value)
             log(f"seed {seed} {arm}: " + ", ".join(
                 f"{j} {scores[arm][j]['accuracy'][-1]:.3f} / {scores[arm][j]['frechet'][-1]:.1f}"
                 for j in JUDGES))
         for arm, curve in seed_losses.items():
             losses.setdefault(arm, []).append(curve)
         if seed == config["seeds"][0]:
-            save_png(sample_figure(samples, real, config), os.path.join(out, "samples.png"))
+            save_png(sample_figure(samples, real_by_class(len(labels)), config),
+                     os.path.join(out, "samples.png"))
     results = {arm: {j: {m: mean_std(v) for m, v in by_metric.items()}
                      for j, by_metric in by_judge.items()} for arm, by_judge in scores.items()}
     loss_figure(losses, config, os.path.join(out, "loss.png"))

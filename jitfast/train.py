@@ -54,15 +54,16 @@ def parse_args(argv=None):
     add("--data-path", default=None,
         help="ImageNet-layout image folder, or a folder written by jitfast.prepare; "
              "none: the built-in procedural shapes dataset (10 classes)")
-    add("--steps", type=int, default=600, help="optimizer steps in the whole run")
+    add("--steps", type=int, default=750, help="optimizer steps in the whole run")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
         help="base lr; lr = blr * batch / 256. Default: 5e-5 (official) for JiT-B/L/H/G, "
              "1.2e-2 for the small T/S presets, which train for minutes, not epochs")
     add("--lr", type=float, default=None, help="absolute lr, overrides --blr")
     add("--warmup-steps", type=int, default=50, help="linear lr warm-up")
-    add("--schedule", default="constant", choices=("constant", "cosine"),
-        help="lr after warm-up (official: constant)")
+    add("--schedule", default=None, choices=("constant", "cosine"),
+        help="lr after warm-up. Default: constant (official) for JiT-B/L/H/G, cosine for the "
+             "small presets")
     add("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
     add("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 disables")
@@ -73,7 +74,10 @@ def parse_args(argv=None):
     add("--optimizer", default="adamw", choices=("adamw", "apex"),
         help="torch AdamW (fused on CUDA) or apex's FusedAdam")
     add("--label-drop-prob", type=float, default=0.1, help="p of the null class (for CFG)")
-    add("--P-mean", type=float, default=-0.8, help="logit-normal t: mean")
+    add("--P-mean", type=float, default=None,
+        help="logit-normal t: mean. Default: -0.8 (official, 256-512 px) for JiT-B/L/H/G; 0.0 "
+             "for the small presets at 32-64 px, where -0.8 trains too little near clean "
+             "images (docs/quickstart.md)")
     add("--P-std", type=float, default=0.8, help="logit-normal t: std")
     add("--noise-scale", type=float, default=None,
         help="noise std (official: 2.0 at 512 px). Default: 1.0; with --init-from, the "
@@ -104,8 +108,9 @@ def parse_args(argv=None):
     add("--backend", default="auto", choices=("auto", "torch", "triton"), help="model ops")
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--cpu-threads", type=int, default=None,
-        help="torch threads when training on the CPU; default: all cores but one. On a busy "
-             "small machine, threads that wait for a descheduled peer make steps 10x slower")
+        help="torch threads when training on the CPU; default: all cores. On a busy small "
+             "machine, threads that wait for a descheduled peer make steps up to 10x slower: "
+             "then give fewer")
     add("--num-workers", type=int, default=None,
         help="DataLoader workers (0: load in the training process); default: one per core, "
              "8 at most")
@@ -129,6 +134,10 @@ def parse_args(argv=None):
     small = args.model[len("JiT-")] in SMALL_ARCHS
     if args.blr is None:
         args.blr = 1.2e-2 if small else 5e-5
+    if args.schedule is None:
+        args.schedule = "cosine" if small else "constant"
+    if args.P_mean is None:
+        args.P_mean = 0.0 if small else -0.8
     if args.ema_decays is None:
         args.ema_decays = [0.99, 0.98] if small else [0.9999, 0.9996]
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
@@ -163,9 +172,9 @@ def setup_distributed(device_arg):
 
 
 def set_cpu_threads(threads, world):
-    """All cores but one, shared among the processes of this machine (unless told)."""
+    """All cores, shared among the processes of this machine (unless told)."""
     if threads is None:
-        threads = max(1, (len(os.sched_getaffinity(0)) - 1) // world)
+        threads = max(1, len(os.sched_getaffinity(0)) // world)
     torch.set_num_threads(threads)
 
 

@@ -188,3 +188,16 @@ def test_graphed_training_resumes_and_matches_ungraphed(tmp_path):
     assert losses(resumed) == losses(full)[4:]
     eager = run(tmp_path, "eager", *common, "--cuda-graph", "off")
     assert torch.allclose(torch.tensor(losses(full)), torch.tensor(losses(eager)), rtol=1e-2)
+
+
+def test_presets_default_to_their_recipes():
+    """The small presets train by the quick-start recipe (docs/quickstart.md), the paper's
+    presets by the official one; a value given on the command line wins."""
+    small = train.parse_args([])
+    assert (small.model, small.steps, small.P_mean, small.schedule, small.ema_decays,
+            small.blr) == ("JiT-T/8", 750, 0.0, "cosine", [0.99, 0.98], 1.2e-2)
+    big = train.parse_args(["--model", "JiT-B/16"])
+    assert (big.P_mean, big.schedule, big.ema_decays, big.blr) == (
+        -0.8, "constant", [0.9999, 0.9996], 5e-5)
+    given = train.parse_args(["--P-mean", "-0.8", "--schedule", "constant"])
+    assert (given.P_mean, given.schedule) == (-0.8, "constant")

@@ -34,8 +34,8 @@ SOLVERS = {"guided": [("unipc2", "cosine"), ("unipc3", "cosine"), ("dpm2m", "cos
                       ("dpm2m", "lambda"), ("unipc3", "lambda"), ("dpm3m", "lambda")],
            "unguided": [("unipc2", "cosine"), ("unipc2", "linear"), ("unipc2", "lambda"),
                         ("dpm2m", "lambda"), ("ddim", "linear")]}
-JUDGE_HEUN_STEPS = (3, 8, 50)  # 5, 15 and 99 evaluations
-JUDGE_EVALUATIONS = (5, 10, 15, 25)
+JUDGE_HEUN_STEPS = (3, 5, 8, 13, 25, 50)  # 5, 9, 15, 25, 49 and 99 evaluations
+JUDGE_EVALUATIONS = (5, 10, 15, 25, 50, 99)
 ERROR_TABLES = ("gaussian guided", "gaussian unguided", "errors guided", "errors unguided")
 
 

@@ -36,7 +36,7 @@ from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimi
 from jitfast.transfer import TransferError, transferred_run
 from jitfast.weights.files import save_training_weights
 
-SMALL_ARCHS = ("T", "S")  # CPU-sized presets: minutes of training, not epochs
+SMALL_ARCHS = ("N", "T", "S")  # CPU-sized presets: minutes of training, not epochs
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
 
 
@@ -49,12 +49,12 @@ def parse_args(argv=None):
         prog="python -m jitfast.train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", default="JiT-T/8", choices=sorted(JiT_models), help="preset")
+    add("--model", default="JiT-N/8", choices=sorted(JiT_models), help="preset")
     add("--image-size", type=int, default=64, help="training resolution (px)")
     add("--data-path", default=None,
         help="ImageNet-layout image folder, or a folder written by jitfast.prepare; "
              "none: the built-in procedural shapes dataset (10 classes)")
-    add("--steps", type=int, default=750, help="optimizer steps in the whole run")
+    add("--steps", type=int, default=1600, help="optimizer steps in the whole run")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
         help="base lr; lr = blr * batch / 256. Default: 5e-5 (official) for JiT-B/L/H/G, "

@@ -127,7 +127,7 @@ def parse_args(argv=None):
              "--sample-steps 50)")
     add("--sample-schedule", default="cosine", choices=tuple(SCHEDULES),
         help="time grid of the sample grid's sampler")
-    add("--sample-cfg", type=float, default=4.0, help="guidance scale of the sample grid")
+    add("--sample-cfg", type=float, default=3.0, help="guidance scale of the sample grid")
     add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
     add("--grid-classes", type=int, default=10, help="rows of the sample grid")
     args = p.parse_args(argv)

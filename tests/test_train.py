@@ -195,7 +195,8 @@ def test_presets_default_to_their_recipes():
     presets by the official one; a value given on the command line wins."""
     small = train.parse_args([])
     assert (small.model, small.steps, small.P_mean, small.schedule, small.ema_decays,
-            small.blr) == ("JiT-N/8", 1600, 0.0, "cosine", [0.99, 0.98], 1.2e-2)
+            small.blr, small.sample_cfg) == ("JiT-N/8", 1600, 0.0, "cosine", [0.99, 0.98],
+                                             1.2e-2, 3.0)
     big = train.parse_args(["--model", "JiT-B/16"])
     assert (big.P_mean, big.schedule, big.ema_decays, big.blr) == (
         -0.8, "constant", [0.9999, 0.9996], 5e-5)

@@ -18,6 +18,7 @@ time, as the eager step would.
 """
 import torch
 
+from jitfast.graphs import capture, on_side_stream
 from jitfast.markers import phase
 
 
@@ -94,6 +95,7 @@ class GraphedTrainStep:
                              f"CUDA), got {type(optimizer).__name__}")
         self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, clip_grad)
         self.optimizer, self.warmup = optimizer, warmup
+        self.side = torch.cuda.Stream() if warmup > 0 else None
         self.graph = self.inputs = self.loss = None
 
     def __call__(self, *batch):
@@ -103,20 +105,13 @@ class GraphedTrainStep:
             check_like(batch, self.inputs)
         if self.warmup > 0:
             self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                loss = self.step(*batch)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
+            return on_side_stream(self.side, lambda: self.step(*batch))
         for static, value in zip(self.inputs, batch):
             static.copy_(value, non_blocking=True)
         if self.graph is None:
             for group in self.optimizer.param_groups:
                 group["capturable"] = True
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.loss = self.step(*self.inputs)
+            self.graph, self.loss = capture(lambda: self.step(*self.inputs))
         self.graph.replay()
         return self.loss.clone()  # the next replay overwrites self.loss
 

@@ -15,10 +15,9 @@ from jitfast.sampling.multistep import EXPONENTIAL_METHODS, MultistepGrid
 from jitfast.sampling.official import Grid, guidance_weights
 from jitfast.sampling.schedules import SCHEDULES
 from jitfast.sampling.trajectory import (METHODS, OFFICIAL_METHODS, CapturedTrajectory,
-                                         check_settings, generate, integrate, invert, make_grid,
-                                         warm_up)
+                                         check_settings, generate, integrate, invert, make_grid)
 
 __all__ = ["CONDITIONING_BUDGET", "EXPONENTIAL_METHODS", "METHODS", "OFFICIAL_METHODS",
            "SCHEDULES", "CapturedTrajectory", "Grid", "MultistepGrid", "check_settings",
            "generate", "guidance_weights", "integrate", "invert", "make_grid", "network_step",
-           "trajectory_conditioning", "warm_up"]
+           "trajectory_conditioning"]

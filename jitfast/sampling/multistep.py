@@ -97,9 +97,3 @@ def integrate_multistep(denoiser, y, z, grid):
         z = combine(grid.pred[n], z, history[:grid.predictor[n]])
     return z
 
-
-def warm_up_multistep(denoiser, y, z, grid):
-    """One evaluation of each kind the run makes (guided or not)."""
-    rows = trajectory_conditioning(denoiser, y, grid)
-    for n in sorted({g: n for n, g in reversed(list(enumerate(grid.guided)))}.values()):
-        prediction(denoiser, y, z, grid, n, rows)

@@ -58,11 +58,3 @@ def integrate_official(denoiser, y, z, grid, method):
         z = state
     return z
 
-
-def warm_up_official(denoiser, y, z, grid, method):
-    """One evaluation of each kind the run makes (guided or not, Heun's second or not)."""
-    rows = trajectory_conditioning(denoiser, y, grid)
-    kinds = {(grid.guided[k], second): (i, k) for i, k, second in grid.evaluations(method)}
-    for (guided, second), (i, k) in kinds.items():
-        network_step(denoiser, y, z, grid.t[k:k + 1], grid.w[k:k + 1], guided, grid.dt[i:i + 1],
-                     *((z, z) if second else ()), cond=rows(k, guided))

@@ -2,9 +2,9 @@
 graph and replayed), from noise to images (generate) or back (invert)."""
 import torch
 
-from jitfast.sampling.multistep import (EXPONENTIAL_METHODS, MultistepGrid, integrate_multistep,
-                                        warm_up_multistep)
-from jitfast.sampling.official import Grid, integrate_official, warm_up_official
+from jitfast.graphs import capture, on_side_stream
+from jitfast.sampling.multistep import EXPONENTIAL_METHODS, MultistepGrid, integrate_multistep
+from jitfast.sampling.official import Grid, integrate_official
 from jitfast.sampling.schedules import SCHEDULES
 
 OFFICIAL_METHODS = ("heun", "euler")
@@ -66,17 +66,13 @@ def integrate(denoiser, y, z, grid, method):
     return integrate_multistep(denoiser, y, z, grid)
 
 
-def warm_up(denoiser, y, z, grid, method):
-    """One evaluation of each kind the run makes on the conditioning rows it will use: every
-    kernel and shape of the trajectory, once."""
-    if method in OFFICIAL_METHODS:
-        return warm_up_official(denoiser, y, z, grid, method)
-    return warm_up_multistep(denoiser, y, z, grid)
-
-
 class CapturedTrajectory:
     """``integrate`` for one batch size, grid and method, captured as one CUDA graph over static
     label and state buffers, and replayed for every run with those settings.
+
+    The warm-up before the capture is the whole trajectory, run once eagerly on a side stream:
+    every kernel variant the capture will launch (Triton's specialise on the alignment of each
+    pointer, which changes along the grid's slices) is then compiled, autotuned and loaded.
 
     Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
     off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
@@ -84,15 +80,12 @@ class CapturedTrajectory:
 
     def __init__(self, denoiser, y, z, grid, method):
         self.y, self.z, self.grid = y.clone(), z.clone(), grid  # the graph reads the grid
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), no_cast_cache():  # autotuning, lazy init before capture
-            for _ in range(2):
-                warm_up(denoiser, self.y, self.z, grid, method)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), no_cast_cache():
-            self.out = integrate(denoiser, self.y, self.z, grid, method)
+
+        def trajectory():
+            with no_cast_cache():
+                return integrate(denoiser, self.y, self.z, grid, method)
+        on_side_stream(torch.cuda.Stream(), trajectory)
+        self.graph, self.out = capture(trajectory)
 
     def __call__(self, y, z):
         self.y.copy_(y)

@@ -101,10 +101,11 @@ def parse_args(argv=None):
     add("--cuda-graph", default="auto", choices=("auto", "on", "off"),
         help="replay the whole training step (forward, backward, optimizer, EMA) from one CUDA "
              "graph; auto: on for one CUDA process without --fsdp, --activation-checkpointing, "
-             "--compile-mode reduce-overhead or --optimizer apex")
+             "--compile-mode reduce-overhead or max-autotune, or --optimizer apex")
     add("--compile-mode", default="default",
         choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-        help="torch.compile mode; reduce-overhead adds CUDA graphs on GPU")
+        help="torch.compile mode; reduce-overhead and max-autotune add CUDA graphs of the "
+             "model on GPU (and so turn off --cuda-graph's whole-step graph)")
     add("--backend", default="auto", choices=("auto", "torch", "triton"), help="model ops")
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--cpu-threads", type=int, default=None,
@@ -311,8 +312,8 @@ def training_step(args, model, denoiser, optimizer, ema, device, world):
         ("it needs a CUDA device", device.type != "cuda"),
         ("it holds one process's step, not a distributed one", world > 1 or args.fsdp),
         ("--activation-checkpointing recomputes outside it", args.activation_checkpointing),
-        ("--compile-mode reduce-overhead captures graphs of its own",
-         args.compile and args.compile_mode == "reduce-overhead"),
+        (f"--compile-mode {args.compile_mode} captures graphs of its own",
+         args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")),
         ("--optimizer apex cannot be captured", args.optimizer == "apex")) if present]
     if args.cuda_graph == "on" and conflicts:
         raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "

@@ -54,6 +54,16 @@ def dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def weight_grad(a, b, dtype):
+    """a @ b, a weight's grad (a reduction over all tokens), with both operands in dtype, the
+    one the forward's matmul ran in (the weight's: autocast's bf16, or float32). A bf16 product
+    runs on tensor cores, accumulating in float32, to a bf16 grad (the weight's dtype, which the
+    grad takes anyway): what autocast's reference backward computes, without float32 copies of
+    the (tokens × features) operands or a float32 GEMM. float32 stays float32, faithful to the
+    reference."""
+    return a.to(dtype) @ b.to(dtype)
+
+
 def autocast_operands(*tensors):
     """The matmul operands as autocast would pass them to a matmul (cast to its dtype) when it is
     enabled for their device, so a fused op computes in the dtype the reference would."""
@@ -72,9 +82,25 @@ def tile_grid(**extents):
 
 def autotune(configs, key):
     """triton.autotune over a few configs on a GPU; under the interpreter only the first (its
-    timings mean nothing). Tuning benchmarks the kernel, so run each shape once before
-    capturing a CUDA graph."""
-    return triton.autotune(configs[:1] if INTERPRET else configs, key=key)
+    timings mean nothing). The key gets ROW_BUCKET, an argument every autotuned kernel takes
+    (and ignores) with the value row_bucket(rows of the launch). Tuning benchmarks the kernel,
+    so run each shape once before capturing a CUDA graph. Each config is timed for 20 ms after
+    5 ms of warm-up (Triton's default, 100 + 25 ms, makes tuning outlast compiling on a cold
+    machine; 20 ms is still hundreds of runs of these kernels)."""
+    return triton.autotune(configs[:1] if INTERPRET else configs, key=[*key, "ROW_BUCKET"],
+                           do_bench=_tuning_bench)
+
+
+def _tuning_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def row_bucket(rows):
+    """The problem size in an autotune key: the best tile for 256 rows (batch 1) is not the best
+    for 32,768, while keying on the rows themselves would tune every batch size anew; so rows
+    rounded up to a power of two (at least 16, so every bucket specialises the same and
+    compiles nothing new): a run of fixed shapes tunes once."""
+    return max(16, triton.next_power_of_2(rows))
 
 
 def empty(like):

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from jitfast import ops as ref
 
-from ._common import (autotune, block, empty, program_tiles, reduction_programs, tile_rows,
-                      use_kernel)
+from ._common import (autotune, block, empty, program_tiles, reduction_programs, row_bucket,
+                      tile_rows, use_kernel)
 
 # (TILE, num_warps): 8 to 32 elements of a tile per thread (the backward keeps about twice as many
 # tiles live, hence half the sizes). At D = 768 (BLOCK_D 1024) a forward tile has 2 to 8 rows and
@@ -62,7 +62,7 @@ def _vector(PTR, D, BLOCK_D: tl.constexpr):
 @autotune(FWD_CONFIGS, key=KEY)
 @tile_rows("BLOCK_D")
 @triton.jit
-def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
+def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps, ROW_BUCKET,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (tile, sample) handles BLOCK_M rows of one sample (TILE only sets BLOCK_M)."""
@@ -88,7 +88,7 @@ def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps,
 @tile_rows("BLOCK_D")
 @triton.jit
 def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART, DSC_PART,
-                       DG_PART, n_tok, D,
+                       DG_PART, n_tok, D, ROW_BUCKET,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (chunk, sample) handles a run of its sample's tiles and writes its partial sums of
@@ -136,13 +136,14 @@ def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART
 
 def _launch_args(x, h, weight, shift):
     """(groups, n_tok, D, flags) of a call: groups runs of n_tok rows of D, the samples of
-    (B, N, D) where per-sample inputs index them, else all rows as one group."""
+    (B, N, D) where per-sample inputs index them, else all rows as one group; flags are the
+    kernels' other keyword arguments."""
     D = x.shape[-1]
     rows = x.numel() // D
     per_sample = h is not None or shift is not None
     n_tok = x.shape[-2] if per_sample else rows
     flags = dict(HAS_GATE=h is not None, HAS_NORM=weight is not None, HAS_MOD=shift is not None,
-                 BLOCK_D=block(D, 1))
+                 ROW_BUCKET=row_bucket(rows), BLOCK_D=block(D, 1))
     return rows // max(n_tok, 1), n_tok, D, flags
 
 

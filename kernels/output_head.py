@@ -19,8 +19,13 @@ from jitfast import ops as ref_ops
 from jitfast.ode import ode_update
 
 from ._common import (autocast_operands, autotune, dot_precision, empty, gather_matmul,
-                      image_geometry, patch_offsets, tile_grid, use_kernel)
+                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel,
+                      weight_grad)
 
+# The sampler's one-element time, guidance and step tensors: slices of a run's time grid, 16-byte
+# aligned only at every fourth index. Specialising on their alignment would compile new variants
+# mid-trajectory, inside a CUDA-graph capture, where compiling is not allowed.
+SCALARS = ("T", "CFG", "DT")
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": 32, "BLOCK_N": n}, num_warps=w)
            for m, n, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8))]
 
@@ -40,9 +45,9 @@ def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_
 
 
 @autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED", "UPDATE"])
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SCALARS)
 def _output_head_fwd(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D, P, n_tok,
-                     grid_w, p, channels, s_b, s_c, s_h, s_w, VELOCITY: tl.constexpr,
+                     grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET, VELOCITY: tl.constexpr,
                      GUIDED: tl.constexpr, UPDATE: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = v = (x̂ - REF)/max(1 - T,
@@ -78,8 +83,8 @@ def _output_head_fwd(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STAT
 @autotune(CONFIGS, key=["D", "P"])
 @triton.jit
 def _output_head_bwd(DOUT, W, DU, M, D, P, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     ROW_BUCKET, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """du = gather(dout) · W, tiles of BLOCK_M tokens × BLOCK_N hidden, over P in BLOCK_K."""
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     dd = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -115,8 +120,9 @@ def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, d
         v_prev, base = v_prev.contiguous(), base.contiguous()
     _output_head_fwd[tile_grid(BLOCK_M=M, BLOCK_N=P)](
         u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev, base, state, M, D, P,
-        *image_geometry(out if ref is None else ref, p), VELOCITY=ref is not None,
-        GUIDED=cfg is not None, UPDATE=update, PRECISION=dot_precision(weight.dtype))
+        *image_geometry(out if ref is None else ref, p), ROW_BUCKET=row_bucket(M),
+        VELOCITY=ref is not None, GUIDED=cfg is not None, UPDATE=update,
+        PRECISION=dot_precision(weight.dtype))
     return out, state
 
 
@@ -175,11 +181,12 @@ def output_head_backward(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tens
     du = torch.empty_like(u)
     _output_head_bwd[tile_grid(BLOCK_M=M, BLOCK_N=D)](dout, weight, du, M, D, P,
                                                       *image_geometry(dout, p),
+                                                      ROW_BUCKET=row_bucket(M),
                                                       PRECISION=dot_precision(weight.dtype))
     B, C, H, W = dout.shape
     patches = dout.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1).reshape(M, P)
-    dweight = patches.t().float() @ u.reshape(M, D).float()
-    return du, dweight.to(weight.dtype), patches.sum(0).to(weight.dtype)
+    dweight = weight_grad(patches.t(), u.reshape(M, D), weight.dtype)
+    return du, dweight, patches.sum(0).to(weight.dtype)
 
 
 @output_head_backward.register_fake

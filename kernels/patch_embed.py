@@ -13,7 +13,8 @@ import triton.language as tl
 from jitfast import ops as ref
 
 from ._common import (autocast_operands, autotune, block, dot_precision, gather_matmul,
-                      image_geometry, patch_offsets, tile_grid, use_kernel)
+                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel,
+                      weight_grad)
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps=w)
            for m, w in ((32, 4), (64, 4), (64, 8))]
@@ -22,7 +23,7 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps
 @autotune(CONFIGS, key=["n_cols", "K", "D"])
 @triton.jit
 def _patch_embed_fwd(X, W1, W2, B2, POS, OUT, M, n_cols, K, D,
-                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET,
                      PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -44,7 +45,7 @@ def _patch_embed_fwd(X, W1, W2, B2, POS, OUT, M, n_cols, K, D,
 @autotune(CONFIGS, key=["n_cols", "K", "D"])
 @triton.jit
 def _patch_embed_bwd(X, W1, W2, DOUT, H, DH, DX, M, n_cols, K, D,
-                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
+                     n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET,
                      NEEDS_DX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
@@ -92,8 +93,8 @@ def patch_embed_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torc
     D = w2.shape[0]
     out = x.new_empty(x.shape[0], M // x.shape[0], D, dtype=_out_dtype(x, b2, pos))
     _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, w1, w2, b2, pos, out, M, n_cols, K, D,
-                                   *image_geometry(x, p), PRECISION=dot_precision(w1.dtype),
-                                   BLOCK_K=block(K))
+                                   *image_geometry(x, p), ROW_BUCKET=row_bucket(M),
+                                   PRECISION=dot_precision(w1.dtype), BLOCK_K=block(K))
     return out
 
 
@@ -107,7 +108,13 @@ def _(x, w1, w2, b2, pos):
 def patch_embed_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
                          w2: torch.Tensor, needs_dx: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grads (dx, dw1, dw2); dx is empty unless needs_dx."""
+    """Grads (dx, dw1, dw2); dx is empty unless needs_dx.
+
+    The kernel writes the bottleneck h and its grad dh in float32 (tokens × K, small). The
+    weight grads take them in the weights' dtype (weight_grad), as the forward's second matmul
+    took h and the dx path takes dh: under autocast dw2 is then the grad for the bf16 h the
+    forward used, and both are bf16 GEMMs accumulating in float32, as in the reference's
+    backward. dout (float32 when the bias or position table is) is cast likewise."""
     dout, x, w1, w2 = (t.contiguous() for t in (dout, x, w1, w2))
     M, n_cols, K, p = _shapes(x, w1)
     D = w2.shape[0]
@@ -115,11 +122,12 @@ def patch_embed_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor,
     dh = torch.empty_like(h)
     dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
     _patch_embed_bwd[tile_grid(BLOCK_M=M)](x, w1, w2, dout, h, dh, dx, M, n_cols, K, D,
-                                    *image_geometry(x, p), NEEDS_DX=needs_dx,
-                                    PRECISION=dot_precision(w1.dtype), BLOCK_K=block(K))
-    dw1 = dh.t() @ ref.patchify(x, p).reshape(M, n_cols).float()
-    dw2 = dout.reshape(M, D).t().float() @ h
-    return dx, dw1.reshape(w1.shape).to(w1.dtype), dw2.reshape(w2.shape).to(w2.dtype)
+                                    *image_geometry(x, p), ROW_BUCKET=row_bucket(M),
+                                    NEEDS_DX=needs_dx, PRECISION=dot_precision(w1.dtype),
+                                    BLOCK_K=block(K))
+    dw1 = weight_grad(dh.t(), ref.patchify(x, p).reshape(M, n_cols), w1.dtype)
+    dw2 = weight_grad(dout.reshape(M, D).t(), h, w2.dtype)
+    return dx, dw1.reshape(w1.shape), dw2.reshape(w2.shape)
 
 
 @patch_embed_backward.register_fake

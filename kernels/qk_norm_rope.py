@@ -22,7 +22,8 @@ import triton.language as tl
 
 from jitfast import ops as ref
 
-from ._common import autotune, block, program_tiles, reduction_programs, tile_rows, use_kernel
+from ._common import (autotune, block, program_tiles, reduction_programs, row_bucket, tile_rows,
+                      use_kernel)
 
 # (TILE, num_warps): 8 to 32 elements of a tile per thread (the backward keeps about twice as many
 # tiles live, hence half the sizes). At hd = 64 a forward tile has 32 to 128 rows (2.7 to 10.7
@@ -110,7 +111,8 @@ def _tables(COS, SIN, t, lanes, mask, HD):
 @tile_rows("BLOCK_HD")
 @triton.jit
 def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.constexpr, eps,
-                      BLOCK_HD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+                      ROW_BUCKET, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
     """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M)."""
     src, dst, t, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
                                          BLOCK_HD)
@@ -127,8 +129,8 @@ def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.c
 @tile_rows("BLOCK_HD")
 @triton.jit
 def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_rows, n_tok, H,
-                      HD: tl.constexpr, eps, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+                      HD: tl.constexpr, eps, ROW_BUCKET, BLOCK_HD: tl.constexpr,
+                      TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program p handles a run of tiles and writes its partial sums of the q and k norm weight
     grads to DW_PART[0 or 1, p]."""
     first, last = program_tiles(n_rows, BLOCK_M)
@@ -176,7 +178,7 @@ def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
     n_rows = B * N * num_heads
     _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
         qkv, q_weight, k_weight, cos, sin, q, k, v, n_rows, N, num_heads, hd, eps,
-        BLOCK_HD=block(hd, 2))
+        ROW_BUCKET=row_bucket(n_rows), BLOCK_HD=block(hd, 2))
     return q, k, v
 
 
@@ -199,7 +201,8 @@ def qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     part = qkv.new_empty(2, programs, hd, dtype=torch.float32)
     dqkv = torch.empty_like(qkv)
     _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part,
-                                   n_rows, N, H, hd, eps, BLOCK_HD=block(hd, 2))
+                                   n_rows, N, H, hd, eps, ROW_BUCKET=row_bucket(n_rows),
+                                   BLOCK_HD=block(hd, 2))
     return dqkv, part[0].sum(0).to(q_weight.dtype), part[1].sum(0).to(k_weight.dtype)
 
 

@@ -281,8 +281,10 @@ def test_output_head_step(guided, heun_second):
         assert rel_err(v, want_v) < 1e-5
 
 
-@pytest.mark.parametrize("name,make", [case for case in CASES if case.values[0] in
-                                       ("patch_embed", "output_head")])
+MATMUL_CASES = [case for case in CASES if case.values[0] in ("patch_embed", "output_head")]
+
+
+@pytest.mark.parametrize("name,make", MATMUL_CASES)
 def test_autocast_output_dtype_matches_reference(name, make):
     """Under autocast the matmul ops take autocast's dtype where the reference's matmuls do
     (values are not compared: the interpreter's bf16 tl.dot is wrong; the GPU tests cover them)."""
@@ -292,6 +294,25 @@ def test_autocast_output_dtype_matches_reference(name, make):
         got = call(getattr(kernels, name), *inputs)
         want = call(getattr(ref, name), *inputs)
     assert got.dtype == want.dtype and got.shape == want.shape
+
+
+@pytest.mark.parametrize("name,make", MATMUL_CASES)
+def test_autocast_weight_grads_multiply_bf16(name, make):
+    """Under autocast the weight grads, reductions over all tokens left to cuBLAS, multiply bf16
+    operands (accumulating in float32), as the reference's backward does: no float32 GEMM and no
+    float32 copies of (tokens × features) operands. Every matmul of the backward is checked."""
+    torch.manual_seed(0)
+    inputs, call = make(randn)
+    leaves = [t.requires_grad_() for t in inputs]
+    with torch.autocast(DEVICE, torch.bfloat16):
+        out = call(getattr(kernels, name), *leaves)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        out.float().sum().backward()
+    matmuls = [event for event in profile.events()
+               if event.name in ("aten::mm", "aten::addmm", "aten::matmul", "aten::bmm")]
+    assert matmuls, "no matmul recorded"
+    for event in matmuls:  # the profiler's name of float32 is "float"
+        assert "float" not in event.input_dtypes, (event.name, event.input_shapes)
 
 
 def opcheck_cases():

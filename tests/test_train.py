@@ -202,3 +202,15 @@ def test_presets_default_to_their_recipes():
         -0.8, "constant", [0.9999, 0.9996], 5e-5)
     given = train.parse_args(["--P-mean", "-0.8", "--schedule", "constant"])
     assert (given.P_mean, given.schedule) == (-0.8, "constant")
+
+
+@pytest.mark.parametrize("mode, refused", [("reduce-overhead", True), ("max-autotune", True),
+                                           ("max-autotune-no-cudagraphs", False),
+                                           ("default", False)])
+def test_whole_step_graph_refuses_compile_modes_with_graphs_of_their_own(mode, refused):
+    """Inductor captures CUDA graphs of its own in reduce-overhead and max-autotune, which the
+    whole-step CUDA graph cannot hold (on the CPU the device is refused as well)."""
+    args = train.parse_args(["--cuda-graph", "on", "--compile", "--compile-mode", mode])
+    with pytest.raises(train.TrainingError) as error:
+        train.training_step(args, None, None, None, None, torch.device("cpu"), 1)
+    assert (f"--compile-mode {mode} captures graphs of its own" in str(error.value)) == refused

@@ -5,10 +5,14 @@ over its group's baseline in ``extra_info``.
 Run with ``pytest benchmarks/ --benchmark-only`` (CPU: small presets, PyTorch paths only; CUDA:
 the JiT presets in bf16 and the Triton kernels). ``JITFAST_BENCH_DEADLINE`` (a Unix time) skips
 the benchmarks that would start after it, so a time-boxed run still writes its JSON;
-``JITFAST_BENCH_PLAN`` (a file) picks and orders the benchmarks (benchmarks/gpu_plan.txt).
+``JITFAST_BENCH_PLAN`` (a file) picks and orders the benchmarks (benchmarks/gpu_plan.txt);
+``JITFAST_BENCH_LOG`` (a file) gets each result appended as one JSON line the moment it is
+measured, so that a run killed before pytest-benchmark writes its JSON at the session's end keeps
+every finished number (``python -m jitfast.bench report`` reads either file).
 """
 import gc
 import itertools
+import json
 import os
 import re
 import time
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from jitfast.bench import environment, throughput
+from jitfast.files import append_line
 from jitfast.train import set_cpu_threads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,4 +136,20 @@ def measure(benchmark):
              **info},
             **throughput(median, images, flops, ENV["device"], baselines.get(benchmark.group),
                          traffic))
+        log_result(benchmark)
     return run
+
+
+def log_result(benchmark):
+    """Append the result to JITFAST_BENCH_LOG, if set, as a line of pytest-benchmark's JSON."""
+    path = os.environ.get("JITFAST_BENCH_LOG")
+    if not path:
+        return
+    line = json.dumps({"name": benchmark.name, "fullname": benchmark.fullname,
+                       "group": benchmark.group, "stats": benchmark.stats.stats.as_dict(),
+                       "extra_info": benchmark.extra_info})
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        append_line(fd, line, path)
+    finally:
+        os.close(fd)

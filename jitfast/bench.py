@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from jitfast.files import atomic_write_json
 from jitfast.presets import preset_config
 from jitfast.workloads import TRAIN_VARIANTS, needs_cuda
 
@@ -91,7 +92,7 @@ def epoch_hours(images_per_s):
 
 
 COLUMNS = ("benchmark", "variant", "preset", "shape", "dtype", "ms", "img/s", "TFLOP/s", "MFU",
-           "GB/s", "of HBM", "speedup")
+           "GB/s", "of HBM", "speedup", "vs official")
 
 
 def cell(value, fmt=None):
@@ -103,14 +104,17 @@ def cell(value, fmt=None):
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def table_row(bench):
+def table_row(bench, official_seconds=None):
+    """A row's cells; `official_seconds`: the median of its group's "official" row, if any."""
     info = bench["extra_info"]
+    seconds = info.get("seconds")
     return (bench["group"] or bench["name"], info.get("variant", ""), info.get("preset", ""),
             info.get("shape", ""), info.get("dtype", ""),
-            cell(info["seconds"] * 1e3 if info.get("seconds") else None),
+            cell(seconds * 1e3 if seconds else None),
             cell(info.get("images_per_s")), cell(info.get("tflops")),
             cell(info.get("mfu"), ".1%"), cell(info.get("gb_per_s")),
-            cell(info.get("hbm_fraction"), ".0%"), cell(info.get("speedup"), ".2f"))
+            cell(info.get("hbm_fraction"), ".0%"), cell(info.get("speedup"), ".2f"),
+            cell(official_seconds / seconds if official_seconds and seconds else None, ".2f"))
 
 
 def report(results):
@@ -120,13 +124,17 @@ def report(results):
     for b in benches:
         first_seen.setdefault(b["group"], len(first_seen))
     benches = sorted(benches, key=lambda b: first_seen[b["group"]])  # a group's rows together
+    official = {b["group"]: b["extra_info"].get("seconds") for b in benches
+                if b["extra_info"].get("variant") == "official"}
     devices = sorted({b["extra_info"].get("device", "?") for b in benches})
     info = benches[0]["extra_info"] if benches else {}
     lines = [f"Device: {', '.join(devices)}; torch {info.get('torch')}, triton "
              f"{info.get('triton')}, CUDA {info.get('cuda')}. Times are medians per call; "
-             f"speedup is over the group's baseline (its first variant) in the same run.", "",
+             f"speedup is over the group's baseline (its first variant), vs official over the "
+             f"group's row of the official JiT code (benchmarks/test_bench_official.py), both "
+             f"in the same run.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_row(b)) + " |" for b in benches]
+    lines += ["| " + " | ".join(table_row(b, official.get(b["group"]))) + " |" for b in benches]
     training = [b["extra_info"] for b in benches if b["extra_info"].get("kind") == "train"
                 and b["extra_info"].get("images_per_s")]
     if training:
@@ -138,9 +146,10 @@ def report(results):
 
 
 def profile_report(args):
-    """`python -m jitfast.bench profile`: one training step and one sampling run under
-    torch.profiler, their time by group (see jitfast.profiling); markdown printed, JSON to
-    --json."""
+    """`python -m jitfast.bench profile`: training steps and a sampling run under torch.profiler,
+    their time by group (see jitfast.profiling). Each part is printed, appended to --out
+    (markdown) and saved to --json as soon as it is done, so a time-out or a failing part loses
+    only itself. Returns the number of parts that failed."""
     from jitfast.profiling import profile
     from jitfast.train import set_cpu_threads
     from jitfast.workloads import sampler, training_step
@@ -157,21 +166,52 @@ def profile_report(args):
     variants = args.variant or (["triton", "triton+graph"] if cuda else ["eager"])
     steps = args.sample_steps or (50 if cuda else 8)
     sample_variant = "graphs" if cuda else "eager"
-    profiles = [
-        profile(f"train step {preset} {image}px batch {batch} ({variant})",
-                training_step(preset, image, batch, variant, device), device)
-        for variant in variants]
-    profiles.append(
-        profile(f"sampling {preset} {image}px batch {args.sample_batch}, {steps} Heun steps, "
-                f"cfg 2.9 on [0.1, 1] ({sample_variant}, all evaluations)",
-                sampler(preset, image, steps, args.sample_batch, sample_variant, device, 2.9,
-                        (0.1, 1.0)), device, warmup=1, calls=2))
-    print(f"Device: {device_name(device)}; torch {torch.__version__}\n")
-    print("\n\n".join(p.table() for p in profiles))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(device),
-                       "profiles": [p.as_dict() for p in profiles]}, f, indent=1)
+    parts = [(f"train step {preset} {image}px batch {batch} ({variant})",
+              lambda variant=variant: training_step(preset, image, batch, variant, device), {})
+             for variant in variants]
+    parts.append((f"sampling {preset} {image}px batch {args.sample_batch}, {steps} Heun steps, "
+                  f"cfg 2.9 on [0.1, 1] ({sample_variant}, all evaluations)",
+                  lambda: sampler(preset, image, steps, args.sample_batch, sample_variant,
+                                  device, 2.9, (0.1, 1.0)), dict(warmup=1, calls=2)))
+    header = f"Device: {device_name(device)}; torch {torch.__version__}\n"
+    print(header, flush=True)
+    write_text(args.out, header)
+    done, failed = [], 0
+    for name, workload, settings in parts:
+        try:
+            result = profile(name, workload(), device, **settings)
+        except Exception as err:  # the next part may still run: report this one, go on
+            failed += 1
+            text = f"### {name}: failed\n\n{type(err).__name__}: {err}"
+        else:
+            done.append(result.as_dict())
+            text = result.table()
+        print(f"\n{text}\n", flush=True)
+        write_text(args.out, f"\n{text}\n", append=True)
+        if args.json:
+            atomic_write_json(args.json, {"environment": environment(device), "profiles": done})
+    return failed
+
+
+def write_text(path, text, append=False):
+    if path:
+        with open(path, "a" if append else "w") as f:
+            f.write(text)
+
+
+def read_results(path):
+    """A pytest-benchmark JSON document, or the JSON lines that benchmarks/conftest.py appends
+    as each result is measured (JITFAST_BENCH_LOG; a torn last line is skipped)."""
+    with open(path) as f:
+        if not path.endswith(".jsonl"):
+            return json.load(f)
+        benches = []
+        for line in f:
+            try:
+                benches.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return {"benchmarks": benches}
 
 
 def main(argv=None):
@@ -179,7 +219,8 @@ def main(argv=None):
                                 description="Benchmark reports and profiles (see benchmarks/).")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("report", help="print the markdown table of a --benchmark-json file") \
-        .add_argument("results", help="the JSON written by pytest --benchmark-json")
+        .add_argument("results", help="the JSON written by pytest --benchmark-json, or the "
+                                      "JSON lines of JITFAST_BENCH_LOG (.jsonl)")
     prof = sub.add_parser("profile", help="where a training step's and a sampling run's time "
                                           "goes (torch.profiler)")
     prof.add_argument("--preset", help="default: JiT-B/16 on CUDA, JiT-T/8 on the CPU")
@@ -192,15 +233,17 @@ def main(argv=None):
     prof.add_argument("--sample-steps", type=int, help="default: 50 on CUDA, 8 on the CPU")
     prof.add_argument("--device", help="default: cuda when available")
     prof.add_argument("--json", help="also write the profiles as JSON to this file")
+    prof.add_argument("--out", help="also write the markdown to this file")
     args = p.parse_args(argv)
     if args.command == "profile":
         cuda_only = [v for v in args.variant or () if needs_cuda(v)]
         if cuda_only and not torch.cuda.is_available():
             p.error(f"--variant {', '.join(cuda_only)} runs on CUDA only")
-        return profile_report(args)
+        if profile_report(args):
+            sys.exit(1)
+        return
     try:
-        with open(args.results) as f:
-            results = json.load(f)
+        results = read_results(args.results)
     except (OSError, json.JSONDecodeError) as err:
         sys.exit(f"error: cannot read {args.results!r}: {err}")
     print(report(results))

@@ -61,16 +61,15 @@ def training_step(preset, image, batch, variant, device):
 
 
 def sampler(preset, image, steps, batch, variant, device, cfg, interval, method="heun",
-            schedule="linear"):
+            schedule="linear", dtype=None, backend="auto"):
     """A closure sampling `batch` images of a fresh model with `method` (Heun by default),
-    guidance cfg on `interval` (bf16 network on CUDA, as python -m jitfast.sample runs it)."""
+    guidance cfg on `interval`; the network in `dtype`, by default bf16 on CUDA (as python -m
+    jitfast.sample runs it) and float32 elsewhere."""
     torch.manual_seed(0)
-    net = build(preset, input_size=image, num_classes=NUM_CLASSES).to(device)
-    if device.type == "cuda":
-        net = net.to(torch.bfloat16)
+    net = build(preset, input_size=image, num_classes=NUM_CLASSES, backend=backend).to(device)
+    net = net.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
     denoiser = Denoiser(net)
     y = torch.randint(NUM_CLASSES, (batch,), device=device)
     z0 = torch.randn(batch, 3, image, image, device=device)
     return lambda: denoiser.generate(y, steps, method, cfg, interval, z0,
                                      cuda_graphs=SAMPLE_VARIANTS[variant], schedule=schedule)
-

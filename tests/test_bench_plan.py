@@ -30,3 +30,21 @@ def test_plan_picks_and_orders(tmp_path):
 
 def test_plan_brackets_are_literal(tmp_path):
     assert collected("test_sampling[1-e]\n", tmp_path) == []
+
+
+def test_plan_places_the_official_rows(tmp_path):
+    """The official code's rows (benchmarks/test_bench_official.py) are picked by their ids
+    whether or not .official/ exists: without it they are skipped when run, not uncollected."""
+    names = collected("test_train_step[*-eager]\ntest_official_train_step[*]\n"
+                      "test_official_sampling[1]\n", tmp_path)
+    assert [name.split("[")[0] for name in names] == [
+        "test_train_step", "test_official_train_step", "test_official_sampling"]
+
+
+def test_gpu_plan_names_existing_benchmarks(tmp_path):
+    """Each line of benchmarks/gpu_plan.txt names a benchmark function of the suite (its
+    parameters differ on the CPU, so only the names before '[' are checked here)."""
+    functions = {name.split("[")[0] for name in collected("*\n", tmp_path)}
+    lines = (line.split("#", 1)[0].strip()
+             for line in (ROOT / "benchmarks" / "gpu_plan.txt").read_text().splitlines())
+    assert {line.split("[")[0] for line in lines if line} <= functions

@@ -66,9 +66,9 @@ def test_report_table_and_epoch_time(tmp_path, capsys):
     text = report(results)
     lines = text.splitlines()
     assert ("| train step JiT-B/16 | triton | JiT-B/16 | 128x256px | bfloat16 | 100 | 1,000 | – "
-            "| 40.0% | – | – | 1.50 |") in lines
+            "| 40.0% | – | – | 1.50 | – |") in lines
     assert ("| swiglu forward | triton | JiT-B/16 | 128x256px | bfloat16 | 0.02 | – | – "
-            "| 40.0% | 2,680 | 80% | 1.50 |") in lines
+            "| 40.0% | 2,680 | 80% | 1.50 | – |") in lines
     hours = IMAGENET_IMAGES / 1000 / 3600
     assert lines[-1] == f"- JiT-B/16 triton: 1,000 img/s → {hours:.3g} h"
 
@@ -78,6 +78,35 @@ def test_report_table_and_epoch_time(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == text
 
 
+def test_report_vs_official(tmp_path, capsys):
+    """Each row of a group with an "official" row gets the official median over its own;
+    rows of other groups get none."""
+    results = {"benchmarks": [
+        bench("train step JiT-B/16 batch 128", "eager", 0.2),
+        bench("train step JiT-B/16 batch 128", "official", 0.3),
+        bench("sample JiT-B/16 batch 1", "graphs", 0.5, kind="sample"),
+        bench("train step JiT-B/16 batch 128", "triton+graph", 0.08)]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    main(["report", str(path)])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| train step") or line.startswith("| sample")]
+    assert [(row[1], row[-1]) for row in rows] == [
+        ("eager", "1.50 |"), ("official", "1.00 |"), ("triton+graph", "3.75 |"),
+        ("graphs", "– |")]
+
+
 def test_report_of_an_empty_run():
     assert "| benchmark |" in report({"benchmarks": []})
 
+
+
+def test_report_reads_the_results_logged_as_they_finish(tmp_path, capsys):
+    """The JSON lines of JITFAST_BENCH_LOG (a run killed before pytest-benchmark wrote its JSON)
+    give the same table; a line torn by the kill is skipped."""
+    results = [bench("train step JiT-B/16", "eager", 0.2), bench("train step JiT-B/16",
+                                                                  "triton", 0.1)]
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(b) + "\n" for b in results) + '{"group": "sam')
+    main(["report", str(path)])
+    assert capsys.readouterr().out.strip() == report({"benchmarks": results})

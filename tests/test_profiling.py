@@ -69,6 +69,27 @@ def test_profile_command(tmp_path, capsys):
     assert all(p["busy_ms"] <= p["wall_ms"] for p in profiles)
 
 
+def test_a_failing_profile_part_keeps_the_others(tmp_path, capsys, monkeypatch):
+    """Each part is printed and saved as soon as it is done; a part that fails is reported,
+    the others still run, and the command exits non-zero."""
+    import jitfast.workloads
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(jitfast.workloads, "sampler", broken)
+    path, markdown = tmp_path / "profile.json", tmp_path / "profile.md"
+    with pytest.raises(SystemExit) as exit:
+        main(["profile", "--preset", "JiT-T/4", "--image-size", "16", "--batch", "3",
+              "--variant", "eager", "--json", str(path),
+              "--out", str(markdown)])
+    assert exit.value.code == 1
+    assert "RuntimeError: capture failed" in capsys.readouterr().out
+    names = [p["name"] for p in json.loads(path.read_text())["profiles"]]
+    assert names == ["train step JiT-T/4 16px batch 3 (eager)"]
+    text = markdown.read_text()
+    assert "### train step" in text and "### sampling" in text and "failed" in text
+
+
 def test_profile_refuses_a_cuda_variant_on_the_cpu():
     if torch.cuda.is_available():
         pytest.skip("CUDA variants run here")

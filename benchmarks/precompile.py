@@ -1,0 +1,83 @@
+"""What a GPU run of benchmarks/device_check.sh compiles, measured without a GPU: the Triton kernel
+variants and autotune keys that the plan's workloads launch — a training step of each preset
+(Triton kernels, bf16 autocast as on CUDA) and the planned samplers (bf16 network, guidance on
+[0.1, 1]) — each variant compiled for sm_90 (every autotune config, as the tuner compiles them)
+into Triton's cache, with the time it takes.
+
+    python benchmarks/precompile.py [--presets JiT-B/16 JiT-L/16] [--arch 90]
+
+The workloads run at batch 1 on the CPU with the kernels compiled but not run (their outputs are
+garbage; only what is launched matters): the variants do not depend on the batch (the token
+counts, 256 and 288, are multiples of 16 at any batch), but the autotune keys' size buckets do,
+so the count of keys is that of batch 1. Needs Triton 3, no TRITON_INTERPRET.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jitfast.kernels import _common, offline  # noqa: E402  (after the checkout joins the path)
+
+
+class Compiler:
+    """Compiles each new variant as it is launched; counts variants, tuning keys and seconds."""
+
+    def __init__(self):
+        self.variants, self.tuning_keys, self.seconds = set(), set(), 0.0
+
+    def launch(self, kernel, args, kwargs):
+        key = offline.variant_key(kernel, args, kwargs)
+        if key not in self.variants:
+            self.variants.add(key)
+            start = time.perf_counter()
+            offline.compile_variant(kernel, args, kwargs)
+            self.seconds += time.perf_counter() - start
+
+    def summary(self):
+        kernels = sorted({name for name, _ in self.variants})
+        return (f"{len(self.variants)} variants of {len(kernels)} kernels, "
+                f"{len(self.tuning_keys)} autotune keys, {self.seconds:.1f} s of compiling")
+
+
+def training(preset):
+    from jitfast.workloads import training_step
+    with torch.autocast("cpu", torch.bfloat16):  # the kernels' operands as CUDA autocast casts them
+        training_step(preset, 256, 1, "triton", torch.device("cpu"))()
+
+
+def sampling(preset, method, steps, schedule):
+    from jitfast.workloads import sampler
+    run = sampler(preset, 256, steps, 1, "eager", torch.device("cpu"), 2.9, (0.1, 1.0), method,
+                  schedule, dtype=torch.bfloat16, backend="triton")  # as "auto" on CUDA
+    with torch.no_grad():
+        run()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["JiT-B/16", "JiT-L/16", "JiT-H/16"])
+    p.add_argument("--arch", type=int, default=90)
+    args = p.parse_args(argv)
+    compiler = Compiler()
+    offline.intercept(args.arch, compiler.launch, on_tune=compiler.tuning_keys.add,
+                      every_config=True)
+    _common.INTERPRET = True  # use_kernel: CPU tensors go to the kernels
+    torch.set_num_threads(os.cpu_count())
+    work = [(f"train step {preset}", training, (preset,)) for preset in args.presets]
+    # Heun's kinds of evaluation (unguided, guided, Heun's second) all occur within 3 steps
+    work += [("sampling JiT-B/16 heun", sampling, ("JiT-B/16", "heun", 3, "linear")),
+             ("sampling JiT-B/16 unipc2 cosine", sampling, ("JiT-B/16", "unipc2", 4, "cosine"))]
+    for name, fn, fn_args in work:
+        start = time.perf_counter()
+        fn(*fn_args)
+        print(f"{name}: {time.perf_counter() - start:.1f} s; so far {compiler.summary()}",
+              flush=True)
+    print(f"in all: {compiler.summary()} for sm_{args.arch} "
+          f"(cache: {os.environ.get('TRITON_CACHE_DIR', '~/.triton/cache')})")
+
+
+if __name__ == "__main__":
+    main()

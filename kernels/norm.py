@@ -62,7 +62,8 @@ def _vector(PTR, D, BLOCK_D: tl.constexpr):
 @autotune(FWD_CONFIGS, key=KEY)
 @tile_rows("BLOCK_D")
 @triton.jit
-def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps, ROW_BUCKET,
+def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, s_g, s_sh, s_sc, eps,
+                       ROW_BUCKET,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (tile, sample) handles BLOCK_M rows of one sample (TILE only sets BLOCK_M)."""
@@ -71,15 +72,15 @@ def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps, ROW_BUCKE
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-        x_new = (x + _vector(G + sample * D, D, BLOCK_D) * h).to(XN.dtype.element_ty)
+        x_new = (x + _vector(G + sample * s_g, D, BLOCK_D) * h).to(XN.dtype.element_ty)
         tl.store(XN + offs, x_new, mask=mask)
         x = x_new.to(tl.float32)  # normalise what was stored, as the reference does
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
         u = x * rstd[:, None] * _vector(W, D, BLOCK_D)
         if HAS_MOD:
-            scale = _vector(SC + sample * D, D, BLOCK_D)
-            u = u * (1.0 + scale) + _vector(SH + sample * D, D, BLOCK_D)
+            scale = _vector(SC + sample * s_sc, D, BLOCK_D)
+            u = u * (1.0 + scale) + _vector(SH + sample * s_sh, D, BLOCK_D)
         tl.store(U + offs, u, mask=mask)
         tl.store(RSTD + rows, rstd, mask=row_mask)
 
@@ -88,7 +89,7 @@ def _residual_norm_fwd(X, H, G, W, SH, SC, XN, U, RSTD, n_tok, D, eps, ROW_BUCKE
 @tile_rows("BLOCK_D")
 @triton.jit
 def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART, DSC_PART,
-                       DG_PART, n_tok, D, ROW_BUCKET,
+                       DG_PART, n_tok, D, s_g, s_sc, ROW_BUCKET,
                        HAS_GATE: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
                        BLOCK_D: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (chunk, sample) handles a run of its sample's tiles and writes its partial sums of
@@ -100,9 +101,9 @@ def _residual_norm_bwd(DXN, DU, XN, H, G, W, SC, RSTD, DX, DH, DW_PART, DSH_PART
     if HAS_NORM:
         w = _vector(W, D, BLOCK_D)
         if HAS_MOD:
-            sc = _vector(SC + sample * D, D, BLOCK_D)
+            sc = _vector(SC + sample * s_sc, D, BLOCK_D)
     if HAS_GATE:
-        g = _vector(G + sample * D, D, BLOCK_D)
+        g = _vector(G + sample * s_g, D, BLOCK_D)
     for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
         rows, row_mask, offs, mask = _norm_tile(sample, tile, n_tok, D, BLOCK_M, BLOCK_D)
         dx = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -151,6 +152,14 @@ def _contiguous(*tensors):
     return [t if t is None else t.contiguous() for t in tensors]
 
 
+def _per_sample(*vectors):
+    """The per-sample (B, D) vectors with contiguous rows, and each one's row stride (0 if
+    absent). Rows of a larger tensor stay views: the block's gate, shift and scale are chunks of
+    its (B, 6D) modulation, and copying them cost 6 small kernels per block and evaluation."""
+    vectors = [v if v is None or v.stride(-1) == 1 else v.contiguous() for v in vectors]
+    return vectors, [0 if v is None else v.stride(0) for v in vectors]
+
+
 def _promoted(dtype, *tensors):
     """dtype promoted with those of the tensors given (None skipped), as elementwise ops do."""
     return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None],
@@ -173,11 +182,12 @@ def residual_norm(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[tor
                   scale: Optional[torch.Tensor], eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x_new, u, rstd); the ones the form does not produce are empty."""
-    x, h, gate, weight, shift, scale = _contiguous(x, h, gate, weight, shift, scale)
+    x, h, weight = _contiguous(x, h, weight)
+    (gate, shift, scale), strides = _per_sample(gate, shift, scale)
     groups, n_tok, D, flags = _launch_args(x, h, weight, shift)
     x_new, u, rstd = _outputs(x, h, gate, weight, shift, scale)
     _residual_norm_fwd[lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), groups)](
-        x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, eps, **flags)
+        x, h, gate, weight, shift, scale, x_new, u, rstd, n_tok, D, *strides, eps, **flags)
     return x_new, u, rstd
 
 
@@ -201,15 +211,15 @@ def residual_norm_backward(dx_new: torch.Tensor, du: torch.Tensor, x_normed: tor
                                       torch.Tensor, torch.Tensor]:
     """Grads (dx, dh, dgate, dweight, dshift, dscale), empty for absent inputs. x_normed is the
     tensor that was normalised: x_new for the gated form, else x."""
-    tensors = _contiguous(dx_new, du, x_normed, h, gate, weight, shift, scale)
-    dx_new, du, x_normed, h, gate, weight, shift, scale = tensors
+    dx_new, du, x_normed, h, weight = _contiguous(dx_new, du, x_normed, h, weight)
+    (gate, shift, scale), (s_g, _, s_sc) = _per_sample(gate, shift, scale)
     groups, n_tok, D, flags = _launch_args(x_normed, h, weight, shift)
     chunks = reduction_programs(groups, n_tok, x_normed.device)
     part = x_normed.new_empty(4, groups, chunks, D, dtype=torch.float32)
     dx, dh, dgate, dweight, dshift, dscale = _grads(x_normed, h, gate, weight, shift, scale)
     _residual_norm_bwd[(chunks, groups)](dx_new, du, x_normed, h, gate, weight, scale, rstd, dx,
                                          dh, part[0], part[1], part[2], part[3], n_tok, D,
-                                         **flags)
+                                         s_g, s_sc, **flags)
     for grad, partial, dims in ((dweight, part[0], (0, 1)), (dshift, part[1], 1),
                                 (dscale, part[2], 1), (dgate, part[3], 1)):
         if grad.numel():

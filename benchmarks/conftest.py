@@ -20,9 +20,9 @@ import time
 import pytest
 import torch
 
-from jitfast.bench import environment, throughput
-from jitfast.files import append_line
-from jitfast.train import set_cpu_threads
+from jitfast.measure.throughput import environment, throughput
+from jitfast.util.files import append_line
+from jitfast.util.threads import set_cpu_threads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"

@@ -43,13 +43,13 @@ class Compiler:
 
 
 def training(preset):
-    from jitfast.workloads import training_step
+    from jitfast.measure.workloads import training_step
     with torch.autocast("cpu", torch.bfloat16):  # the kernels' operands as CUDA autocast casts them
         training_step(preset, 256, 1, "triton", torch.device("cpu"))()
 
 
 def sampling(preset, method, steps, schedule):
-    from jitfast.workloads import sampler
+    from jitfast.measure.workloads import sampler
     run = sampler(preset, 256, steps, 1, "eager", torch.device("cpu"), 2.9, (0.1, 1.0), method,
                   schedule, dtype=torch.bfloat16, backend="triton")  # as "auto" on CUDA
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """SDPA's CUDA backends for JiT's attention, forward and backward: each backend pinned alone
-(cuDNN, FlashAttention-2, memory-efficient) and jitfast's choice (``jitfast.attention``, the
+(cuDNN, FlashAttention-2, memory-efficient) and jitfast's choice (``jitfast.network.attention``, the
 baseline), in bf16 at 288 tokens (256 patches + 32 in-context) and head dims 64 (B/16, L/16)
 and 80 (H/16). CUDA only: the CPU's attention is measured in test_bench_forward.py."""
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import DEVICE, needs_cuda
-from jitfast.attention import attention
+from jitfast.network.attention import attention
 
 # (model, batch, heads, head dim)
 SHAPES = [("JiT-B/16", 128, 12, 64), ("JiT-L/16", 64, 16, 64), ("JiT-H/16", 64, 16, 80)]

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_CUDA
-from jitfast.data import StepBatches, default_workers, make_loader, open_dataset, to_model_input
-from jitfast.diffusion import Denoiser
-from jitfast.draws import StepDraws
-from jitfast.images import save_png
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.io.images import save_png
+from jitfast.network.presets import build
 from jitfast.prepare import prepare
-from jitfast.presets import build
-from jitfast.shapes import ShapesDataset
+from jitfast.training.data import (StepBatches, default_workers, make_loader, open_dataset,
+                                   to_model_input)
+from jitfast.training.draws import StepDraws
+from jitfast.training.shapes import ShapesDataset
 
 SIZE, BATCH, FOLDER_SIZE = 256, 128, 64
 IMAGES = 3 * BATCH  # in the memmap and the folder: a few hundred, generated in a few seconds

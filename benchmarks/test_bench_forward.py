@@ -8,8 +8,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conftest import DEVICE, ON_CUDA
-from jitfast.bench import forward_flops
-from jitfast.presets import build
+from jitfast.measure.throughput import forward_flops
+from jitfast.network.presets import build
 
 PRESET, IMAGE, BATCH = "JiT-B/16", 256, 2
 # variant -> (attn_scores_fp32, SDPA backends pinned around the forward or None)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import DEVICE, DTYPE, ON_CUDA, needs_cuda
-from jitfast import ops
-from jitfast.presets import preset_config
+from jitfast.functional import ops
+from jitfast.network.presets import preset_config
 
 # (preset, image size, batch)
 SIZES = [("JiT-B/16", 256, 128), ("JiT-L/16", 256, 128), ("JiT-H/16", 256, 64)] if ON_CUDA \

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_CUDA, REPEATS
-from jitfast.bench import TRAIN_FACTOR, forward_flops
-from jitfast.presets import preset_config
-from jitfast.workloads import NUM_CLASSES, random_batch
+from jitfast.measure.throughput import TRAIN_FACTOR, forward_flops
+from jitfast.measure.workloads import NUM_CLASSES, random_batch
+from jitfast.network.presets import preset_config
 from test_bench_sampling import CFG, INTERVAL, MATCHED_BATCHES, SIZE, network_passes, shape
 from test_bench_train import SIZES
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_CUDA, needs_cuda
-from jitfast.bench import forward_flops
-from jitfast.sampling import make_grid
-from jitfast.sampling.official import Grid
-from jitfast.workloads import SAMPLE_VARIANTS, sampler
+from jitfast.diffusion.sampling import make_grid
+from jitfast.diffusion.sampling.official import Grid
+from jitfast.measure.throughput import forward_flops
+from jitfast.measure.workloads import SAMPLE_VARIANTS, sampler
 
 # (preset, image size, ODE steps, batches)
 SIZE = ("JiT-B/16", 256, 50, (1, 16, 128, 256)) if ON_CUDA else ("JiT-T/8", 64, 8, (1, 8))

@@ -1,12 +1,14 @@
 """Training throughput: one optimizer step (forward, backward, AdamW, both EMAs) in images/s and
-MFU for each variant of ``jitfast.workloads.TRAIN_VARIANTS``: the PyTorch reference eager (the
-baseline) and compiled; on CUDA the Triton kernels eager, compiled, with torch.compile's CUDA
+MFU for each variant of ``jitfast.measure.workloads.TRAIN_VARIANTS``: the PyTorch reference eager
+(the baseline) and compiled; on CUDA the Triton kernels eager, compiled, with torch.compile's CUDA
 graphs of the model, and with the whole step replayed from one CUDA graph."""
 import pytest
 
 from conftest import DEVICE, ON_CUDA, needs_cuda
-from jitfast.bench import TRAIN_FACTOR, forward_flops
-from jitfast.workloads import TRAIN_VARIANTS, needs_cuda as cuda_variant, training_step
+from jitfast.measure.throughput import TRAIN_FACTOR, forward_flops
+from jitfast.measure.workloads import TRAIN_VARIANTS
+from jitfast.measure.workloads import needs_cuda as cuda_variant
+from jitfast.measure.workloads import training_step
 
 # (preset, image size, batch)
 SIZES = [("JiT-B/16", 256, 128), ("JiT-B/16", 256, 256), ("JiT-L/16", 256, 64),

@@ -10,13 +10,19 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")) \
         and os.path.isfile(os.path.join(_root, "kernels", "__init__.py")):
     __path__.append(_root)
 
-from jitfast.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from jitfast.diffusion import Denoiser
-from jitfast.ema import EMA
+from jitfast.diffusion.denoiser import Denoiser
 from jitfast.export import export
-from jitfast.model import JiT
-from jitfast.presets import JiT_models
-from jitfast.transfer import TransferError, transfer
+from jitfast.io import pretrained
+from jitfast.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from jitfast.network.model import JiT
+from jitfast.network.presets import JiT_models
+from jitfast.network.transfer import TransferError, transfer
+from jitfast.training.ema import EMA
+
+# The network knows nothing of files or the Hub (jitfast.io is a layer above it, docs/design.md);
+# JiT.from_pretrained and net.save_pretrained are the io layer's functions, attached here.
+JiT.from_pretrained = staticmethod(pretrained.from_pretrained)
+JiT.save_pretrained = pretrained.save_pretrained
 
 # `python -m jitfast.export` runs as __main__ the module imported above for `jitfast.export(...)`;
 # runpy warns about that, harmlessly

@@ -15,9 +15,9 @@ import argparse
 import os
 import sys
 
-from jitfast.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_from_checkpoint,
-                                read_checkpoint, select_weights)
-from jitfast.weights.pretrained import save_pretrained
+from jitfast.io.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_from_checkpoint,
+                                   read_checkpoint, select_weights)
+from jitfast.io.pretrained import save_pretrained
 
 LAYOUTS = ("official", "diffusers", "jitfast")
 

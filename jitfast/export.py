@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
-from jitfast.diffusion import SPACES
-from jitfast.model import JiT
+from jitfast.diffusion.denoiser import SPACES
+from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
+from jitfast.network.model import JiT
 
 FORMAT_VERSION = 1  # of the metadata below; jitfast-sample refuses other versions
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

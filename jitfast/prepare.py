@@ -13,7 +13,7 @@ from multiprocessing import Pool
 
 import numpy as np
 
-from jitfast.data import DataError, check_sizes, load_image, scan_folder
+from jitfast.training.data import DataError, check_sizes, load_image, scan_folder
 
 
 def decode(job):

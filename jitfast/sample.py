@@ -11,16 +11,16 @@ import os
 import numpy as np
 import torch
 
-from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
-from jitfast.diffusion import Denoiser
-from jitfast.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
-from jitfast.files import (WriteError, atomic_write, atomic_write_json,
-                           report_size_limit_as_error)
-from jitfast.images import image_grid, load_png, save_png, to_uint8
-from jitfast.presets import preset_config
-from jitfast.progress import Progress
-from jitfast.runfolder import FolderLock, RunFolderError, command_line
-from jitfast.sampling import METHODS, SCHEDULES
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.sampling import METHODS, SCHEDULES
+from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
+from jitfast.io.images import image_grid, load_png, save_png, to_uint8
+from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
+from jitfast.network.presets import preset_config
+from jitfast.training.progress import Progress
+from jitfast.training.runfolder import FolderLock, RunFolderError, command_line
+from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
+                                report_size_limit_as_error)
 
 GRID_IMAGES = 64
 # settings that change the images: a folder is resumed only with the same ones

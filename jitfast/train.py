@@ -3,12 +3,11 @@ minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --im
 --data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
 
 Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
-are functions of (seed, step, example) (``jitfast.draws``), and the global RNG (dropout) is
+are functions of (seed, step, example) (``jitfast.training.draws``), and the global RNG (dropout) is
 re-seeded from (seed, step, rank) every step. So a resumed run repeats an uninterrupted one loss
 for loss, and N processes with global batch B reproduce one process with batch B.
 """
 import argparse
-import glob
 import math
 import os
 import sys
@@ -19,22 +18,26 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from jitfast.checkpoint import CheckpointError, atomic_save, read_checkpoint
-from jitfast.data import DataError, StepBatches, make_loader, open_dataset, to_model_input
-from jitfast.diffusion import Denoiser
-from jitfast.draws import StepDraws, seed_of
-from jitfast.ema import EMA
-from jitfast.files import WriteError, report_size_limit_as_error
-from jitfast.images import image_grid, save_png, to_uint8
-from jitfast.markers import phase
-from jitfast.presets import JiT_models
-from jitfast.progress import MetricsLog, Progress
-from jitfast.runfolder import RunFolderError, TrainingFolder, command_line
-from jitfast.sampling import METHODS, SCHEDULES, check_settings
-from jitfast.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state, set_lr,
-                          train_step)
-from jitfast.transfer import TransferError, transferred_run
-from jitfast.weights.files import save_training_weights
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
+from jitfast.io.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from jitfast.io.images import image_grid, save_png, to_uint8
+from jitfast.io.weight_files import save_training_weights
+from jitfast.network.presets import JiT_models
+from jitfast.network.transfer import TransferError
+from jitfast.training.data import DataError, StepBatches, make_loader, open_dataset, to_model_input
+from jitfast.training.draws import StepDraws, seed_of
+from jitfast.training.ema import EMA
+from jitfast.training.parent import transferred_run
+from jitfast.training.progress import MetricsLog, Progress
+from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
+                                        latest_checkpoint)
+from jitfast.training.schedule import lr_at
+from jitfast.training.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state,
+                                   set_lr, train_step)
+from jitfast.util.files import WriteError, report_size_limit_as_error
+from jitfast.util.markers import phase
+from jitfast.util.threads import set_cpu_threads
 
 SMALL_ARCHS = ("N", "T", "S")  # CPU-sized presets: minutes of training, not epochs
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
@@ -88,7 +91,8 @@ def parse_args(argv=None):
     add("--init-from", default=None,
         help="start a new run from a checkpoint at a lower resolution (any file load_checkpoint "
              "reads): its network transferred to --image-size with --model's patch size "
-             "(jitfast.transfer), a fresh optimizer, both EMAs from the transferred weights")
+             "(jitfast.network.transfer), a fresh optimizer, both EMAs from the transferred "
+             "weights")
     add("--init-weights", default="ema1", choices=("ema1", "ema2", "model"),
         help="which weights of the --init-from checkpoint")
     add("--overwrite", action="store_true",
@@ -172,22 +176,6 @@ def setup_distributed(device_arg):
     return rank, world, device
 
 
-def set_cpu_threads(threads, world):
-    """All cores, shared among the processes of this machine (unless told)."""
-    if threads is None:
-        threads = max(1, len(os.sched_getaffinity(0)) // world)
-    torch.set_num_threads(threads)
-
-
-def lr_at(step, args, base_lr):
-    if step < args.warmup_steps:
-        return base_lr * (step + 1) / args.warmup_steps
-    if args.schedule == "constant":
-        return base_lr
-    done = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
-    return args.min_lr + (base_lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * done))
-
-
 def checkpointed(block):
     """Recompute `block` in the backward pass; state-dict keys stay unchanged."""
     forward = block.forward
@@ -216,15 +204,6 @@ def build(args, num_classes, device, world, net=None):
         ids = [device.index] if device.type == "cuda" else None
         return denoiser, DistributedDataParallel(denoiser, device_ids=ids)
     return denoiser, denoiser
-
-
-def latest_checkpoint(path):
-    if os.path.isfile(path):
-        return path
-    found = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
-    if not os.path.isdir(path) or not found:
-        raise CheckpointError(f"--resume {path!r}: no checkpoint-*.pt file there")
-    return found[-1]
 
 
 def full_state(denoiser, ema, optimizer, fsdp):
@@ -414,7 +393,8 @@ def run(args, rank, world, device, folder):
             y = labels.to(device, non_blocking=True)
             t, noise, drop = draws(step, rank * local, local, noise)
             y = torch.where(drop, null, y)
-        set_lr(optimizer, lr_at(step, args, base_lr))
+        set_lr(optimizer, lr_at(step, base_lr, args.steps, args.warmup_steps, args.schedule,
+                                args.min_lr))
         loss_sum += step_fn(x, y, t, noise)
         step += 1
         seen, bad = seen + len(labels), bad + len(unreadable)

@@ -2,7 +2,7 @@
 
 Kernels run for CUDA tensors. Under ``TRITON_INTERPRET=1`` (read once, before Triton decorates
 any kernel) they also run for CPU tensors, which is how the test suite exercises them without a
-GPU; otherwise CPU tensors go to the pure-PyTorch reference in ``jitfast.ops``.
+GPU; otherwise CPU tensors go to the pure-PyTorch reference in ``jitfast.functional.ops``.
 """
 import os
 from functools import lru_cache

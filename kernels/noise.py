@@ -5,9 +5,9 @@ with the element's index within the example as the counter: an example's noise i
 whatever batch it is drawn in, so a slice of a batch equals its examples drawn alone, and one
 process drawing a whole batch equals N processes drawing their shares.
 
-The seeds arrive as an int64 tensor already on the device (``jitfast.draws`` builds it in pinned
-memory and copies it explicitly): nothing here makes a host tensor or copies one, so the launch
-may sit inside a captured region.
+The seeds arrive as an int64 tensor already on the device (``jitfast.training.draws`` builds it in
+pinned memory and copies it explicitly): nothing here makes a host tensor or copies one, so the
+launch may sit inside a captured region.
 """
 import math
 from typing import Sequence

@@ -15,12 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from jitfast import ops as ref_ops
-from jitfast.ode import ode_update
+from jitfast.functional import ops as ref_ops
+from jitfast.functional.ode import ode_update
 
 from ._common import (autocast_operands, autotune, dot_precision, empty, gather_matmul,
-                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel,
-                      weight_grad)
+                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel, weight_grad)
 
 # The sampler's one-element time, guidance and step tensors: slices of a run's time grid, 16-byte
 # aligned only at every fourth index. Specialising on their alignment would compile new variants
@@ -159,7 +158,7 @@ def output_head_step_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         base: Optional[torch.Tensor], p: int,
                         t_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One evaluation of the sampler: the velocity v of output_head_velocity_op at the float32
-    state z, and the state it leads to, as ``jitfast.ode.ode_update``: (z + dt·v, v), or
+    state z, and the state it leads to, as ``jitfast.functional.ode.ode_update``: (z + dt·v, v), or
     given Heun's first velocity v_prev from state base, (base + dt·(v_prev + v)/2, empty).
     Inference only (no autograd)."""
     v, state = _head(u, weight, bias, p, z.shape[1], z, t, cfg, t_eps, dt, v_prev, base)
@@ -258,8 +257,8 @@ def output_head_velocity(u, weight, bias, z, t, p, t_eps=0.05, cfg=None):
 def output_head_step(u, weight, bias, z, t, dt, p, t_eps=0.05, cfg=None, v_prev=None,
                      base=None):
     """``output_head_velocity`` and the sampler's state update in one pass: returns
-    ``jitfast.ode.ode_update(v, z, dt, v_prev, base)`` for the velocity v at state z, with
-    v left empty after Heun's second evaluation (v_prev given), which needs none. dt is a (1,)
+    ``jitfast.functional.ode.ode_update(v, z, dt, v_prev, base)`` for the velocity v at state z,
+    with v left empty after Heun's second evaluation (v_prev given), which needs none. dt is a (1,)
     tensor or a float."""
     cfg, dt = _scalar_tensor(cfg, z.device), _scalar_tensor(dt, z.device)
     if not use_kernel(u):

@@ -10,11 +10,10 @@ import torch
 import triton
 import triton.language as tl
 
-from jitfast import ops as ref
+from jitfast.functional import ops as ref
 
 from ._common import (autocast_operands, autotune, block, dot_precision, gather_matmul,
-                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel,
-                      weight_grad)
+                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel, weight_grad)
 
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_J": 64, "BLOCK_D": 64}, num_warps=w)
            for m, w in ((32, 4), (64, 4), (64, 8))]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from jitfast import ops as ref
+from jitfast.functional import ops as ref
 
 from ._common import (autotune, block, program_tiles, reduction_programs, row_bucket, tile_rows,
                       use_kernel)

@@ -3,7 +3,7 @@ import torch
 import triton
 import triton.language as tl
 
-from jitfast import ops as ref
+from jitfast.functional import ops as ref
 
 from ._common import use_kernel
 

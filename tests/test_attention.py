@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from jitfast.attention import attention, attention_backend
+from jitfast.network.attention import attention, attention_backend
 
 
 def explicit_attention(q, k, v):

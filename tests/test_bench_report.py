@@ -3,8 +3,10 @@ import json
 
 import pytest
 
-from jitfast.bench import (IMAGENET_IMAGES, forward_flops, forward_macs, main, peak_tflops,
-                           report, throughput)
+from jitfast.bench import main
+from jitfast.measure.report import report
+from jitfast.measure.throughput import (IMAGENET_IMAGES, forward_flops, forward_macs, peak_tflops,
+                                        throughput)
 
 
 def test_jit_b16_forward_is_about_25_gmac_per_image():

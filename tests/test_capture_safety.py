@@ -10,9 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from jitfast import Denoiser, JiT
-from jitfast.model import timestep_embedding
-from jitfast.sampling import evaluation
-from jitfast.sampling import METHODS, integrate, make_grid
+from jitfast.diffusion.sampling import METHODS, evaluation, integrate, make_grid
+from jitfast.network.model import timestep_embedding
 
 META = torch.device("meta")
 

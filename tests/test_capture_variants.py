@@ -129,9 +129,9 @@ def tiny_denoiser():
 
 
 def run_scenario(what, batch, dtype):
-    from jitfast.ema import EMA
-    from jitfast.sampling import CapturedTrajectory, make_grid
-    from jitfast.step import GraphedTrainStep
+    from jitfast.diffusion.sampling import CapturedTrajectory, make_grid
+    from jitfast.training.ema import EMA
+    from jitfast.training.step import GraphedTrainStep
 
     denoiser = tiny_denoiser()
     y = torch.randint(5, (batch,))

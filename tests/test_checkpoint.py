@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from jitfast import EMA, CheckpointError, Denoiser, JiT, JiT_models, load_checkpoint, \
-    save_checkpoint
-from jitfast.checkpoint import atomic_save
+from jitfast import (EMA, CheckpointError, Denoiser, JiT, JiT_models, load_checkpoint,
+                     save_checkpoint)
+from jitfast.io.checkpoint import atomic_save
 
 OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
 

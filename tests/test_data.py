@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from jitfast.data import (DataError, ImageFolder, MemmapImages, StepBatches, center_crop_arr,
-                          make_loader, open_dataset, to_model_input)
-from jitfast.images import to_uint8
+from jitfast.io.images import to_uint8
 from jitfast.prepare import prepare
-from jitfast.shapes import (CLASSES, EXTENT, NUM_CLASSES, NUM_PARAMS, SHAPES, ShapesDataset,
-                            render)
+from jitfast.training.data import (DataError, ImageFolder, MemmapImages, StepBatches,
+                                   center_crop_arr, make_loader, open_dataset, to_model_input)
+from jitfast.training.shapes import (CLASSES, EXTENT, NUM_CLASSES, NUM_PARAMS, SHAPES,
+                                     ShapesDataset, render)
 
 
 def write_folder(root, sizes_per_class, seed=0):
@@ -38,7 +38,7 @@ def test_shapes_are_deterministic_per_seed_and_index():
 
 
 def test_shapes_items_are_the_float_images_quantised_like_to_uint8():
-    """Training items are uint8, rounded as jitfast.images.to_uint8 rounds (a pixel may differ
+    """Training items are uint8, rounded as jitfast.io.images.to_uint8 rounds (a pixel may differ
     by one where 255·(x+1)/2 falls on a .5 tie in one formula and not the other)."""
     dataset = ShapesDataset(37, seed=1)
     images, labels, bad = dataset.__getitems__([(i, False) for i in (9, 0, 4)])

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from jitfast import Denoiser, JiT
-from jitfast.diffusion import SPACES, convert
+from jitfast.diffusion.denoiser import SPACES, convert
 
 OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
 

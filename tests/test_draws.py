@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from jitfast.draws import StepDraws, generator_noise, seed_of
+from jitfast.training.draws import StepDraws, generator_noise, seed_of
 
 SHAPE = (3, 5, 7)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernel under the interpreter

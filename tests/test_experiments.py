@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from jitfast import JiT
-from jitfast.diffusion import Denoiser
+from jitfast.diffusion.denoiser import Denoiser
 from jitfast.experiments import classifier, samplers, targets, toy, transfer
 from jitfast.experiments.classifier import (frechet_distance, judge, scramble_colours,
                                             train_classifier)
-from jitfast.shapes import ShapesDataset
+from jitfast.training.shapes import ShapesDataset
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ run into an old run's folder, writes past a file-size limit (RLIMIT_FSIZE).
 Each run is a process of its own, forked from a forkserver that imported jitfast once, so a
 start costs milliseconds instead of a torch import. A kill "during a save" is exact: the test
 puts a FIFO where the save's temporary file will be (``<file>.tmp-<pid>``, see
-``jitfast.files.atomic_write``), reads a seeded number of bytes of the file being written from
+``jitfast.util.files.atomic_write``), reads a seeded number of bytes of the file being written from
 it, and kills the writer, blocked mid-write."""
 import fcntl
 import functools
@@ -21,10 +21,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_sample_cli import lively_net
 
 from jitfast import EMA, Denoiser, read_checkpoint, save_checkpoint
-from jitfast.progress import read_metrics
-from test_sample_cli import lively_net
+from jitfast.training.progress import read_metrics
 
 CONTEXT = multiprocessing.get_context("forkserver")
 # torch._dynamo: imported by every AdamW() (4 s), once here
@@ -48,7 +48,7 @@ def entry(module, argv, log, file_size_limit):
     """The child: its output into `log`, an optional file-size limit, then the CLI itself.
     JiT-T/tiny, a preset of this test's (2 blocks of width 64, 4 MB checkpoints instead of
     84 MB), keeps the saves short: the faults are under test here, not the model."""
-    from jitfast.presets import JiT_models, build
+    from jitfast.network.presets import JiT_models, build
     JiT_models["JiT-T/tiny"] = functools.partial(build, "JiT-T/8", depth=2, hidden_size=64,
                                                  num_heads=2, bottleneck_dim=16,
                                                  in_context_len=4, in_context_start=1)

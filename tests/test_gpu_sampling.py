@@ -25,7 +25,8 @@ METHODS = [("heun", "linear"), ("unipc2", "lambda"), ("dpm3m", "linear")]
 def test_graph_replay_equals_eager(dtype, tolerance, batch, method, schedule):
     d = denoiser(dtype)
     y = torch.arange(batch, device="cuda") % 10
-    z0 = torch.randn(batch, 3, 64, 64, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    z0 = torch.randn(batch, 3, 64, 64, device="cuda",
+                     generator=torch.Generator("cuda").manual_seed(0))
     kwargs = dict(steps=6, method=method, cfg=2.5, interval=(0.1, 1.0), z0=z0, schedule=schedule)
     eager = d.generate(y, cuda_graphs=False, **kwargs)
     graphed = d.generate(y, cuda_graphs=True, **kwargs)

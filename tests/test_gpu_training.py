@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from jitfast import train
-from jitfast.progress import read_metrics
+from jitfast.training.progress import read_metrics
 
 pytestmark = pytest.mark.gpu
 ARGS = ["--model", "JiT-T/8", "--image-size", "64", "--batch-size", "32", "--steps", "200",

@@ -145,9 +145,9 @@ def test_triton_backend_under_autocast_within_twice_torch_error():
 def training_run(backend, steps):
     """Losses and final weights of `steps` training steps (AdamW, both EMAs, float32) of a tiny
     JiT on the built-in shapes dataset, with the trainer's step, on one backend."""
-    from jitfast.ema import EMA
-    from jitfast.shapes import ShapesDataset
-    from jitfast.step import make_optimizer, train_step
+    from jitfast.training.ema import EMA
+    from jitfast.training.shapes import ShapesDataset
+    from jitfast.training.step import make_optimizer, train_step
 
     torch.manual_seed(0)
     net = JiT(**{**TINY, "num_classes": 10}, backend=backend)

@@ -1,6 +1,7 @@
-"""Each fused Triton kernel against the PyTorch reference of the same name in jitfast.ops:
-forward and every gradient in float32 on small odd shapes; the head's v-loss, sampling velocity
-and sampler-step epilogues against the Denoiser/sampler formulas; torch.library.opcheck of every
+"""Each fused Triton kernel against the PyTorch reference of the same name in
+jitfast.functional.ops: forward and every gradient in float32 on small odd shapes; the head's
+v-loss, sampling velocity and sampler-step epilogues against the Denoiser/sampler formulas;
+torch.library.opcheck of every
 registered op; bf16 on the GPU (marked gpu). Without a GPU the kernels run on CPU tensors under
 TRITON_INTERPRET=1 (set in conftest.py)."""
 import importlib
@@ -11,11 +12,11 @@ import torch
 triton = pytest.importorskip("triton", reason="the fused kernels need Triton")
 
 from jitfast import kernels  # noqa: E402
-from jitfast import ops as ref  # noqa: E402
-from jitfast.diffusion import convert  # noqa: E402
+from jitfast.diffusion.denoiser import convert  # noqa: E402
+from jitfast.functional import ops as ref  # noqa: E402
+from jitfast.functional.ode import ode_update  # noqa: E402
+from jitfast.functional.positions import rope_2d  # noqa: E402
 from jitfast.kernels import _common  # noqa: E402
-from jitfast.positions import rope_2d  # noqa: E402
-from jitfast.ode import ode_update  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interpreter
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array:DeprecationWarning")

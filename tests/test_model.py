@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jitfast import JiT, JiT_models
-from jitfast.presets import preset_config
+from jitfast.network.presets import preset_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = torch.load(FIXTURES / "official_tiny.pt", weights_only=True)

@@ -20,8 +20,9 @@ import torch
 
 import jitfast
 from jitfast import EMA, Denoiser, JiT, save_checkpoint
-from jitfast.export import ExportError, check_compiled_ops, main as export_main
-from jitfast.images import load_png, to_uint8
+from jitfast.export import ExportError, check_compiled_ops
+from jitfast.export import main as export_main
+from jitfast.io.images import load_png, to_uint8
 
 CONFIG = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2,
               num_classes=5, bottleneck_dim=8, in_context_len=4, in_context_start=1)
@@ -122,7 +123,7 @@ def test_images_equal_python(native, tmp_path, case, pred):
     assert error <= TOLERANCE
     out = np.load(tmp_path / "out.npy")
     assert out.dtype == np.uint8 and out.shape == (len(labels), 16, 16, 3)
-    assert np.array_equal(out, to_uint8(raw))  # jitfast.images.to_uint8, exactly
+    assert np.array_equal(out, to_uint8(raw))  # jitfast.io.images.to_uint8, exactly
     assert np.abs(out.astype(int) - to_uint8(expected)).max() <= 1
     pngs = sorted((tmp_path / "png").iterdir())
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(len(labels))]

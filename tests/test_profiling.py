@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jitfast.bench import main
-from jitfast.profiling import group_of, profile
+from jitfast.measure.profiling import group_of, profile
 
 
 @pytest.mark.parametrize("name, group", [
@@ -72,11 +72,11 @@ def test_profile_command(tmp_path, capsys):
 def test_a_failing_profile_part_keeps_the_others(tmp_path, capsys, monkeypatch):
     """Each part is printed and saved as soon as it is done; a part that fails is reported,
     the others still run, and the command exits non-zero."""
-    import jitfast.workloads
+    import jitfast.measure.workloads
 
     def broken(*args, **kwargs):
         raise RuntimeError("capture failed")
-    monkeypatch.setattr(jitfast.workloads, "sampler", broken)
+    monkeypatch.setattr(jitfast.measure.workloads, "sampler", broken)
     path, markdown = tmp_path / "profile.json", tmp_path / "profile.md"
     with pytest.raises(SystemExit) as exit:
         main(["profile", "--preset", "JiT-T/4", "--image-size", "16", "--batch", "3",

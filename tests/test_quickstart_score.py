@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from test_train import run
 
 from jitfast.experiments import classifier, quickstart
-from jitfast.images import image_grid, to_uint8
-from jitfast.shapes import ShapesDataset
-from test_train import run
+from jitfast.io.images import image_grid, to_uint8
+from jitfast.training.shapes import ShapesDataset
 
 SMALL_JUDGES = {"colour": 60, "colour-blind": 60}
 

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from jitfast.files import WriteError, atomic_write
-from jitfast.progress import MetricsLog, Progress, read_metrics
-from jitfast.runfolder import FolderLock, RunFolderError, TrainingFolder
+from jitfast.training.progress import MetricsLog, Progress, read_metrics
+from jitfast.training.runfolder import FolderLock, RunFolderError, TrainingFolder
+from jitfast.util.files import WriteError, atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,7 @@ import torch
 
 import jitfast.sample as sample_cli
 from jitfast import EMA, Denoiser, JiT, save_checkpoint
-from jitfast.images import to_uint8
+from jitfast.io.images import to_uint8
 
 OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
 FAST = ["--steps", "3", "--cfg", "2.0", "--interval", "0.0", "1.0"]
@@ -164,7 +164,7 @@ def test_fid_needs_torch_fidelity(ckpt, tmp_path, monkeypatch):
 
 def test_fid_says_how_to_provide_inception_weights(monkeypatch, tmp_path):
     """torch-fidelity cannot reach the network: the error names the file and --inception-weights."""
-    from jitfast.fid import EvaluationError, fid_and_inception_score
+    from jitfast.measure.fid import EvaluationError, fid_and_inception_score
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 from jitfast import Denoiser
+from jitfast.diffusion.sampling import EXPONENTIAL_METHODS, SCHEDULES, MultistepGrid
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
-from jitfast.ode import ode_time
-from jitfast.sampling import EXPONENTIAL_METHODS, SCHEDULES, MultistepGrid
+from jitfast.functional.ode import ode_time
 
 Y = torch.tensor([0, 1, 2, 1])
 Z0 = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from jitfast import Denoiser, JiT
-from jitfast.sampling import evaluation
-from jitfast.sampling import guidance_weights
+from jitfast.diffusion.sampling import evaluation, guidance_weights
 
 OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
 
@@ -99,7 +98,8 @@ def test_batched_guidance_equals_separate_passes_and_skips_uncond(precompute, mo
     calls = []
     net.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     denoiser = Denoiser(net)
-    y, z0 = torch.tensor([3, 8, 1]), torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([3, 8, 1])
+    z0 = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     out = denoiser.generate(y, steps=5, method="heun", cfg=3.0, interval=(0.3, 0.7), z0=z0)
     # grid 0, .2, .4, .6, .8, 1: guidance only at .4 and .6, so only those evaluations batch 2B
     weights = guidance_weights(torch.linspace(0, 1, 6), 3.0, (0.3, 0.7))

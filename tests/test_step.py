@@ -2,11 +2,11 @@
 learning rate set in place, fixed shapes), and on a GPU, graph replay equal to eager steps."""
 import pytest
 import torch
+from test_capture_safety import META, NoHostTensors, meta_denoiser
 
 from jitfast import EMA, Denoiser, JiT
-from jitfast.step import (GraphedTrainStep, check_like, make_optimizer, optimizer_state, set_lr,
-                          train_step)
-from test_capture_safety import META, NoHostTensors, meta_denoiser
+from jitfast.training.step import (GraphedTrainStep, check_like, make_optimizer, optimizer_state,
+                                   set_lr, train_step)
 
 
 class NoOptimizer:

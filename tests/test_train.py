@@ -6,14 +6,14 @@ import sys
 import pytest
 import torch
 from PIL import Image
-
-from jitfast import load_checkpoint, read_checkpoint
-from jitfast import train
-from jitfast.data import DataError
-from jitfast.diffusion import Denoiser
-from jitfast.prepare import prepare
-from jitfast.progress import read_metrics
 from test_data import write_folder
+
+from jitfast import load_checkpoint, read_checkpoint, train
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.prepare import prepare
+from jitfast.training.data import DataError
+from jitfast.training.progress import read_metrics
+from jitfast.training.runfolder import latest_checkpoint
 
 TINY = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
         "--sample-steps", "2", "--samples-per-class", "2", "--grid-classes", "3",
@@ -82,7 +82,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, tiny_memmap):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
     # A folder resumes from its latest checkpoint.
-    assert train.latest_checkpoint(str(tmp_path / "full")) == full["checkpoint"]
+    assert latest_checkpoint(str(tmp_path / "full")) == full["checkpoint"]
 
 
 def test_checkpoint_is_official_layout_and_loads(tmp_path):

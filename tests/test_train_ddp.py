@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 from jitfast import read_checkpoint, train
-from jitfast.progress import read_metrics
+from jitfast.training.progress import read_metrics
 
 ARGS = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--steps", "3",
         "--log-every", "1", "--warmup-steps", "1", "--sample-steps", "2",

@@ -3,9 +3,9 @@ nearest upsampling of its input, and bad requests are refused."""
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import run
 
 from jitfast import Denoiser, JiT, TransferError, load_checkpoint, read_checkpoint, train, transfer
-from test_train import run
 
 TINY = dict(in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=7,
             bottleneck_dim=5, in_context_len=3, in_context_start=1)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from jitfast import EMA, CheckpointError, Denoiser, JiT, load_checkpoint
-from jitfast.checkpoint import read_checkpoint, save_checkpoint
 from jitfast.convert import main as convert_main
-from jitfast.weights.configs import diffusers_config, jit_config
-from jitfast.weights.files import save_training_weights
-from jitfast.weights.layouts import detect_layout, from_official, to_official
+from jitfast.io.checkpoint import read_checkpoint, save_checkpoint
+from jitfast.io.configs import diffusers_config, jit_config
+from jitfast.io.layouts import detect_layout, from_official
+from jitfast.io.weight_files import save_training_weights
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL = torch.load(FIXTURES / "official_tiny.pt", weights_only=True)

@@ -7,7 +7,7 @@ import statistics
 
 import torch
 
-from jitfast.checkpoint import atomic_save
+from jitfast.io.checkpoint import atomic_save
 
 
 def pyplot(figure):

@@ -15,8 +15,8 @@ import os
 import torch
 import torch.nn as nn
 
-from jitfast.checkpoint import atomic_save
-from jitfast.shapes import ShapesDataset
+from jitfast.io.checkpoint import atomic_save
+from jitfast.training.shapes import ShapesDataset
 
 # The two judges and their training steps: the colour-blind one needs more to learn shapes.
 JUDGE_STEPS = {"colour": 300, "colour-blind": 800}

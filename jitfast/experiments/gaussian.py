@@ -10,8 +10,8 @@ prediction affine too: guidance then changes the ODE, not its difficulty.
 import torch
 import torch.nn as nn
 
-from jitfast.diffusion import Denoiser
-from jitfast.sampling import guidance_weights
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.sampling import guidance_weights
 
 
 class GaussianNet(nn.Module):

@@ -19,19 +19,19 @@ import time
 
 import torch
 
-from jitfast.checkpoint import (CheckpointError, model_from_checkpoint, read_checkpoint,
-                                training_setting)
-from jitfast.diffusion import Denoiser
+from jitfast.diffusion.denoiser import Denoiser
 from jitfast.experiments.classifier import trained_judges
-from jitfast.images import load_png
-from jitfast.train import latest_checkpoint
+from jitfast.io.checkpoint import (CheckpointError, model_from_checkpoint, read_checkpoint,
+                                   training_setting)
+from jitfast.io.images import load_png
+from jitfast.training.runfolder import latest_checkpoint
 
 REAL_IMAGES = 300  # real images per reference: the judges' accuracy on them, and the floor
 
 
 def grid_tiles(grid, size, columns):
     """(images (B, 3, size, size) in [-1, 1], row index (B,)) of a grid PNG's tiles, row-major,
-    as ``jitfast.images.image_grid`` laid them out."""
+    as ``jitfast.io.images.image_grid`` laid them out."""
     rows, width = grid.shape[0] // size, grid.shape[1] // size
     if (grid.shape[0] % size or grid.shape[1] % size or width != columns
             or grid.shape[2] != 3):
@@ -94,7 +94,8 @@ def report(result):
         c, b = result[kind]["colour"], result[kind]["colour-blind"]
         lines.append(f"{kind:10} {c['accuracy']:10.3f} {c['frechet']:10.1f} "
                      f"{b['accuracy']:10.3f} {b['frechet']:10.1f}")
-    lines.append(f"colour-blind ratio (samples / real): grid {result['grid_colour_blind_ratio']:.3f}"
+    lines.append("colour-blind ratio (samples / real): grid "
+                 f"{result['grid_colour_blind_ratio']:.3f}"
                  f", {result['samples_per_class']} per class "
                  f"{result['samples_colour_blind_ratio']:.3f}")
     return "\n".join(lines)

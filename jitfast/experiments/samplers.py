@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from jitfast.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
-from jitfast.diffusion import Denoiser
+from jitfast.diffusion.denoiser import Denoiser
 from jitfast.experiments import pyplot
 from jitfast.experiments.classifier import trained_judges
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
+from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 
 GUIDED, UNGUIDED = (3.0, (0.1, 1.0)), (1.0, (0.0, 1.0))  # (cfg, interval)
 REFERENCE_STEPS = 400  # Heun

@@ -17,19 +17,16 @@ import argparse
 import json
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 
-from jitfast.diffusion import SPACES, Denoiser
-from jitfast.ema import EMA
+from jitfast.diffusion.denoiser import SPACES, Denoiser
 from jitfast.experiments import cached, mean_std
 from jitfast.experiments.classifier import trained_judges
-from jitfast.images import image_grid, save_png, to_uint8
-from jitfast.model import JiT
-from jitfast.shapes import ShapesDataset
-from jitfast.step import set_lr, train_step
-from jitfast.train import lr_at
+from jitfast.io.images import image_grid, save_png, to_uint8
+from jitfast.network.model import JiT
+from jitfast.training.loop import fit
+from jitfast.training.shapes import ShapesDataset
 
 NETWORK = dict(hidden_size=64, depth=4, num_heads=4, in_context_len=4, in_context_start=1,
                num_classes=10, backend="torch")
@@ -45,23 +42,16 @@ QUICK = dict(steps=60, batch=16, samples_per_class=4, sample_steps=5, classifier
 
 
 def train_denoiser(size, patch, bottleneck, pred, loss, steps, batch, seed=0, lr=3e-3):
-    """A Denoiser trained on fresh shapes images with the trainer's step, warm-up and EMA;
-    returns (denoiser, its EMA)."""
+    """A Denoiser trained on fresh shapes images (jitfast.training.loop.fit); returns
+    (denoiser, its EMA)."""
     torch.manual_seed(seed)
     net = JiT(input_size=size, patch_size=patch, bottleneck_dim=bottleneck, **NETWORK)
     net.check_values = False
     denoiser = Denoiser(net, pred=pred, loss=loss)
-    ema = EMA(denoiser, (0.99,))
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=0.0)
-    schedule = SimpleNamespace(warmup_steps=min(50, steps // 4), schedule="constant")
-    data = ShapesDataset(size, steps * batch, seed)
-    for step in range(steps):
-        x, y = data.batch(range(step * batch, (step + 1) * batch))
-        set_lr(optimizer, lr_at(step, schedule, lr))
-        loss_value = train_step(denoiser, denoiser, optimizer, ema, x, y, None, None)
-        if not torch.isfinite(loss_value):
-            raise RuntimeError(f"{pred}-pred/{loss}-loss: non-finite loss at step {step}")
+    try:
+        ema, _ = fit(denoiser, ShapesDataset(size, steps * batch, seed), steps, batch, lr, 0.99)
+    except RuntimeError as err:
+        raise RuntimeError(f"{pred}-pred/{loss}-loss: {err}") from None
     return denoiser, ema
 
 

@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
 
-from jitfast.diffusion import SPACES, Denoiser
+from jitfast.diffusion.denoiser import SPACES, Denoiser
 from jitfast.experiments import mean_std
-from jitfast.images import save_png
+from jitfast.io.images import save_png
 
 
 def spiral(n, generator):

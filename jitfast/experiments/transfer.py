@@ -1,5 +1,5 @@
 """Resolution transfer at CPU scale (DESIGN.md §9): does a JiT trained at 32 px, transferred to
-64 px by ``jitfast.transfer`` (same 8x8 token grid, patch 4 -> 8, noise scale 1 -> 2), beat
+64 px by ``jitfast.network.transfer`` (same 8x8 token grid, patch 4 -> 8, noise scale 1 -> 2), beat
 training at 64 px from scratch?
 
 Per seed: a parent at 32 px, patch 4, trained P steps; four children at 64 px, patch 8, noise
@@ -19,22 +19,19 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from jitfast.diffusion import Denoiser
-from jitfast.ema import EMA
+from jitfast.diffusion.denoiser import Denoiser
 from jitfast.experiments import cached, mean_std, pyplot
 from jitfast.experiments.classifier import trained_judges
-from jitfast.images import image_grid, save_png, to_uint8
-from jitfast.model import JiT
-from jitfast.shapes import ShapesDataset
-from jitfast.step import set_lr, train_step
-from jitfast.train import lr_at
-from jitfast.transfer import transfer
+from jitfast.io.images import image_grid, save_png, to_uint8
+from jitfast.network.model import JiT
+from jitfast.network.transfer import transfer
+from jitfast.training.loop import fit
+from jitfast.training.shapes import ShapesDataset
 
 NETWORK = dict(hidden_size=96, depth=4, num_heads=4, bottleneck_dim=32, in_context_len=4,
                in_context_start=1, num_classes=10, backend="torch")
@@ -57,21 +54,12 @@ def new_denoiser(resolution, seed):
     return Denoiser(net, noise_scale=noise_scale)
 
 
-def fit(denoiser, steps, config, data_seed):
-    """Train `denoiser` in place (the trainer's step, warm-up and AdamW betas, fresh images);
-    returns (its EMA, started from its current weights, and the loss of every step)."""
+def train_on_shapes(denoiser, steps, config, data_seed):
+    """Train `denoiser` in place on fresh shapes images (jitfast.training.loop.fit); returns its
+    EMA, started from its current weights, and the loss of every step."""
     torch.manual_seed(data_seed)  # times, noise and label drops
-    ema = EMA(denoiser, (config["ema"],))
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config["lr"], betas=(0.9, 0.95),
-                                  weight_decay=0.0)
-    schedule = SimpleNamespace(warmup_steps=min(50, steps // 4), schedule="constant")
     data = ShapesDataset(denoiser.net.input_size, steps * config["batch"], data_seed)
-    losses, batch = [], config["batch"]
-    for step in range(steps):
-        x, y = data.batch(range(step * batch, (step + 1) * batch))
-        set_lr(optimizer, lr_at(step, schedule, config["lr"]))
-        losses.append(train_step(denoiser, denoiser, optimizer, ema, x, y, None, None).item())
-    return ema, losses
+    return fit(denoiser, data, steps, config["batch"], config["lr"], config["ema"])
 
 
 def sample(denoiser, ema, labels, config, seed):
@@ -86,7 +74,7 @@ def sample(denoiser, ema, labels, config, seed):
 def run_seed(seed, config, labels, log):
     """Train the parent and the four children of one seed; (samples by arm, losses by arm)."""
     parent = new_denoiser(PARENT, seed)
-    parent_ema, parent_losses = fit(parent, config["parent_steps"], config, seed)
+    parent_ema, parent_losses = train_on_shapes(parent, config["parent_steps"], config, seed)
     with parent_ema.swapped(1):
         child_net = transfer(parent.net, CHILD[0], CHILD[1])
     log(f"seed {seed}: parent trained, final loss {np.mean(parent_losses[-20:]):.4f}")
@@ -94,12 +82,13 @@ def run_seed(seed, config, labels, log):
     transferred = Denoiser(child_net, noise_scale=CHILD[2])
     samples["transferred"] = sample(transferred, None, labels, config, seed)
     transferred.train()
-    ema, losses["transferred + N"] = fit(transferred, config["steps"], config, CHILD_DATA + seed)
+    ema, losses["transferred + N"] = train_on_shapes(transferred, config["steps"], config,
+                                                     CHILD_DATA + seed)
     samples["transferred + N"] = sample(transferred, ema, labels, config, seed)
     for arm, steps in (("scratch N", config["steps"]),
                        ("scratch P + N", config["parent_steps"] + config["steps"])):
         scratch = new_denoiser(CHILD, seed)
-        ema, losses[arm] = fit(scratch, steps, config, CHILD_DATA + seed)
+        ema, losses[arm] = train_on_shapes(scratch, steps, config, CHILD_DATA + seed)
         samples[arm] = sample(scratch, ema, labels, config, seed)
         log(f"seed {seed}: {arm} trained, final loss {np.mean(losses[arm][-20:]):.4f}")
     return samples, losses
@@ -151,7 +140,7 @@ def loss_figure(losses, config, path):
 
 
 def markdown_table(results, reference, config):
-    lines = [f"| child at 64 px (patch 8) | steps at 64 px | "
+    lines = ["| child at 64 px (patch 8) | steps at 64 px | "
              + " | ".join(f"{j} accuracy | {j} Fréchet" for j in JUDGES) + " |",
              "| --- | --- |" + " --- | --- |" * len(JUDGES)]
     steps = {"transferred": 0, "transferred + N": config["steps"], "scratch N": config["steps"],

@@ -1,0 +1,1 @@
+"""The flow-matching objective (Denoiser) and the samplers of its ODE."""

@@ -1,0 +1,129 @@
+"""The flow-matching objective: z_t = t·x + (1-t)·e, t = 1 clean, velocity v = x - e.
+
+The network output is read as one prediction target (x, e or v) and the loss is an MSE in one
+loss space (x, e or v). Conversions go through the velocity, with the divisions by 1-t (from x)
+and by t (from e) clamped at t_eps:
+    v from x: (x - z)/max(1-t, t_eps)        v from e: (z - e)/max(t, t_eps)
+    x from v: z + (1-t)·v                    e from v: z - t·v
+"""
+import torch
+import torch.nn as nn
+
+from jitfast.diffusion.sampling import generate, invert
+from jitfast.network.backend import head_kernels
+
+SPACES = ("x", "e", "v")
+
+
+def convert(u, src, dst, z, t, t_eps):
+    """Read `u` as a quantity of space `src` at state z, time t (broadcastable); express it in
+    `dst`."""
+    if src == dst:
+        return u
+    if src == "x":
+        v = (u - z) / (1 - t).clamp_min(t_eps)
+    elif src == "e":
+        v = (z - u) / t.clamp_min(t_eps)
+    else:
+        v = u
+    if dst == "v":
+        return v
+    return z + (1 - t) * v if dst == "x" else z - t * v
+
+
+class Denoiser(nn.Module):
+    """A JiT (``net``) plus the training objective and the sampler.
+
+    pred / loss: the prediction target and loss space, each "x", "e" or "v" (JiT: x-pred, v-loss).
+    Training times t ~ sigmoid(N(P_mean, P_std²)); noise e = noise_scale · N(0, I); labels are
+    replaced by the null class with probability label_drop_prob in training mode.
+    The state dict carries the network under the prefix ``net.``, as official checkpoints do.
+    For a JiT on the Triton kernels, JiT's loss (x-pred, v-loss) and the sampler's velocity and
+    state update are computed in the output head's epilogue (see ``jitfast.kernels``).
+    """
+
+    def __init__(self, net, pred="x", loss="v", P_mean=-0.8, P_std=0.8, noise_scale=1.0,
+                 t_eps=0.05, label_drop_prob=0.1):
+        super().__init__()
+        for name, value in (("pred", pred), ("loss", loss)):
+            if value not in SPACES:
+                raise ValueError(f"{name} must be one of {SPACES}, got {value!r}")
+        if not 0.0 <= label_drop_prob < 1.0:
+            raise ValueError(f"label_drop_prob must lie in [0, 1), got {label_drop_prob}")
+        if noise_scale <= 0 or t_eps <= 0:
+            raise ValueError(f"noise_scale and t_eps must be positive, got {noise_scale}, {t_eps}")
+        self.net = net
+        self.pred, self.loss_space = pred, loss
+        self.P_mean, self.P_std = P_mean, P_std
+        self.noise_scale, self.t_eps = noise_scale, t_eps
+        self.label_drop_prob = label_drop_prob
+        self.num_classes = net.num_classes
+        self.graph_cache = {}  # CUDA graphs of the sampler, see jitfast.diffusion.sampling
+
+    def sample_t(self, n, device=None, generator=None):
+        z = torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean
+        return torch.sigmoid(z)
+
+    def drop_labels(self, y, generator=None):
+        drop = torch.rand(y.shape[0], device=y.device, generator=generator) < self.label_drop_prob
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def loss(self, x, y=None, t=None, noise=None):
+        """MSE in the loss space for clean images x (B, C, H, W) in [-1, 1] and labels y (B,).
+
+        t (B,) and noise (a standard-normal draw shaped like x) may be given for reproducibility;
+        otherwise they are sampled. Returns a scalar.
+        """
+        if not torch.is_tensor(x) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"x must be a floating (B, C, H, W) image batch, got "
+                             f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        B = x.shape[0]
+        if y is None:
+            y = torch.zeros(B, dtype=torch.long, device=x.device)
+        if t is None:
+            t = self.sample_t(B, device=x.device)
+        elif tuple(t.shape) != (B,):
+            raise ValueError(f"t must have shape ({B},), got {tuple(t.shape)}")
+        if noise is None:
+            noise = torch.randn_like(x)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise must have the images' shape {tuple(x.shape)}, "
+                             f"got {tuple(noise.shape)}")
+        if self.training and self.label_drop_prob > 0:
+            y = self.drop_labels(y)
+        t_b = t.view(-1, 1, 1, 1).to(x.dtype)
+        e = noise * self.noise_scale
+        z = t_b * x + (1 - t_b) * e
+        kernels = head_kernels(self.net, x.device)
+        if kernels is not None and (self.pred, self.loss_space) == ("x", "v"):
+            # v̂ - v = (x̂ - x)/max(1 - t, t_eps) in the head's epilogue: x̂ never reaches memory
+            return self.net(z, t, y, head=lambda u, weight, bias: kernels.output_head_v_loss(
+                u, weight, bias, x, t, self.net.patch_size, self.t_eps))
+        truth = {"x": x, "e": e, "v": x - e}[self.pred]
+        out = self.net(z, t, y)
+        target = convert(truth, self.pred, self.loss_space, z, t_b, self.t_eps)
+        estimate = convert(out.float(), self.pred, self.loss_space, z, t_b, self.t_eps)
+        return (estimate - target).pow(2).mean()
+
+    def forward(self, x, y=None, t=None, noise=None):
+        return self.loss(x, y, t, noise)
+
+    def velocity(self, out, z, t):
+        """The velocity implied by a network output at state z (float32), times t (B,)."""
+        return convert(out, self.pred, "v", z, t.view(-1, 1, 1, 1), self.t_eps)
+
+    @torch.no_grad()
+    def generate(self, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
+                 generator=None, cuda_graphs=None, schedule="linear"):
+        """Sample images for labels y by integrating the ODE from t = 0 to 1; see
+        ``jitfast.diffusion.sampling.generate`` (the methods and schedules). Returns float32 images
+        (B, C, H, W), unclipped."""
+        return generate(self, y, steps, method, cfg, interval, z0, generator, cuda_graphs,
+                        schedule)
+
+    @torch.no_grad()
+    def invert(self, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
+               schedule="linear", cuda_graphs=None):
+        """The standard-normal start whose trajectory ends at `images` (the ODE integrated from
+        t = 1 back to 0); see ``jitfast.diffusion.sampling.invert``."""
+        return invert(self, images, y, steps, method, cfg, interval, schedule, cuda_graphs)

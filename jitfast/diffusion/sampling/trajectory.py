@@ -1,0 +1,166 @@
+"""Sampling runs: the grid of a method, the whole trajectory (eager, or captured as one CUDA
+graph and replayed), from noise to images (generate) or back (invert)."""
+import torch
+
+from jitfast.diffusion.sampling.multistep import (EXPONENTIAL_METHODS, MultistepGrid,
+                                                  integrate_multistep)
+from jitfast.diffusion.sampling.official import Grid, integrate_official
+from jitfast.diffusion.sampling.schedules import SCHEDULES
+from jitfast.util.cuda_graphs import capture, on_side_stream
+
+OFFICIAL_METHODS = ("heun", "euler")
+METHODS = OFFICIAL_METHODS + tuple(EXPONENTIAL_METHODS)
+
+
+def order(method):
+    """The steps a method needs to reach its order (its multistep history's length)."""
+    return EXPONENTIAL_METHODS[method][0] if method in EXPONENTIAL_METHODS else 1
+
+
+def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0, name="z0"):
+    if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point():
+        raise ValueError(f"y must be a 1-D integer tensor of class labels, got "
+                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+    if y.numel() and not bool(((y >= 0) & (y <= denoiser.num_classes)).all()):
+        raise ValueError(f"class labels must lie in [0, {denoiser.num_classes - 1}] (or "
+                         f"{denoiser.num_classes}, the null class), got "
+                         f"[{y.min().item()}, {y.max().item()}]")
+    check_settings(steps, method, cfg, interval, schedule)
+    net = denoiser.net
+    shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)
+    if z0 is not None and tuple(z0.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(z0.shape)}")
+
+
+def check_settings(steps, method, cfg, interval, schedule):
+    """The sampler settings alone (no model needed): a command line checks them up front."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if steps < order(method):
+        raise ValueError(f"{method} is a {order(method)}-step method: it needs steps >= "
+                         f"{order(method)}, got {steps}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {tuple(SCHEDULES)}, got {schedule!r}")
+    if method in OFFICIAL_METHODS and schedule != "linear":
+        raise ValueError(f"{method} runs the official linear grid; the {schedule!r} schedule is "
+                         f"for the exponential methods {tuple(EXPONENTIAL_METHODS)}")
+    if cfg < 0:
+        raise ValueError(f"cfg must be >= 0, got {cfg}")
+    lo, hi = interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+
+
+def make_grid(denoiser, steps, method, cfg, interval, schedule, device, reverse=False):
+    if method in OFFICIAL_METHODS:
+        return Grid.make(steps, cfg, interval, device, reverse)
+    return MultistepGrid.make(method, steps, schedule, cfg, interval, denoiser, device, reverse)
+
+
+def integrate(denoiser, y, z, grid, method):
+    """The ODE from float32 state z over the grid, tensor ops only: the eager sampler runs it and
+    a CUDA graph captures it whole."""
+    if method in OFFICIAL_METHODS:
+        return integrate_official(denoiser, y, z, grid, method)
+    return integrate_multistep(denoiser, y, z, grid)
+
+
+class CapturedTrajectory:
+    """``integrate`` for one batch size, grid and method, captured as one CUDA graph over static
+    label and state buffers, and replayed for every run with those settings.
+
+    The warm-up before the capture is the whole trajectory, run once eagerly on a side stream:
+    every kernel variant the capture will launch (Triton's specialise on the alignment of each
+    pointer, which changes along the grid's slices) is then compiled, autotuned and loaded.
+
+    Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
+    off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
+    region ends, and would miss the new values of weights changed in place (EMA swaps)."""
+
+    def __init__(self, denoiser, y, z, grid, method):
+        self.y, self.z, self.grid = y.clone(), z.clone(), grid  # the graph reads the grid
+
+        def trajectory():
+            with no_cast_cache():
+                return integrate(denoiser, self.y, self.z, grid, method)
+        on_side_stream(torch.cuda.Stream(), trajectory)
+        self.graph, self.out = capture(trajectory)
+
+    def __call__(self, y, z):
+        self.y.copy_(y)
+        self.z.copy_(z)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites self.out
+
+
+def no_cast_cache():
+    """CUDA autocast as the caller set it (on or off, its dtype), without the weight-cast cache."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+
+
+def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
+             generator=None, cuda_graphs=None, schedule="linear"):
+    """Integrate the sampling ODE for labels y (B,); z0 is the standard-normal start (drawn from
+    `generator` when not given), scaled by the denoiser's noise_scale. Returns float32 images.
+
+    method: "heun" and "euler" are the official sampler (``steps`` Heun steps with a last Euler
+    step: 2·steps - 1 evaluations); the exponential methods
+    (``jitfast.diffusion.sampling.multistep``) take one evaluation per step on the grid of
+    ``schedule``. cuda_graphs: replay the whole trajectory from one CUDA graph, captured on first
+    use and cached on the denoiser per batch
+    size, steps, method, guidance and weights; None means "on CUDA devices".
+    """
+    check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0)
+    net = denoiser.net
+    if z0 is None:
+        shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)
+        z0 = torch.randn(shape, generator=generator, device=y.device)
+    z = denoiser.noise_scale * z0.to(y.device, torch.float32)
+    return run(denoiser, y, z, (steps, method, float(cfg), tuple(interval), schedule, False),
+               cuda_graphs)
+
+
+def invert(denoiser, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
+           schedule="linear", cuda_graphs=None):
+    """The start z0 (standard-normal scale) whose trajectory ends at `images`: the same ODE and
+    grid as ``generate``, integrated from t = 1 back to t = 0. The clamp makes λ(1) finite, so
+    the first step evaluates the network at t = 1 itself, in each method's own form (for the
+    exponential methods, an exact exponential step in λ)."""
+    check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, images, "images")
+    z = images.to(y.device, torch.float32)
+    key = (steps, method, float(cfg), tuple(interval), schedule, True)
+    return run(denoiser, y, z, key, cuda_graphs) / denoiser.noise_scale
+
+
+def run(denoiser, y, z, settings, cuda_graphs):
+    """The trajectory of settings (steps, method, cfg, interval, schedule, reverse) from state z,
+    eagerly or from the denoiser's cached CUDA graph for them."""
+    if cuda_graphs is None:
+        cuda_graphs = y.is_cuda
+    elif cuda_graphs and not y.is_cuda:
+        raise ValueError("cuda_graphs=True needs the labels (and model) on a CUDA device")
+    steps, method, cfg, interval, schedule, reverse = settings
+    net = denoiser.net
+    was_training, checks = net.training, getattr(net, "check_values", None)
+    net.eval()
+    if checks is not None:  # y and the times are checked above: no host sync per evaluation
+        net.check_values = False
+    try:
+        if not cuda_graphs:
+            grid = make_grid(denoiser, steps, method, cfg, interval, schedule, y.device, reverse)
+            return integrate(denoiser, y, z, grid, method)
+        first = next(net.parameters())
+        # graphs hold raw pointers: recapture if the weights were moved or re-typed
+        key = (y.shape[0], *settings, first.data_ptr(), first.dtype,
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        if key not in denoiser.graph_cache:
+            grid = make_grid(denoiser, steps, method, cfg, interval, schedule, y.device, reverse)
+            denoiser.graph_cache[key] = CapturedTrajectory(denoiser, y, z, grid, method)
+        return denoiser.graph_cache[key](y, z)
+    finally:
+        net.train(was_training)
+        if checks is not None:
+            net.check_values = checks

@@ -1,0 +1,2 @@
+"""Measuring speed: FLOP and throughput arithmetic, the benchmark report, the profiler grouping, the
+benchmarked workloads, FID."""

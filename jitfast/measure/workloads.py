@@ -1,0 +1,75 @@
+"""The workloads that the benchmarks time and ``python -m jitfast.bench profile`` profiles: a
+training step and a sampling run of a fresh preset model, in each of their variants, built the
+way ``python -m jitfast.train`` and ``Denoiser.generate`` run them."""
+import torch
+
+from jitfast.diffusion.denoiser import Denoiser
+from jitfast.network.presets import build
+from jitfast.training.ema import EMA
+from jitfast.training.step import GraphedTrainStep, make_optimizer, train_step
+
+NUM_CLASSES = 1000
+# training variant -> (op backend, torch.compile mode or None, whole step in one CUDA graph);
+# the first is the baseline. "+graphs" is torch.compile's own CUDA graphs of the model alone.
+TRAIN_VARIANTS = {
+    "eager": ("torch", None, False),
+    "compile": ("torch", "default", False),
+    "triton": ("triton", None, False),
+    "triton+compile": ("triton", "default", False),
+    "triton+compile+graphs": ("triton", "reduce-overhead", False),
+    "triton+graph": ("triton", None, True),
+    "triton+compile+graph": ("triton", "default", True),
+}
+CUDA_ONLY = ("triton", "graph")  # variants naming these run on CUDA only
+# sampling variant -> replay the whole trajectory from a CUDA graph; the first is the baseline
+SAMPLE_VARIANTS = {"eager": False, "graphs": True}
+
+
+def needs_cuda(variant):
+    return any(word in variant for word in CUDA_ONLY)
+
+
+def random_batch(batch, image, device, seed=0):
+    """(x, y, t, noise): images in [-1, 1], labels, logit-normal times and standard noise."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.rand(batch, 3, image, image, device=device, generator=g) * 2 - 1
+    y = torch.randint(NUM_CLASSES, (batch,), device=device, generator=g)
+    t = torch.sigmoid(torch.randn(batch, device=device, generator=g) * 0.8 - 0.8)
+    return x, y, t, torch.randn(x.shape, device=device, generator=g)
+
+
+def training_step(preset, image, batch, variant, device):
+    """A closure running one training step (forward, backward, AdamW, both EMAs) of a fresh
+    model on a fixed random batch. A graphed variant is captured here, so that every call of the
+    closure is a replay."""
+    backend, mode, graphed = TRAIN_VARIANTS[variant]
+    torch.manual_seed(0)
+    net = build(preset, input_size=image, num_classes=NUM_CLASSES, backend=backend)
+    net.check_values = False  # as in training: no host syncs
+    denoiser = Denoiser(net, label_drop_prob=0.0).to(device)
+    if mode:
+        denoiser.compile(mode=None if mode == "default" else mode)
+    ema = EMA(denoiser)
+    optimizer = make_optimizer(denoiser.parameters(), 1e-4, device)
+    inputs = random_batch(batch, image, device)
+    if not graphed:
+        return lambda: train_step(denoiser, denoiser, optimizer, ema, *inputs)
+    step = GraphedTrainStep(denoiser, denoiser, optimizer, ema)
+    for _ in range(step.warmup + 1):  # the eager warm-up steps, then the capture
+        step(*inputs)
+    return lambda: step(*inputs)
+
+
+def sampler(preset, image, steps, batch, variant, device, cfg, interval, method="heun",
+            schedule="linear", dtype=None, backend="auto"):
+    """A closure sampling `batch` images of a fresh model with `method` (Heun by default),
+    guidance cfg on `interval`; the network in `dtype`, by default bf16 on CUDA (as python -m
+    jitfast.sample runs it) and float32 elsewhere."""
+    torch.manual_seed(0)
+    net = build(preset, input_size=image, num_classes=NUM_CLASSES, backend=backend).to(device)
+    net = net.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    denoiser = Denoiser(net)
+    y = torch.randint(NUM_CLASSES, (batch,), device=device)
+    z0 = torch.randn(batch, 3, image, image, device=device)
+    return lambda: denoiser.generate(y, steps, method, cfg, interval, z0,
+                                     cuda_graphs=SAMPLE_VARIANTS[variant], schedule=schedule)

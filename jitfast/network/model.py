@@ -1,0 +1,324 @@
+"""JiT: the "Just image Transformer" of Li & He (2025), state-dict compatible with the official
+``model_jit.JiT``. Every elementwise/normalisation op goes through the backend chosen in
+``jitfast.network.backend``; big matmuls stay in ``nn.Linear``.
+"""
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from jitfast.functional.positions import rope_2d, sincos_2d
+from jitfast.network.attention import attention
+from jitfast.network.backend import check_backend, ops_for
+
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """(B,) times -> (B, dim) sinusoid, cosine half first."""
+    half = dim // 2
+    # made on t's device: a host tensor copied over would crash CUDA-graph capture
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        t_freq = timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # a bf16 model takes bf16
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class (index num_classes) used for CFG."""
+
+    def __init__(self, num_classes, hidden_size):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels):
+        return self.embedding_table(labels)
+
+
+class BottleneckPatchEmbed(nn.Module):
+    """Holds the two patch-embedding weights; the op itself is ``ops.patch_embed``."""
+
+    def __init__(self, patch_size, in_chans, bottleneck_dim, embed_dim):
+        super().__init__()
+        self.proj1 = nn.Conv2d(in_chans, bottleneck_dim, patch_size, patch_size, bias=False)
+        self.proj2 = nn.Conv2d(bottleneck_dim, embed_dim, 1, 1, bias=True)
+
+
+class RMSNorm(nn.Module):
+    """Holds an RMSNorm weight; the normalisation runs inside the fused ops that consume it."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0, scores_fp32=False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.scores_fp32 = scores_fp32
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, rope, ops):
+        B, N, D = x.shape
+        q, k, v = ops.qk_norm_rope(self.qkv(x), self.num_heads, self.q_norm.weight,
+                                   self.k_norm.weight, *rope)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, dropout_p, self.scores_fp32).transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(out))
+
+
+class SwiGLUFFN(nn.Module):
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        hidden_dim = int(hidden_dim * 2 / 3)
+        self.w12 = nn.Linear(dim, 2 * hidden_dim)
+        self.w3 = nn.Linear(hidden_dim, dim)
+        self.ffn_dropout = nn.Dropout(drop)
+
+    def forward(self, x, ops):
+        return self.w3(self.ffn_dropout(ops.swiglu(self.w12(x))))
+
+
+def adaln(hidden_size, chunks):
+    return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size))
+
+
+class JiTBlock(nn.Module):
+    """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))), with the six adaLN
+    vectors (B, 6D) = ``adaLN_modulation(c)``, or given precomputed (``JiT.conditioning``)."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0,
+                 scores_fp32=False):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads, attn_drop, proj_drop, scores_fp32)
+        self.norm2 = RMSNorm(hidden_size)
+        self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), proj_drop)
+        self.adaLN_modulation = adaln(hidden_size, 6)
+
+    def forward(self, x, c, rope, ops, modulation=None):
+        """c: the conditioning (B, D); modulation: adaLN_modulation(c), if the caller has it.
+        (Computed here, inside forward, where FSDP has gathered this block's weights.)"""
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+        u = ops.rms_norm_modulate(x, self.norm1.weight, shift1, scale1)
+        x, u = ops.gated_residual_rms_norm_modulate(x, self.attn(u, rope, ops), gate1,
+                                                    self.norm2.weight, shift2, scale2)
+        return ops.gated_residual(x, self.mlp(u, ops), gate2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.patch_size = patch_size
+        self.out_channels = out_channels
+        self.norm_final = RMSNorm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = adaln(hidden_size, 2)
+
+    def forward(self, x, c, ops, head=None, modulation=None):
+        """RMSNorm and modulation (shift, scale = adaLN_modulation(c), or `modulation` (B, 2D)
+        when given) of the tokens x, then the Linear and the unpatchify to NCHW, or
+        head(u, weight, bias) of the modulated tokens u and the Linear's parameters."""
+        if modulation is None:
+            modulation = self.adaLN_modulation(c)
+        shift, scale = modulation.chunk(2, dim=-1)
+        u = ops.rms_norm_modulate(x, self.norm_final.weight, shift, scale)
+        if head is not None:
+            return head(u, self.linear.weight, self.linear.bias)
+        return ops.output_head(u, self.linear.weight, self.linear.bias, self.patch_size,
+                               self.out_channels)
+
+
+class Conditioning(NamedTuple):
+    """What the network computes from (t, y) alone, row i for example i: the label embeddings
+    (B, D), which the in-context tokens start from, c = t_emb + y_emb (B, D), and each block's
+    six adaLN vectors (B, 6D) and the final layer's two (B, 2D) — or None for those, which the
+    blocks then compute from c. A sampler whose times and labels are known in advance computes
+    it all once per trajectory and passes rows of it to every evaluation."""
+    labels: torch.Tensor
+    c: torch.Tensor
+    blocks: tuple = None
+    final: torch.Tensor = None
+
+    def rows(self, index):
+        """The conditioning of rows `index` (an int, a slice, ...) of every tensor."""
+        pick = (lambda x: None if x is None else x[index])
+        return Conditioning(self.labels[index], self.c[index],
+                            None if self.blocks is None else tuple(map(pick, self.blocks)),
+                            pick(self.final))
+
+
+def can_inspect_values(tensor):
+    """Value checks need a host sync: skip them while compiling or capturing a CUDA graph."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+class JiT(nn.Module):
+    """Just image Transformer. ``forward(x, t, y)`` returns the network output for noisy images
+    x (B, C, H, W), times t (B,) in [0, 1] and labels y (B,) in [0, num_classes] (the last being
+    the null class); under the default training objective it is the x-prediction.
+
+    ``forward(x, t, y, head)`` replaces the output head (the final Linear and the unpatchify) by
+    ``head(u, weight, bias)`` of its input tokens u (B, N, D) and the Linear's parameters, so that
+    a caller can fuse its epilogue into the head (``jitfast.kernels.output_head_v_loss``); it
+    runs inside forward, so module hooks (FSDP's parameter gathering) still apply.
+
+    Beyond the official keywords: ``backend`` ("torch" | "triton" | "auto") selects the op
+    implementations, ``attn_scores_fp32`` computes attention scores in float32 as the official
+    code does, and ``check_values`` (attribute, default True) enables the t/label range checks,
+    which cost a host sync per call (they are skipped inside torch.compile and graph capture).
+    """
+
+    def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24,
+                 num_heads=16, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000,
+                 bottleneck_dim=128, in_context_len=32, in_context_start=8, backend="auto",
+                 attn_scores_fp32=False):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size "
+                             f"{patch_size}")
+        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
+                             f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+        if in_context_len > 0 and not 0 <= in_context_start < depth:
+            raise ValueError(f"in_context_start {in_context_start} must lie in [0, depth={depth})")
+        self.backend = check_backend(backend)
+        self.config = dict(  # the architecture, as stored in checkpoints (backend excluded)
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            attn_drop=attn_drop, proj_drop=proj_drop, num_classes=num_classes,
+            bottleneck_dim=bottleneck_dim, in_context_len=in_context_len,
+            in_context_start=in_context_start, attn_scores_fp32=attn_scores_fp32)
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = self.out_channels = in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.in_context_len = in_context_len
+        self.in_context_start = in_context_start
+        self.check_values = True
+        grid = input_size // patch_size
+
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.x_embedder = BottleneckPatchEmbed(patch_size, in_channels, bottleneck_dim, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, hidden_size), requires_grad=False)
+        if in_context_len > 0:
+            self.in_context_posemb = nn.Parameter(torch.zeros(1, in_context_len, hidden_size))
+        head_dim = hidden_size // num_heads
+        for name, prefix in (("rope", 0), ("rope_in_context", in_context_len)):
+            cos, sin = rope_2d(head_dim, grid, prefix)
+            self.register_buffer(f"{name}_cos", cos, persistent=False)
+            self.register_buffer(f"{name}_sin", sin, persistent=False)
+        middle = range(depth // 4, depth // 4 * 3)  # dropout only in the middle half
+        self.blocks = nn.ModuleList([
+            JiTBlock(hidden_size, num_heads, mlp_ratio,
+                     attn_drop if i in middle else 0.0, proj_drop if i in middle else 0.0,
+                     attn_scores_fp32)
+            for i in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official initialisation."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d(self.hidden_size, self.input_size // self.patch_size))
+        if self.in_context_len > 0:
+            nn.init.normal_(self.in_context_posemb, std=0.02)
+        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):  # like nn.Linear
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj2.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for param in (self.final_layer.adaLN_modulation[-1].weight,
+                      self.final_layer.adaLN_modulation[-1].bias,
+                      self.final_layer.linear.weight, self.final_layer.linear.bias):
+            nn.init.zeros_(param)
+
+    def check_inputs(self, x, t, y):
+        """Raise a ValueError/TypeError that says what was expected and what was given."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"x must be a (B, {expected[0]}, {expected[1]}, {expected[2]}) image "
+                             f"batch for this model, got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor (images in [-1, 1]), got {x.dtype}"
+                            f"; convert with x.float() / 127.5 - 1 for uint8 images")
+        B = x.shape[0]
+        if not torch.is_tensor(t) or tuple(t.shape) != (B,) or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
+            raise ValueError(f"t must be a floating-point tensor of shape ({B},), got {got}")
+        if y is not None and (not torch.is_tensor(y) or tuple(y.shape) != (B,)
+                              or y.is_floating_point() or y.dtype == torch.bool):
+            got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+        if not (self.check_values and can_inspect_values(x)):
+            return
+        if B and not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f"t must lie in [0, 1], got values in [{t.min().item():g}, "
+                             f"{t.max().item():g}]")
+        if y is not None and B and not bool(((y >= 0) & (y <= self.num_classes)).all()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
+                             f"the null class), got values in [{y.min().item()}, {y.max().item()}]")
+
+    def conditioning(self, t, y, modulations=True):
+        """The ``Conditioning`` of times t (B,) and labels y (B,); with modulations=False
+        without the adaLN vectors, which the blocks compute in their forward (FSDP gathers a
+        sharded block's weights there, and only there)."""
+        y_emb = self.y_embedder(y)
+        c = self.t_embedder(t) + y_emb
+        if not modulations:
+            return Conditioning(y_emb, c)
+        return Conditioning(y_emb, c, tuple(block.adaLN_modulation(c) for block in self.blocks),
+                            self.final_layer.adaLN_modulation(c))
+
+    def forward(self, x, t, y=None, head=None, cond=None):
+        """``cond``: ``conditioning(t, y)``, when the caller has it already."""
+        self.check_inputs(x, t, y)
+        ops = ops_for(self.backend, x.device)
+        if cond is None:
+            y = torch.zeros_like(t, dtype=torch.long) if y is None else y
+            cond = self.conditioning(t, y, modulations=False)
+        modulations = cond.blocks or (None,) * len(self.blocks)
+        x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
+                            self.x_embedder.proj2.bias, self.pos_embed)
+        for i, (block, modulation) in enumerate(zip(self.blocks, modulations)):
+            if self.in_context_len > 0 and i == self.in_context_start:
+                x = torch.cat([cond.labels.unsqueeze(1) + self.in_context_posemb, x], dim=1)
+            if i < self.in_context_start:
+                rope = (self.rope_cos, self.rope_sin)
+            else:
+                rope = (self.rope_in_context_cos, self.rope_in_context_sin)
+            x = block(x, cond.c, rope, ops, modulation)
+        return self.final_layer(x[:, self.in_context_len:], cond.c, ops, head, cond.final)

@@ -1,0 +1,124 @@
+"""One training step (forward, backward, gradient clipping, AdamW, both EMAs), run eagerly or
+replayed from a single CUDA graph.
+
+Eagerly, a JiT-B/16 step is about a thousand kernel launches and the GPU waits on the host
+between them. ``GraphedTrainStep`` removes the host from the loop, following PyTorch's
+whole-network capture recipe:
+- its first calls are ordinary steps on a side stream (they compile, autotune and allocate; they
+  train, so nothing is wasted or perturbed); the next call captures the step over static copies
+  of its inputs and replays it, and every later call copies its batch in and replays;
+- the optimizer is fused AdamW (``make_optimizer`` on CUDA), which reads the step count and the
+  learning rate from device tensors; the lr is set with ``set_lr`` outside the graph (a python
+  float would be baked into the capture). Its groups are marked capturable at the capture, the
+  flag torch checks there (for the fused kernel it changes nothing else);
+- gradients are None when capture begins, so the backward allocates them in the graph's pool;
+- autocast runs without its weight-cast cache, which would hold tensors across the capture.
+Dropout stays exact: each replay draws from the seed and offset of the CUDA generator at that
+time, as the eager step would.
+"""
+import torch
+
+from jitfast.util.cuda_graphs import capture, on_side_stream
+from jitfast.util.markers import phase
+
+
+def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw"):
+    """AdamW with JiT's betas. On CUDA: fused, with the learning rate as a device tensor so the
+    step can be captured in a CUDA graph. kind="apex" gives apex's FusedAdam (never captured)."""
+    if kind == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ImportError("--optimizer apex needs NVIDIA apex (with its CUDA extensions), "
+                              "which is not installed; use --optimizer adamw") from None
+        return FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                         adam_w_mode=True)
+    if device.type != "cuda":
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                                  fused=True)
+    lr_on_device(optimizer, device)  # after construction: its checks read the value
+    return optimizer
+
+
+def lr_on_device(optimizer, device):
+    """For fused AdamW, make every group's learning rate a float32 tensor on `device` (again
+    after loading a state dict, which holds floats), keeping its value; others are left alone."""
+    if not optimizer.defaults.get("fused"):
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+def optimizer_state(state):
+    """An optimizer state dict with plain-float learning rates, as checkpoints hold them (a
+    gathered FSDP state dict is empty on every rank but 0)."""
+    groups = [{**g, "lr": float(g["lr"])} for g in state.get("param_groups", ())]
+    return {**state, "param_groups": groups} if groups else state
+
+
+def set_lr(optimizer, lr):
+    """Set every group's learning rate: in place into a tensor lr (read by a captured step)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0):
+    """One optimizer step and EMA update of `denoiser` through `model` (itself, or its DDP
+    wrapper); returns the loss, detached, on the device. No host sync."""
+    with phase("forward"), torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda,
+                                          cache_enabled=False):
+        loss = model(x, y, t, noise)
+    with phase("backward"):
+        loss.backward()
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
+    with phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with phase("ema"):
+        ema.update()
+    return loss.detach()
+
+
+class GraphedTrainStep:
+    """``train_step`` of fixed (model, denoiser, optimizer, ema, clip_grad), called with a batch
+    (x, y, t, noise): `warmup` eager steps, then one CUDA graph captured and replayed for every
+    later step. Every batch must have the shapes and dtypes of the first."""
+
+    def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
+        if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+            raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
+                             f"CUDA), got {type(optimizer).__name__}")
+        self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, clip_grad)
+        self.optimizer, self.warmup = optimizer, warmup
+        self.side = torch.cuda.Stream() if warmup > 0 else None
+        self.graph = self.inputs = self.loss = None
+
+    def __call__(self, *batch):
+        if self.inputs is None:
+            self.inputs = [b.clone() for b in batch]
+        else:
+            check_like(batch, self.inputs)
+        if self.warmup > 0:
+            self.warmup -= 1
+            return on_side_stream(self.side, lambda: self.step(*batch))
+        for static, value in zip(self.inputs, batch):
+            static.copy_(value, non_blocking=True)
+        if self.graph is None:
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
+            self.graph, self.loss = capture(lambda: self.step(*self.inputs))
+        self.graph.replay()
+        return self.loss.clone()  # the next replay overwrites self.loss
+
+
+def check_like(batch, reference):
+    for name, value, ref in zip(("x", "y", "t", "noise"), batch, reference):
+        if value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"a graphed training step replays fixed shapes: {name} is "
+                             f"{tuple(value.shape)} {value.dtype}, the captured step took "
+                             f"{tuple(ref.shape)} {ref.dtype}")

@@ -42,7 +42,7 @@ FILE_ORDER = ("train", "sampling", "kernels", "forward", "data")
 baselines = {}  # group -> median seconds of its baseline, measured earlier in this session
 
 
-def needs_cuda(variant):
+def skip_unless_cuda(variant):
     """Skip a variant that only exists on CUDA (Triton kernels, CUDA graphs) on other devices."""
     if not ON_CUDA:
         pytest.skip(f"{variant} runs on CUDA only; this run is on the CPU")

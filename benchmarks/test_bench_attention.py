@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from conftest import DEVICE, needs_cuda
+from conftest import DEVICE, skip_unless_cuda
 from jitfast.network.attention import attention
 
 # (model, batch, heads, head dim)
@@ -21,7 +21,7 @@ VARIANTS = {"jitfast": None, "cudnn": SDPBackend.CUDNN_ATTENTION,
 @pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
 def test_attention(measure, pass_, shape, variant):
-    needs_cuda(f"SDPA's CUDA backend {variant}")
+    skip_unless_cuda(f"SDPA's CUDA backend {variant}")
     name, B, H, hd = shape
     q, k, v = (torch.randn(B, H, TOKENS, hd, device=DEVICE, dtype=torch.bfloat16,
                            requires_grad=pass_ != "forward") for _ in range(3))

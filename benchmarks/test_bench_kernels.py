@@ -2,7 +2,7 @@
 same reference under torch.compile, and the Triton kernel (CUDA only), at the shapes the op has
 inside JiT-B/L/H-16 at 256 px on CUDA, or inside a small preset on the CPU.
 
-Beside time and FLOPs, each records the bytes the op must move (DESIGN.md §7: its inputs read
+Beside time and FLOPs, each records the bytes the op must move (docs/design.md §4: its inputs read
 once, its outputs written once; the backward reads the output grads and what it recomputes from,
 and writes the input grads; per-sample vectors count once per sample, partial sums not at all),
 the GB/s that makes, and on a GPU of known peak the fraction of its HBM bandwidth."""
@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, ON_CUDA, needs_cuda
+from conftest import DEVICE, DTYPE, ON_CUDA, skip_unless_cuda
 from jitfast.functional import ops
 from jitfast.network.presets import preset_config
 
@@ -129,7 +129,7 @@ def materialize(specs, backward):
 
 def implementation(name, variant):
     if variant == "triton":
-        needs_cuda(variant)
+        skip_unless_cuda(variant)
         from jitfast import kernels
         return getattr(kernels, name)
     fn = getattr(ops, name)

@@ -6,11 +6,9 @@ gives the time to an image of Heun-50 accuracy."""
 import types
 
 import pytest
-import torch
 
-from conftest import DEVICE, ON_CUDA, needs_cuda
-from jitfast.diffusion.sampling import make_grid
-from jitfast.diffusion.sampling.official import Grid
+from conftest import DEVICE, ON_CUDA, skip_unless_cuda
+from jitfast.diffusion.sampling import make_time_grid
 from jitfast.measure.throughput import forward_flops
 from jitfast.measure.workloads import SAMPLE_VARIANTS, sampler
 
@@ -26,13 +24,11 @@ MATCHED_BATCHES = (1, 128) if ON_CUDA else (1, 8)
 def network_passes(method, steps, schedule="linear"):
     """Images through the network per sampled image: one per evaluation, two where guidance is
     on (its conditional and unconditional halves)."""
-    cpu = torch.device("cpu")
-    if method == "heun":
-        grid = Grid.make(steps, CFG, INTERVAL, cpu)
-        return sum(2 if grid.guided[k] else 1 for _, k, _ in grid.evaluations("heun"))
     defaults = types.SimpleNamespace(t_eps=0.05, P_mean=-0.8, P_std=0.8)  # Denoiser's
-    grid = make_grid(defaults, steps, method, CFG, INTERVAL, schedule, cpu)
-    return sum(2 if guided else 1 for guided in grid.guided)
+    time_grid = make_time_grid(defaults, steps, method, CFG, INTERVAL, schedule, "cpu")
+    if method == "heun":
+        return sum(2 if time_grid.guided[k] else 1 for _, k, _ in time_grid.evaluations("heun"))
+    return sum(2 if guided else 1 for guided in time_grid.guided)
 
 
 def shape(batch, image, what):
@@ -43,7 +39,7 @@ def shape(batch, image, what):
 @pytest.mark.parametrize("batch", SIZE[3])
 def test_sampling(measure, batch, variant):
     if SAMPLE_VARIANTS[variant]:
-        needs_cuda(variant)
+        skip_unless_cuda(variant)
     preset, image, steps, _ = SIZE
     measure(sampler(preset, image, steps, batch, variant, DEVICE, CFG, INTERVAL),
             f"sample {preset} batch {batch}", "sample", variant,
@@ -59,7 +55,7 @@ def test_sampling_matched(measure, batch, variant, setting):
     """The matched settings at batch 1 and 128 (on CUDA), in test_sampling's groups: compared
     with Heun-50 run eagerly."""
     if SAMPLE_VARIANTS[variant]:
-        needs_cuda(variant)
+        skip_unless_cuda(variant)
     preset, image, _, _ = SIZE
     method, steps, schedule = MATCHED[setting]
     measure(sampler(preset, image, steps, batch, variant, DEVICE, CFG, INTERVAL, method,

@@ -10,7 +10,7 @@ import torch
 
 from jitfast.measure.report import read_results, report
 from jitfast.measure.throughput import device_name, environment
-from jitfast.measure.workloads import TRAIN_VARIANTS, needs_cuda
+from jitfast.measure.workloads import TRAIN_VARIANTS, cuda_only
 from jitfast.util.files import atomic_write_json
 from jitfast.util.threads import set_cpu_threads
 
@@ -90,9 +90,9 @@ def main(argv=None):
     prof.add_argument("--out", help="also write the markdown to this file")
     args = p.parse_args(argv)
     if args.command == "profile":
-        cuda_only = [v for v in args.variant or () if needs_cuda(v)]
-        if cuda_only and not torch.cuda.is_available():
-            p.error(f"--variant {', '.join(cuda_only)} runs on CUDA only")
+        refused = [v for v in args.variant or () if cuda_only(v)]
+        if refused and not torch.cuda.is_available():
+            p.error(f"--variant {', '.join(refused)} runs on CUDA only")
         if profile_report(args):
             sys.exit(1)
         return

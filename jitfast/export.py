@@ -15,7 +15,7 @@ import os
 import torch
 
 from jitfast.diffusion.denoiser import SPACES
-from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.network.model import JiT
 
 FORMAT_VERSION = 1  # of the metadata below; jitfast-sample refuses other versions
@@ -108,12 +108,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        ckpt = read_checkpoint(args.ckpt)
-        net = model_from_checkpoint(ckpt, weights=args.weights, backend="torch")
-        default_scale = 2.0 if net.input_size >= 512 else 1.0  # as python -m jitfast.sample
-        settings = dict(noise_scale=training_setting(ckpt, "noise_scale", default_scale),
-                        t_eps=training_setting(ckpt, "t_eps", 0.05),
-                        pred=training_setting(ckpt, "pred", "x"))
+        sampler = denoiser_from_checkpoint(args.ckpt, args.weights, backend="torch")
+        net = sampler.net
+        settings = dict(noise_scale=sampler.noise_scale, t_eps=sampler.t_eps, pred=sampler.pred)
         export(net, args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                **settings)
     except (ValueError, FileNotFoundError) as err:

@@ -11,12 +11,11 @@ import os
 import numpy as np
 import torch
 
-from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.diffusion.sampling import METHODS, SCHEDULES
-from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 from jitfast.io.images import image_grid, load_png, save_png, to_uint8
 from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
-from jitfast.network.presets import preset_config
+from jitfast.network.presets import preset_differences
 from jitfast.training.progress import Progress
 from jitfast.training.runfolder import FolderLock, RunFolderError, command_line
 from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
@@ -54,7 +53,9 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="image i starts from the noise of seed (seed, i)")
     add("--noise-scale", type=float, default=None,
         help="noise std; default: the checkpoint's training setting, else 1.0 (2.0 from 512 px)")
-    add("--t-eps", type=float, default=0.05, help="clamp of 1 - t in the velocity")
+    add("--t-eps", type=float, default=None,
+        help="clamp of 1 - t in the velocity; default: the checkpoint's training setting, "
+             "else 0.05")
     add("--out", required=True, help="output folder (an existing run in it is resumed)")
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--dtype", default=None, choices=("fp32", "bf16"),
@@ -68,9 +69,11 @@ def parse_args(argv=None):
 
 
 def check_preset(net, name):
-    expected = preset_config(name)
-    diffs = [f"{k} {net.config[k]} (preset: {v})" for k, v in expected.items()
-             if net.config[k] != v]
+    try:
+        differences = preset_differences(net.config, name)
+    except KeyError as err:
+        raise SampleError(f"--model: {err.args[0]}") from None
+    diffs = [f"{k} {ours} (preset: {theirs})" for k, (ours, theirs) in differences.items()]
     if diffs:
         raise SampleError(f"the checkpoint is not a {name}: " + ", ".join(diffs))
 
@@ -123,7 +126,9 @@ def initial_noise(indices, shape, seed):
                         for s in seeds])
 
 
-def run(args):
+def write_samples(args):
+    """Sample the checkpoint into --out (PNGs, grid, npz; FID/IS with --fid), resuming a run of
+    the same settings there; returns the npz path."""
     if args.fid and not args.fid_stats:
         raise SampleError("--fid needs --fid-stats, the reference statistics .npz")
     if args.fid:
@@ -132,20 +137,17 @@ def run(args):
         raise SampleError(f"--batch must be >= 1, got {args.batch}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    ckpt = read_checkpoint(args.ckpt)
-    net = model_from_checkpoint(ckpt, weights=args.weights, device=device)  # one read
+    denoiser = denoiser_from_checkpoint(
+        args.ckpt, args.weights, device, dtype=torch.bfloat16 if dtype == "bf16" else None,
+        noise_scale=args.noise_scale, t_eps=args.t_eps)
+    net = denoiser.net
     if args.model:
         check_preset(net, args.model)
-    if dtype == "bf16":
-        net = net.to(torch.bfloat16)
     labels = class_labels(args.classes, args.num_per_class, net.num_classes)
-    default_scale = 2.0 if net.input_size >= 512 else 1.0
-    noise_scale = args.noise_scale or training_setting(ckpt, "noise_scale", default_scale)
-    denoiser = Denoiser(net, noise_scale=noise_scale, t_eps=args.t_eps)
     settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, labels=labels,
                     cfg=args.cfg, interval=list(args.interval), steps=args.steps,
                     method=args.method, batch=args.batch, seed=args.seed,
-                    noise_scale=noise_scale, t_eps=args.t_eps, dtype=dtype,
+                    noise_scale=denoiser.noise_scale, t_eps=denoiser.t_eps, dtype=dtype,
                     schedule=args.schedule)
     images_dir = prepare_out(args.out, settings)
     shape = (net.in_channels, net.input_size, net.input_size)
@@ -185,7 +187,7 @@ def main(argv=None):
     report_size_limit_as_error()
     try:
         with FolderLock(args.out, command_line("jitfast.sample", argv)):
-            run(args)
+            write_samples(args)
     except (ValueError, FileNotFoundError, EvaluationError, WriteError, RunFolderError) as err:
         raise SystemExit(f"error: {err}") from None
 

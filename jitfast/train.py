@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.from_checkpoint import sampler_settings
 from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
 from jitfast.io.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from jitfast.io.images import image_grid, save_png, to_uint8
@@ -30,6 +31,7 @@ from jitfast.training.draws import StepDraws, seed_of
 from jitfast.training.ema import EMA
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress
+from jitfast.training.recipes import OFFICIAL, QUICK_START, training_defaults
 from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
                                         latest_checkpoint)
 from jitfast.training.schedule import lr_at
@@ -39,7 +41,6 @@ from jitfast.util.files import WriteError, report_size_limit_as_error
 from jitfast.util.markers import phase
 from jitfast.util.threads import set_cpu_threads
 
-SMALL_ARCHS = ("N", "T", "S")  # CPU-sized presets: minutes of training, not epochs
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
 
 
@@ -60,27 +61,28 @@ def parse_args(argv=None):
     add("--steps", type=int, default=1600, help="optimizer steps in the whole run")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
-        help="base lr; lr = blr * batch / 256. Default: 5e-5 (official) for JiT-B/L/H/G, "
-             "1.2e-2 for the small T/S presets, which train for minutes, not epochs")
+        help=f"base lr; lr = blr * batch / 256. Default: {OFFICIAL['blr']:g} (official) for "
+             f"JiT-B/L/H/G, {QUICK_START['blr']:g} for the small presets, which train for "
+             f"minutes, not epochs")
     add("--lr", type=float, default=None, help="absolute lr, overrides --blr")
     add("--warmup-steps", type=int, default=50, help="linear lr warm-up")
     add("--schedule", default=None, choices=("constant", "cosine"),
-        help="lr after warm-up. Default: constant (official) for JiT-B/L/H/G, cosine for the "
-             "small presets")
+        help=f"lr after warm-up. Default: {OFFICIAL['schedule']} (official) for JiT-B/L/H/G, "
+             f"{QUICK_START['schedule']} for the small presets")
     add("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
     add("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 disables")
     add("--ema-decays", type=float, nargs=2, default=None,
-        help="the two EMA decays. Default: 0.9999 0.9996 (official) for JiT-B/L/H/G; "
-             "0.99 0.98 for the small presets, whose runs last a few hundred steps (an EMA "
-             "averages over about 1/(1-decay) steps)")
+        help="the two EMA decays. Default: %g %g (official) for JiT-B/L/H/G; %g %g for the "
+             "small presets, whose runs last a few hundred steps (an EMA averages over about "
+             "1/(1-decay) steps)" % (*OFFICIAL["ema_decays"], *QUICK_START["ema_decays"]))
     add("--optimizer", default="adamw", choices=("adamw", "apex"),
         help="torch AdamW (fused on CUDA) or apex's FusedAdam")
     add("--label-drop-prob", type=float, default=0.1, help="p of the null class (for CFG)")
     add("--P-mean", type=float, default=None,
-        help="logit-normal t: mean. Default: -0.8 (official, 256-512 px) for JiT-B/L/H/G; 0.0 "
-             "for the small presets at 32-64 px, where -0.8 trains too little near clean "
-             "images (docs/quickstart.md)")
+        help=f"logit-normal t: mean. Default: {OFFICIAL['P_mean']} (official, 256-512 px) for "
+             f"JiT-B/L/H/G; {QUICK_START['P_mean']} for the small presets at 32-64 px, where "
+             f"{OFFICIAL['P_mean']} trains too little near clean images (docs/quickstart.md)")
     add("--P-std", type=float, default=0.8, help="logit-normal t: std")
     add("--noise-scale", type=float, default=None,
         help="noise std (official: 2.0 at 512 px). Default: 1.0; with --init-from, the "
@@ -136,15 +138,9 @@ def parse_args(argv=None):
     add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
     add("--grid-classes", type=int, default=10, help="rows of the sample grid")
     args = p.parse_args(argv)
-    small = args.model[len("JiT-")] in SMALL_ARCHS
-    if args.blr is None:
-        args.blr = 1.2e-2 if small else 5e-5
-    if args.schedule is None:
-        args.schedule = "cosine" if small else "constant"
-    if args.P_mean is None:
-        args.P_mean = 0.0 if small else -0.8
-    if args.ema_decays is None:
-        args.ema_decays = [0.99, 0.98] if small else [0.9999, 0.9996]
+    for name, value in training_defaults(args.model).items():  # the preset's recipe
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
         p.error("--steps, --batch-size and --log-every must be positive")
     try:  # the grid is drawn after training: its settings are checked before
@@ -188,8 +184,10 @@ def build(args, num_classes, device, world, net=None):
         net = JiT_models[args.model](input_size=args.image_size, num_classes=num_classes,
                                      backend=args.backend)
     net.check_values = False  # t and labels are ours; the range checks would sync every step
-    denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, noise_scale=args.noise_scale,
-                        label_drop_prob=0.0).to(device)  # labels are dropped by StepDraws
+    # the sampler settings python -m jitfast.sample reads from this run's checkpoints
+    settings = sampler_settings(vars(args), args.image_size)
+    denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, label_drop_prob=0.0,
+                        **settings).to(device)  # labels are dropped by StepDraws
     if args.activation_checkpointing:
         for block in net.blocks:
             checkpointed(block)
@@ -329,10 +327,10 @@ def main(argv=None):
     resume = latest_checkpoint(args.resume) if args.resume else None
     with (TrainingFolder(args.out, command_line("jitfast.train", argv), resume, args.overwrite)
           if rank == 0 else nullcontext()) as folder:
-        return run(args, rank, world, device, folder)
+        return run_training(args, rank, world, device, folder)
 
 
-def run(args, rank, world, device, folder):
+def run_training(args, rank, world, device, folder):
     """The training run; rank 0 holds `folder` (--out) all along."""
     if device.type == "cpu":
         set_cpu_threads(args.cpu_threads, world)

@@ -1,6 +1,6 @@
-// The time grids and guidance of jitfast.sampling: the official grid's guidance weights and the
-// exponential methods' grids with their coefficients (jitfast/sampling/schedules.py,
-// multistep.py), computed as Python computes them.
+// The time grids and guidance of jitfast.diffusion.sampling: the official grid's guidance weights
+// and the exponential methods' grids with their coefficients
+// (jitfast/diffusion/sampling/schedules.py, multistep.py), computed as Python computes them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -27,9 +27,9 @@ struct MultistepStep {
 
 bool is_multistep(const std::string& method);
 
-// The steps of jitfast.sampling.MultistepGrid.make(method, steps, schedule, ...) from t = 0 to
-// 1; throws std::invalid_argument for an unknown method or schedule, too few steps for the
-// method's order, or too few to put grid points on the guidance interval's ends.
+// The steps of jitfast.diffusion.sampling.MultistepTimeGrid.make(method, steps, schedule, ...)
+// from t = 0 to 1; throws std::invalid_argument for an unknown method or schedule, too few steps
+// for the method's order, or too few to put grid points on the guidance interval's ends.
 std::vector<MultistepStep> multistep_grid(const std::string& method, const std::string& schedule,
                                           int64_t steps, double cfg, double lo, double hi,
                                           double t_eps);

@@ -1,5 +1,5 @@
 """Nothing on a compiled or CUDA-graph-captured path may create a tensor on the host or copy one
-to the device (DESIGN.md §7): the first GPU run's sampler died at capture on one such tensor.
+to the device (docs/design.md §4): the first GPU run's sampler died at capture on one such tensor.
 The CPU cannot show that crash, so these tests run the paths on the `meta` device under a
 dispatch mode that fails on every op that takes or returns a CPU tensor."""
 import traceback
@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from jitfast import Denoiser, JiT
-from jitfast.diffusion.sampling import METHODS, evaluation, integrate, make_grid
+from jitfast.diffusion.sampling import METHODS, evaluation, integrate, make_time_grid
 from jitfast.network.model import timestep_embedding
 
 META = torch.device("meta")
@@ -87,8 +87,8 @@ def test_sampler_trajectory_stays_on_the_device(backend, method, precompute, rev
     denoiser = meta_denoiser(backend).eval()
     z = torch.empty(2, 3, 16, 16, device=META)
     y = torch.zeros(2, dtype=torch.long, device=META)
-    grid = make_grid(denoiser, 4, method, 2.5, (0.3, 0.8), "linear", META, reverse)
-    assert any(grid.guided) and not all(grid.guided)
+    time_grid = make_time_grid(denoiser, 4, method, 2.5, (0.3, 0.8), "linear", META, reverse)
+    assert any(time_grid.guided) and not all(time_grid.guided)
     with NoHostTensors():
-        state = integrate(denoiser, y, z, grid, method)
+        state = integrate(denoiser, y, z, time_grid, method)
     assert state.shape == z.shape and state.dtype == torch.float32

@@ -129,7 +129,7 @@ def tiny_denoiser():
 
 
 def run_scenario(what, batch, dtype):
-    from jitfast.diffusion.sampling import CapturedTrajectory, make_grid
+    from jitfast.diffusion.sampling import CapturedTrajectory, make_time_grid
     from jitfast.training.ema import EMA
     from jitfast.training.step import GraphedTrainStep
 
@@ -150,9 +150,9 @@ def run_scenario(what, batch, dtype):
     denoiser.net.to(getattr(torch, dtype)).eval()
     method, steps, schedule = {"heun-50": ("heun", 50, "linear"),
                                "unipc2-cosine-15": ("unipc2", 15, "cosine")}[what]
-    grid = make_grid(denoiser, steps, method, 2.9, (0.1, 1.0), schedule, z.device)
+    time_grid = make_time_grid(denoiser, steps, method, 2.9, (0.1, 1.0), schedule, z.device)
     with torch.no_grad():
-        CapturedTrajectory(denoiser, y, z, grid, method)(y, z)
+        CapturedTrajectory(denoiser, y, z, time_grid, method)(y, z)
 
 
 def main():

@@ -69,3 +69,17 @@ def test_graphs_under_autocast_follow_weights_changed_in_place():
         eager = d.generate(y, cuda_graphs=False, **kwargs)
     assert len(d.graph_cache) == 1 and not torch.allclose(graphed, first)
     assert ((graphed - eager).norm() / eager.norm()).item() < 2e-2
+
+
+def test_graph_cache_is_bounded_and_free_graphs_returns_the_memory():
+    """The least recently used graph goes when the cache is full; free_graphs drops the rest and
+    hands their memory pools back to the device."""
+    d = denoiser(torch.float32)
+    d.max_graphs = 1
+    for batch in (1, 2):
+        d.generate(torch.arange(batch, device="cuda"), steps=2, cuda_graphs=True)
+    assert [key[0] for key in d.graph_cache.entries] == [2]
+    torch.cuda.synchronize()
+    reserved = torch.cuda.memory_reserved()
+    d.free_graphs()
+    assert len(d.graph_cache) == 0 and torch.cuda.memory_reserved() < reserved

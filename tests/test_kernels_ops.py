@@ -381,7 +381,7 @@ def test_opcheck(case):
 
 
 def test_every_kernel_has_its_own_name():
-    """The profiler aggregates GPU time by kernel name (DESIGN.md §7): each Triton kernel is
+    """The profiler aggregates GPU time by kernel name (docs/design.md §4): each Triton kernel is
     named after its module's op and its pass, and no two share a name."""
     import triton
 

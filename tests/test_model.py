@@ -93,6 +93,18 @@ def test_all_parameters_get_gradients():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_no_labels_is_the_null_class():
+    torch.manual_seed(0)
+    net = JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
+              num_classes=3, bottleneck_dim=8, in_context_len=2, in_context_start=1)
+    for p in net.parameters():  # off the zero init, so that the labels change the output
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    unconditional = net(x, t)
+    assert torch.equal(unconditional, net(x, t, torch.full((2,), 3)))
+    assert not torch.allclose(unconditional, net(x, t, torch.zeros(2, dtype=torch.long)))
+
+
 def test_no_in_context_tokens():
     net = JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
               num_classes=3, bottleneck_dim=8, in_context_len=0, in_context_start=0)

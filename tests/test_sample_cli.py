@@ -130,6 +130,7 @@ def test_a_run_from_before_schedules_resumes(ckpt, tmp_path):
     (["--interval", "0.2", "1.5"], "interval must satisfy"),
     (["--schedule", "lambda"], "heun runs the official linear grid"),
     (["--model", "JiT-B/16"], "not a JiT-B/16: .*depth 4 \\(preset: 12\\)"),
+    (["--model", "JiT-X/16"], "--model: unknown preset 'JiT-X/16'; choose one of"),
     (["--fid"], "--fid needs --fid-stats"),
     (["--fid", "--fid-stats", "/nonexistent/stats.npz"], "do not exist"),
 ])

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from jitfast import Denoiser
-from jitfast.diffusion.sampling import EXPONENTIAL_METHODS, SCHEDULES, MultistepGrid
+from jitfast.diffusion.sampling import EXPONENTIAL_METHODS, SCHEDULES, MultistepTimeGrid
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
 from jitfast.functional.ode import ode_time
 
@@ -90,16 +90,16 @@ def test_exact_for_a_piecewise_constant_prediction(method, schedule):
     assert rel_err(out, z) < 1e-5
 
 
-def test_grid_has_points_on_the_jumps_and_no_history_across_them():
+def test_time_grid_has_points_on_the_jumps_and_no_history_across_them():
     denoiser = gaussian_denoiser()
-    grid = MultistepGrid.make("unipc3", 7, "linear", 3.0, (0.1, 0.55), denoiser, "cpu")
-    t = grid.t.tolist()
+    time_grid = MultistepTimeGrid.make("unipc3", 7, "linear", 3.0, (0.1, 0.55), denoiser, "cpu")
+    t = time_grid.t.tolist()
     assert t[0] == 0 and t[-1] == 1 and all(a < b for a, b in zip(t, t[1:]))
     first, last = (t.index(torch.tensor(end).item()) for end in (0.1, 0.55))  # 1/7, 4/7 moved
     assert (first, last) == (1, 4)
-    assert grid.guided == (False, True, True, True, False, False, False)
-    assert grid.predictor == (1, 1, 2, 3, 1, 2, 3)
-    assert grid.corrector == (0, 2, 3, 0, 2, 3, 0)
+    assert time_grid.guided == (False, True, True, True, False, False, False)
+    assert time_grid.predictor == (1, 1, 2, 3, 1, 2, 3)
+    assert time_grid.corrector == (0, 2, 3, 0, 2, 3, 0)
 
 
 @pytest.mark.parametrize("method, steps, bound", [("heun", 50, 0.1), ("unipc2", 20, 0.01),

@@ -124,7 +124,7 @@ def test_init_from_refusals(tmp_path, capsys):
 
 
 def test_transferred_sampler_draws_the_parents_images_upsampled():
-    """DESIGN.md §9's noise rule, exactly: the child at noise scale k·s from start noise z0
+    """docs/design.md §8's noise rule, exactly: the child at noise scale k·s from start noise z0
     follows the parent's ODE on the k×k block averages, whose start noise s·(k·avg z0) has the
     parent's distribution; its within-block part decays, and the last Euler step removes it.
     So its images are the parent's images (from k·avg z0), upsampled."""

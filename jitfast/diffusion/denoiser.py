@@ -9,7 +9,7 @@ and by t (from e) clamped at t_eps:
 import torch
 import torch.nn as nn
 
-from jitfast.diffusion.sampling import generate, invert
+from jitfast.diffusion.sampling import GraphCache, generate, invert
 from jitfast.network.backend import head_kernels
 
 SPACES = ("x", "e", "v")
@@ -40,10 +40,12 @@ class Denoiser(nn.Module):
     The state dict carries the network under the prefix ``net.``, as official checkpoints do.
     For a JiT on the Triton kernels, JiT's loss (x-pred, v-loss) and the sampler's velocity and
     state update are computed in the output head's epilogue (see ``jitfast.kernels``).
+    max_graphs: how many of the sampler's CUDA graphs (one per batch size, settings and weights)
+    to keep, the most recently used; the attribute of that name changes it later.
     """
 
     def __init__(self, net, pred="x", loss="v", P_mean=-0.8, P_std=0.8, noise_scale=1.0,
-                 t_eps=0.05, label_drop_prob=0.1):
+                 t_eps=0.05, label_drop_prob=0.1, max_graphs=8):
         super().__init__()
         for name, value in (("pred", pred), ("loss", loss)):
             if value not in SPACES:
@@ -58,7 +60,23 @@ class Denoiser(nn.Module):
         self.noise_scale, self.t_eps = noise_scale, t_eps
         self.label_drop_prob = label_drop_prob
         self.num_classes = net.num_classes
-        self.graph_cache = {}  # CUDA graphs of the sampler, see jitfast.diffusion.sampling
+        self.graph_cache = GraphCache(max_graphs)  # see jitfast.diffusion.sampling.trajectory
+
+    @property
+    def max_graphs(self):
+        return self.graph_cache.size
+
+    @max_graphs.setter
+    def max_graphs(self, size):
+        self.graph_cache.size = size
+
+    def free_graphs(self):
+        """Drop every cached CUDA graph of the sampler, and hand their memory back to the device
+        at once: torch frees a graph's memory pool when the graph is released, but its allocator
+        keeps the blocks until torch.cuda.empty_cache() (or an allocation that needs them)."""
+        self.graph_cache.clear()
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def sample_t(self, n, device=None, generator=None):
         z = torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean
@@ -69,7 +87,8 @@ class Denoiser(nn.Module):
         return torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     def loss(self, x, y=None, t=None, noise=None):
-        """MSE in the loss space for clean images x (B, C, H, W) in [-1, 1] and labels y (B,).
+        """MSE in the loss space for clean images x (B, C, H, W) in [-1, 1] and labels y (B,);
+        y None: the null class for every image (unconditional), as in ``JiT.forward``.
 
         t (B,) and noise (a standard-normal draw shaped like x) may be given for reproducibility;
         otherwise they are sampled. Returns a scalar.
@@ -79,7 +98,7 @@ class Denoiser(nn.Module):
                              f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
         B = x.shape[0]
         if y is None:
-            y = torch.zeros(B, dtype=torch.long, device=x.device)
+            y = torch.full((B,), self.num_classes, dtype=torch.long, device=x.device)
         if t is None:
             t = self.sample_t(B, device=x.device)
         elif tuple(t.shape) != (B,):

@@ -2,6 +2,8 @@
 ``toy``), the prediction-target x loss-space table (Table 2, ``targets``), resolution transfer
 (``transfer``), the samplers' error against evaluations (``samplers``) and the quick start's
 score (``quickstart``); results and their reading in docs/experiments.md and docs/samplers.md."""
+import argparse
+import json
 import os
 import statistics
 
@@ -39,3 +41,33 @@ def cached(path, config, make):
     value = make()
     atomic_save({"config": config, "value": value}, path)
     return value
+
+
+def seeded_experiment_main(argv, module, doc, run, quick, full, quick_time, out):
+    """The command line of an experiment run over seeds in parts (targets, transfer): --quick,
+    --out, and --part/--seeds to train the judges and the seeds in parallel processes; then
+    run(config, out, part, seeds) on one thread (small matmuls: more threads mostly wait for
+    each other)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"a reduced run ({quick_time}): {quick}; default {full}")
+    p.add_argument("--out", default=out, help="folder for the table and figures")
+    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
+                   help="train only the judges or the --seeds' models, saving them in --out, "
+                        "to run parts in parallel processes; all: the rest, then the results")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --part seeds: which of the config's seeds")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    return run(quick if args.quick else full, args.out, part=args.part, seeds=args.seeds)
+
+
+def write_results(out, name, table, config, seconds, record):
+    """`out`/table.md (the table, the config and the run's time) and `out`/<name>.json (the
+    record, with the config and the time); the table is printed too."""
+    threads = torch.get_num_threads()
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"{table}\n\n{config}; {seconds} s on {threads} thread(s).\n")
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"config": config, **record, "seconds": seconds}, f, indent=1)
+    print(table)

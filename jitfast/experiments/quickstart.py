@@ -19,10 +19,9 @@ import time
 
 import torch
 
-from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.experiments.classifier import trained_judges
-from jitfast.io.checkpoint import (CheckpointError, model_from_checkpoint, read_checkpoint,
-                                   training_setting)
+from jitfast.io.checkpoint import CheckpointError, read_checkpoint, training_setting
 from jitfast.io.images import load_png
 from jitfast.training.runfolder import latest_checkpoint
 
@@ -50,8 +49,7 @@ def grid_classes(rows, num_classes):
 def run_samples(ckpt, per_class, seed):
     """Class-conditional samples of the checkpoint's EMA-1, with its training grid's sampler."""
     setting = lambda name, default: training_setting(ckpt, name, default)
-    denoiser = Denoiser(model_from_checkpoint(ckpt, "ema1", backend="torch"),
-                        noise_scale=setting("noise_scale", 1.0))
+    denoiser = denoiser_from_checkpoint(ckpt, "ema1", backend="torch")
     classes = ckpt["config"]["num_classes"]
     labels = torch.arange(classes).repeat_interleave(per_class)
     with torch.no_grad():

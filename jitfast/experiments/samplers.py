@@ -19,11 +19,10 @@ import time
 
 import torch
 
-from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.experiments import pyplot
 from jitfast.experiments.classifier import trained_judges
 from jitfast.experiments.gaussian import gaussian_denoiser, reference_images
-from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 
 GUIDED, UNGUIDED = (3.0, (0.1, 1.0)), (1.0, (0.0, 1.0))  # (cfg, interval)
 REFERENCE_STEPS = 400  # Heun
@@ -42,12 +41,6 @@ ERROR_TABLES = ("gaussian guided", "gaussian unguided", "errors guided", "errors
 def evaluations(method, steps):
     """Network evaluations of a run (guided ones count once: cond + uncond are one batch)."""
     return 2 * steps - 1 if method == "heun" else steps
-
-
-def load(path):
-    ckpt = read_checkpoint(path)
-    net = model_from_checkpoint(ckpt, weights="ema1", backend="torch")
-    return Denoiser(net, noise_scale=training_setting(ckpt, "noise_scale", 1.0))
 
 
 def relative_error(a, b):
@@ -257,7 +250,7 @@ def main(argv=None):
     results = Results(os.path.join(args.out, "results.json"))
     if "gaussian" in args.part:
         gaussian_tables(results)
-    denoiser = load(args.ckpt)
+    denoiser = denoiser_from_checkpoint(args.ckpt, "ema1", backend="torch")
     if "errors" in args.part:
         error_tables(denoiser, results, args.out, args.images)
     if "judge" in args.part:

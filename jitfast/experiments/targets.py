@@ -13,15 +13,13 @@ this sample size); mean ± std over 3 seeds (training data, initialisation and s
 
     python -m jitfast.experiments.targets [--quick] [--out runs/targets] [--part seeds --seeds 1]
 """
-import argparse
-import json
 import os
 import time
 
 import torch
 
 from jitfast.diffusion.denoiser import SPACES, Denoiser
-from jitfast.experiments import cached, mean_std
+from jitfast.experiments import cached, mean_std, seeded_experiment_main, write_results
 from jitfast.experiments.classifier import trained_judges
 from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.network.model import JiT
@@ -148,30 +146,14 @@ def run(config, out, settings=tuple(SETTINGS), part="all", seeds=None):
                       for j, cells in by_judge.items()} for name, by_judge in scores.items()}
     table = markdown_table(results)
     seconds = round(time.perf_counter() - start, 1)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"{table}\n{config}; {seconds} s on {torch.get_num_threads()} thread(s).\n")
-    with open(os.path.join(out, "targets.json"), "w") as f:
-        json.dump({"config": config, "results": results, "scores": scores,
-                   "seconds": seconds}, f, indent=1)
-    print(table)
+    write_results(out, "targets", table, config, seconds, {"results": results, "scores": scores})
     log(f"wrote {out}/table.md, targets.json and the sample grids")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jitfast.experiments.targets",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"a reduced run (a minute or two): {QUICK}; default {FULL}")
-    p.add_argument("--out", default="runs/targets", help="folder for table.md and the grids")
-    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
-                   help="train only the judges or the --seeds' models, saving them in --out, "
-                        "to run parts in parallel processes; all: the rest, then the results")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="with --part seeds: which of the config's seeds")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # small matmuls: more threads mostly wait for each other
-    run(QUICK if args.quick else FULL, args.out, part=args.part, seeds=args.seeds)
+    seeded_experiment_main(argv, "jitfast.experiments.targets", __doc__, run, QUICK, FULL,
+                           "a minute or two", "runs/targets")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Resolution transfer at CPU scale (DESIGN.md §9): does a JiT trained at 32 px, transferred to
+"""Resolution transfer at CPU scale (docs/design.md §8): does a JiT trained at 32 px, transferred to
 64 px by ``jitfast.network.transfer`` (same 8x8 token grid, patch 4 -> 8, noise scale 1 -> 2), beat
 training at 64 px from scratch?
 
@@ -14,8 +14,6 @@ feature space. Mean ± std over seeds; a figure of the samples and one of the lo
 
     python -m jitfast.experiments.transfer [--quick] [--out runs/transfer]
 """
-import argparse
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -25,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from jitfast.diffusion.denoiser import Denoiser
-from jitfast.experiments import cached, mean_std, pyplot
+from jitfast.experiments import cached, mean_std, pyplot, seeded_experiment_main, write_results
 from jitfast.experiments.classifier import trained_judges
 from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.network.model import JiT
@@ -203,31 +201,16 @@ def run(config, out, part="all", seeds=None):
     loss_figure(losses, config, os.path.join(out, "loss.png"))
     seconds = round(time.perf_counter() - start, 1)
     table = markdown_table(results, reference, config)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"{table}\n\n{config}; {seconds} s on {torch.get_num_threads()} thread(s).\n")
-    with open(os.path.join(out, "transfer.json"), "w") as f:
-        json.dump({"config": config, "network": NETWORK, "reference": reference,
-                   "results": results, "scores": scores, "losses": losses,
-                   "seconds": seconds}, f)
-    print(table)
+    write_results(out, "transfer", table, config, seconds,
+                  {"network": NETWORK, "reference": reference, "results": results,
+                   "scores": scores, "losses": losses})
     log(f"wrote {out}/table.md, transfer.json, samples.png and loss.png")
     return results
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m jitfast.experiments.transfer",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"a reduced run (about a minute): {QUICK}; default {FULL}")
-    p.add_argument("--out", default="runs/transfer", help="folder for the table and figures")
-    p.add_argument("--part", default="all", choices=("all", "judges", "seeds"),
-                   help="train only the judges or the --seeds' models, saving them in --out, "
-                        "to run parts in parallel processes; all: the rest, then the results")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="with --part seeds: which of the config's seeds")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)  # small matmuls: more threads mostly wait for each other
-    run(QUICK if args.quick else FULL, args.out, args.part, args.seeds)
+    seeded_experiment_main(argv, "jitfast.experiments.transfer", __doc__, run, QUICK, FULL,
+                           "about a minute", "runs/transfer")
 
 
 if __name__ == "__main__":

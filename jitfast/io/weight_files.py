@@ -22,7 +22,6 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
 SETS = ("model", "model_ema1", "model_ema2")  # the training file's sets, as key prefixes
-SET_NAMES = {"model": "model", "model_ema1": "ema1", "model_ema2": "ema2"}
 
 
 def read_safetensors(path):

@@ -20,13 +20,14 @@ TRAIN_VARIANTS = {
     "triton+graph": ("triton", None, True),
     "triton+compile+graph": ("triton", "default", True),
 }
-CUDA_ONLY = ("triton", "graph")  # variants naming these run on CUDA only
+CUDA_ONLY_WORDS = ("triton", "graph")  # variants naming these run on CUDA only
 # sampling variant -> replay the whole trajectory from a CUDA graph; the first is the baseline
 SAMPLE_VARIANTS = {"eager": False, "graphs": True}
 
 
-def needs_cuda(variant):
-    return any(word in variant for word in CUDA_ONLY)
+def cuda_only(variant):
+    """Whether a variant runs on CUDA only: its name has the Triton kernels or CUDA graphs."""
+    return any(word in variant for word in CUDA_ONLY_WORDS)
 
 
 def random_batch(batch, image, device, seed=0):

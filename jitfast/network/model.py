@@ -177,7 +177,8 @@ def can_inspect_values(tensor):
 class JiT(nn.Module):
     """Just image Transformer. ``forward(x, t, y)`` returns the network output for noisy images
     x (B, C, H, W), times t (B,) in [0, 1] and labels y (B,) in [0, num_classes] (the last being
-    the null class); under the default training objective it is the x-prediction.
+    the null class; y=None is the null class for every example: unconditional); under the
+    default training objective it is the x-prediction.
 
     ``forward(x, t, y, head)`` replaces the output head (the final Linear and the unpatchify) by
     ``head(u, weight, bias)`` of its input tokens u (B, N, D) and the Linear's parameters, so that
@@ -304,11 +305,13 @@ class JiT(nn.Module):
                             self.final_layer.adaLN_modulation(c))
 
     def forward(self, x, t, y=None, head=None, cond=None):
-        """``cond``: ``conditioning(t, y)``, when the caller has it already."""
+        """y=None: the null class (unconditional). ``cond``: ``conditioning(t, y)``, when the
+        caller has it already."""
         self.check_inputs(x, t, y)
         ops = ops_for(self.backend, x.device)
         if cond is None:
-            y = torch.zeros_like(t, dtype=torch.long) if y is None else y
+            if y is None:
+                y = torch.full_like(t, self.num_classes, dtype=torch.long)
             cond = self.conditioning(t, y, modulations=False)
         modulations = cond.blocks or (None,) * len(self.blocks)
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,

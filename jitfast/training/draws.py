@@ -6,9 +6,10 @@ mask come from one generator seeded by (seed, step) that draws the whole global 
 each), sliced to this process's examples. The noise of example i is drawn from its own seed
 seed_of(seed, step, i):
   CUDA  one Triton launch (``jitfast.kernels.noise``): Philox keyed by the example's seed;
-  CPU   torch's generator seeded with it, one example at a time as before (same numbers), the
-        examples split over one thread per core (``normal_`` is single-threaded and releases
-        the GIL; the draws run between training steps, so every core is free for them).
+  CPU   torch's generator seeded with it, one example at a time (the same numbers however
+        the examples are split), the examples split over one thread per core (``normal_`` is
+        single-threaded and releases the GIL; the draws run between training steps, so every
+        core is free for them).
 """
 import os
 import warnings

@@ -4,7 +4,7 @@ scaled with it."""
 import os
 
 from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
-from jitfast.network.presets import preset_config
+from jitfast.network.presets import preset_config, preset_differences
 from jitfast.network.transfer import TransferError, transfer
 
 
@@ -17,9 +17,9 @@ def transferred_run(path, preset, image_size, num_classes, weights="ema1", backe
     is `noise_scale` when given, else the parent's (1.0 when it does not say) times the factor."""
     ckpt = read_checkpoint(path)
     parent = model_from_checkpoint(ckpt, weights, backend=backend).train()
-    wanted = preset_config(preset)
-    patch = wanted.pop("patch_size")
-    differ = [f"{k} {parent.config[k]} vs {v}" for k, v in wanted.items() if parent.config[k] != v]
+    patch = preset_config(preset)["patch_size"]
+    differ = [f"{k} {ours} vs {theirs}" for k, (ours, theirs)
+              in preset_differences(parent.config, preset, ignore=("patch_size",)).items()]
     if differ:
         raise TransferError(f"--model {preset} is not the architecture of {path!r} "
                             f"({', '.join(differ)}): pass the parent's architecture with the "

@@ -53,7 +53,7 @@ def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None, cond=
 CONDITIONING_BUDGET = 256 * 2**20  # bytes of conditioning precomputed for a whole trajectory
 
 
-def trajectory_conditioning(denoiser, y, grid):
+def trajectory_conditioning(denoiser, y, time_grid):
     """rows(k, guided): the network's conditioning of the evaluation at grid time k, taken from
     one batch computed for every (grid time, label) pair of the run — the labels y, then when
     guidance is on anywhere the null class for each example. rows(...) is None throughout (the
@@ -62,14 +62,16 @@ def trajectory_conditioning(denoiser, y, grid):
     CONDITIONING_BUDGET (large batches, whose per-evaluation matmuls run efficiently)."""
     net = denoiser.net
     B = y.shape[0]
-    labels = torch.cat([y, torch.full_like(y, denoiser.num_classes)]) if any(grid.guided) else y
-    times = len(grid.t) - 1  # the grid's last time is never evaluated
+    null = torch.full_like(y, denoiser.num_classes)
+    labels = torch.cat([y, null]) if any(time_grid.guided) else y
+    times = len(time_grid.t) - 1  # the grid's last time is never evaluated
     if not hasattr(net, "conditioning") or sharded(net):
         return lambda k, guided: None
     width = net.hidden_size * (1 + 6 * len(net.blocks) + 2)
     if times * len(labels) * width * next(net.parameters()).element_size() > CONDITIONING_BUDGET:
         return lambda k, guided: None
-    cond = net.conditioning(grid.t[:times].repeat_interleave(len(labels)), labels.repeat(times))
+    cond = net.conditioning(time_grid.t[:times].repeat_interleave(len(labels)),
+                            labels.repeat(times))
     return lambda k, guided: cond.rows(slice(k * len(labels), k * len(labels) + B * (1 + guided)))
 
 

@@ -21,12 +21,12 @@ EXPONENTIAL_METHODS = {"ddim": (1, 0), "dpm2m": (2, 0), "dpm3m": (3, 0),
                        "unipc2": (2, 3), "unipc3": (3, 4)}
 
 
-class MultistepGrid(NamedTuple):
-    """A run's grid on the device: times t (steps + 1,), c = max(1 - t, t_eps) at the evaluated
-    times (steps,), each step's guidance weight w (steps,), and its coefficients: e^(-Δλ) then
-    the predictor's weights on x̂_n, x̂_(n-1), ... (steps, 1 + P), e^(-Δλ) then the corrector's
-    on x̂_(n+1), x̂_n, ... (steps, 1 + C); on the host, each step's guidance and how many points
-    its predictor and its corrector use."""
+class MultistepTimeGrid(NamedTuple):
+    """A run's time grid on the device: times t (steps + 1,), c = max(1 - t, t_eps) at the
+    evaluated times (steps,), each step's guidance weight w (steps,), and its coefficients:
+    e^(-Δλ) then the predictor's weights on x̂_n, x̂_(n-1), ... (steps, 1 + P), e^(-Δλ) then
+    the corrector's on x̂_(n+1), x̂_n, ... (steps, 1 + C); on the host, each step's guidance and
+    how many points its predictor and its corrector use."""
     t: torch.Tensor
     c: torch.Tensor
     w: torch.Tensor
@@ -76,24 +76,24 @@ def combine(coef, z, predictions):
     return out
 
 
-def prediction(denoiser, y, z, grid, n, rows):
+def prediction(denoiser, y, z, time_grid, n, rows):
     """The (guided) x-prediction at step n's start: the fused step with dt = c(t_n)."""
-    guided = grid.guided[n]
-    return network_step(denoiser, y, z, grid.t[n:n + 1], grid.w[n:n + 1], guided,
-                        grid.c[n:n + 1], cond=rows(n, guided))[0]
+    guided = time_grid.guided[n]
+    return network_step(denoiser, y, z, time_grid.t[n:n + 1], time_grid.w[n:n + 1], guided,
+                        time_grid.c[n:n + 1], cond=rows(n, guided))[0]
 
 
-def integrate_multistep(denoiser, y, z, grid):
-    """The ODE from float32 state z over the grid, tensor ops only."""
-    rows = trajectory_conditioning(denoiser, y, grid)
+def integrate_multistep(denoiser, y, z, time_grid):
+    """The ODE from float32 state z over the time grid, tensor ops only."""
+    rows = trajectory_conditioning(denoiser, y, time_grid)
     history, start = [], z  # x̂ newest first; the state at the previous step's start
-    for n in range(len(grid.predictor)):
-        x = prediction(denoiser, y, z, grid, n, rows)
-        m = grid.corrector[n - 1] if n else 0
+    for n in range(len(time_grid.predictor)):
+        x = prediction(denoiser, y, z, time_grid, n, rows)
+        m = time_grid.corrector[n - 1] if n else 0
         if m:  # redo step n - 1 with x̂_n in its polynomial
-            z = combine(grid.corr[n - 1], start, [x, *history][:m])
-        history = [x, *history][:max(grid.predictor[n], max(grid.corrector))]
+            z = combine(time_grid.corr[n - 1], start, [x, *history][:m])
+        history = [x, *history][:max(time_grid.predictor[n], max(time_grid.corrector))]
         start = z
-        z = combine(grid.pred[n], z, history[:grid.predictor[n]])
+        z = combine(time_grid.pred[n], z, history[:time_grid.predictor[n]])
     return z
 

@@ -14,7 +14,7 @@ def guidance_weights(timesteps, cfg, interval):
     return torch.where(inside, cfg, 1.0).tolist()
 
 
-class Grid(NamedTuple):
+class TimeGrid(NamedTuple):
     """A run's linear time grid on the device: times t (steps + 1,) float32 from 0 to 1 (or
     back, for inversion), steps dt (steps,), guidance weights w (steps + 1,) and, on the host,
     where guidance is on."""
@@ -43,16 +43,16 @@ class Grid(NamedTuple):
                 yield i, i + 1, True
 
 
-def integrate_official(denoiser, y, z, grid, method):
-    """Heun or Euler from float32 state z over the grid."""
-    rows = trajectory_conditioning(denoiser, y, grid)
-    last = len(grid.dt) - 1
+def integrate_official(denoiser, y, z, time_grid, method):
+    """Heun or Euler from float32 state z over the time grid."""
+    rows = trajectory_conditioning(denoiser, y, time_grid)
+    last = len(time_grid.dt) - 1
     v = base = None
-    for i, k, second in grid.evaluations(method):
-        guided = grid.guided[k]
-        state, v_new = network_step(denoiser, y, z, grid.t[k:k + 1], grid.w[k:k + 1], guided,
-                                    grid.dt[i:i + 1], *((v, base) if second else ()),
-                                    cond=rows(k, guided))
+    for i, k, second in time_grid.evaluations(method):
+        guided = time_grid.guided[k]
+        state, v_new = network_step(denoiser, y, z, time_grid.t[k:k + 1], time_grid.w[k:k + 1],
+                                    guided, time_grid.dt[i:i + 1],
+                                    *((v, base) if second else ()), cond=rows(k, guided))
         if not second and method == "heun" and i < last:  # Heun's second evaluation follows
             v, base = v_new, z
         z = state

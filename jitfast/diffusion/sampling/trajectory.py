@@ -1,10 +1,12 @@
-"""Sampling runs: the grid of a method, the whole trajectory (eager, or captured as one CUDA
-graph and replayed), from noise to images (generate) or back (invert)."""
+"""Sampling runs: the time grid of a method, the whole trajectory (eager, or captured as one
+CUDA graph and replayed), from noise to images (generate) or back (invert)."""
+from collections import OrderedDict
+
 import torch
 
-from jitfast.diffusion.sampling.multistep import (EXPONENTIAL_METHODS, MultistepGrid,
+from jitfast.diffusion.sampling.multistep import (EXPONENTIAL_METHODS, MultistepTimeGrid,
                                                   integrate_multistep)
-from jitfast.diffusion.sampling.official import Grid, integrate_official
+from jitfast.diffusion.sampling.official import TimeGrid, integrate_official
 from jitfast.diffusion.sampling.schedules import SCHEDULES
 from jitfast.util.cuda_graphs import capture, on_side_stream
 
@@ -53,38 +55,40 @@ def check_settings(steps, method, cfg, interval, schedule):
         raise ValueError(f"interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
 
 
-def make_grid(denoiser, steps, method, cfg, interval, schedule, device, reverse=False):
+def make_time_grid(denoiser, steps, method, cfg, interval, schedule, device, reverse=False):
     if method in OFFICIAL_METHODS:
-        return Grid.make(steps, cfg, interval, device, reverse)
-    return MultistepGrid.make(method, steps, schedule, cfg, interval, denoiser, device, reverse)
+        return TimeGrid.make(steps, cfg, interval, device, reverse)
+    return MultistepTimeGrid.make(method, steps, schedule, cfg, interval, denoiser, device,
+                                  reverse)
 
 
-def integrate(denoiser, y, z, grid, method):
-    """The ODE from float32 state z over the grid, tensor ops only: the eager sampler runs it and
-    a CUDA graph captures it whole."""
+def integrate(denoiser, y, z, time_grid, method):
+    """The ODE from float32 state z over the time grid, tensor ops only: the eager sampler runs
+    it and a CUDA graph captures it whole."""
     if method in OFFICIAL_METHODS:
-        return integrate_official(denoiser, y, z, grid, method)
-    return integrate_multistep(denoiser, y, z, grid)
+        return integrate_official(denoiser, y, z, time_grid, method)
+    return integrate_multistep(denoiser, y, z, time_grid)
 
 
 class CapturedTrajectory:
-    """``integrate`` for one batch size, grid and method, captured as one CUDA graph over static
-    label and state buffers, and replayed for every run with those settings.
+    """``integrate`` for one batch size, time grid and method, captured as one CUDA graph over
+    static label and state buffers, and replayed for every run with those settings.
 
     The warm-up before the capture is the whole trajectory, run once eagerly on a side stream:
     every kernel variant the capture will launch (Triton's specialise on the alignment of each
-    pointer, which changes along the grid's slices) is then compiled, autotuned and loaded.
+    pointer, which changes along the time grid's slices) is then compiled, autotuned and loaded.
 
     Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
     off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
     region ends, and would miss the new values of weights changed in place (EMA swaps)."""
 
-    def __init__(self, denoiser, y, z, grid, method):
-        self.y, self.z, self.grid = y.clone(), z.clone(), grid  # the graph reads the grid
+    def __init__(self, denoiser, y, z, time_grid, method):
+        self.y, self.z = y.clone(), z.clone()
+        self.time_grid = time_grid  # the graph reads its tensors
 
         def trajectory():
             with no_cast_cache():
-                return integrate(denoiser, self.y, self.z, grid, method)
+                return integrate(denoiser, self.y, self.z, time_grid, method)
         on_side_stream(torch.cuda.Stream(), trajectory)
         self.graph, self.out = capture(trajectory)
 
@@ -93,6 +97,50 @@ class CapturedTrajectory:
         self.z.copy_(z)
         self.graph.replay()
         return self.out.clone()  # the next replay overwrites self.out
+
+
+class GraphCache:
+    """The sampler's captured trajectories by their settings, at most `size` of them: a capture
+    beyond that first drops the least recently used. A dropped trajectory releases its CUDA graph,
+    and torch frees the graph's private memory pool with it: the allocator hands the pool's
+    blocks back to the device when an allocation would otherwise fail, or at
+    torch.cuda.empty_cache()."""
+
+    def __init__(self, size=8):
+        self.entries = OrderedDict()  # least recently used first
+        self.size = size
+
+    @property
+    def size(self):
+        return self._size
+
+    @size.setter
+    def size(self, size):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"the CUDA-graph cache needs a size >= 1, got {size!r}")
+        self._size = size
+        self.trim(size)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def get(self, key, make):
+        """The entry of key, made by make() on a miss, after the eviction that makes room for it
+        (so that the new capture can reuse the evicted graph's memory)."""
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.trim(self.size - 1)
+        self.entries[key] = entry = make()
+        return entry
+
+    def trim(self, size):
+        """Drop the least recently used entries beyond `size`."""
+        while len(self.entries) > size:
+            self.entries.popitem(last=False)
+
+    def clear(self):
+        self.entries.clear()
 
 
 def no_cast_cache():
@@ -108,10 +156,11 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
 
     method: "heun" and "euler" are the official sampler (``steps`` Heun steps with a last Euler
     step: 2·steps - 1 evaluations); the exponential methods
-    (``jitfast.diffusion.sampling.multistep``) take one evaluation per step on the grid of
+    (``jitfast.diffusion.sampling.multistep``) take one evaluation per step on the time grid of
     ``schedule``. cuda_graphs: replay the whole trajectory from one CUDA graph, captured on first
-    use and cached on the denoiser per batch
-    size, steps, method, guidance and weights; None means "on CUDA devices".
+    use and cached on the denoiser per batch size, steps, method, guidance and weights (the
+    ``Denoiser.max_graphs`` most recently used; ``Denoiser.free_graphs`` drops them); None means
+    "on CUDA devices".
     """
     check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0)
     net = denoiser.net
@@ -119,23 +168,23 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
         shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)
         z0 = torch.randn(shape, generator=generator, device=y.device)
     z = denoiser.noise_scale * z0.to(y.device, torch.float32)
-    return run(denoiser, y, z, (steps, method, float(cfg), tuple(interval), schedule, False),
-               cuda_graphs)
+    settings = (steps, method, float(cfg), tuple(interval), schedule, False)
+    return run_trajectory(denoiser, y, z, settings, cuda_graphs)
 
 
 def invert(denoiser, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
            schedule="linear", cuda_graphs=None):
     """The start z0 (standard-normal scale) whose trajectory ends at `images`: the same ODE and
-    grid as ``generate``, integrated from t = 1 back to t = 0. The clamp makes λ(1) finite, so
+    time grid as ``generate``, integrated from t = 1 back to t = 0. The clamp makes λ(1) finite, so
     the first step evaluates the network at t = 1 itself, in each method's own form (for the
     exponential methods, an exact exponential step in λ)."""
     check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, images, "images")
     z = images.to(y.device, torch.float32)
-    key = (steps, method, float(cfg), tuple(interval), schedule, True)
-    return run(denoiser, y, z, key, cuda_graphs) / denoiser.noise_scale
+    settings = (steps, method, float(cfg), tuple(interval), schedule, True)
+    return run_trajectory(denoiser, y, z, settings, cuda_graphs) / denoiser.noise_scale
 
 
-def run(denoiser, y, z, settings, cuda_graphs):
+def run_trajectory(denoiser, y, z, settings, cuda_graphs):
     """The trajectory of settings (steps, method, cfg, interval, schedule, reverse) from state z,
     eagerly or from the denoiser's cached CUDA graph for them."""
     if cuda_graphs is None:
@@ -143,6 +192,10 @@ def run(denoiser, y, z, settings, cuda_graphs):
     elif cuda_graphs and not y.is_cuda:
         raise ValueError("cuda_graphs=True needs the labels (and model) on a CUDA device")
     steps, method, cfg, interval, schedule, reverse = settings
+
+    def time_grid():
+        return make_time_grid(denoiser, steps, method, cfg, interval, schedule, y.device, reverse)
+
     net = denoiser.net
     was_training, checks = net.training, getattr(net, "check_values", None)
     net.eval()
@@ -150,16 +203,14 @@ def run(denoiser, y, z, settings, cuda_graphs):
         net.check_values = False
     try:
         if not cuda_graphs:
-            grid = make_grid(denoiser, steps, method, cfg, interval, schedule, y.device, reverse)
-            return integrate(denoiser, y, z, grid, method)
+            return integrate(denoiser, y, z, time_grid(), method)
         first = next(net.parameters())
         # graphs hold raw pointers: recapture if the weights were moved or re-typed
         key = (y.shape[0], *settings, first.data_ptr(), first.dtype,
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        if key not in denoiser.graph_cache:
-            grid = make_grid(denoiser, steps, method, cfg, interval, schedule, y.device, reverse)
-            denoiser.graph_cache[key] = CapturedTrajectory(denoiser, y, z, grid, method)
-        return denoiser.graph_cache[key](y, z)
+        graph = denoiser.graph_cache.get(
+            key, lambda: CapturedTrajectory(denoiser, y, z, time_grid(), method))
+        return graph(y, z)
     finally:
         net.train(was_training)
         if checks is not None:

@@ -22,6 +22,7 @@ from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
                                 report_size_limit_as_error)
 
 GRID_IMAGES = 64
+DEFAULT_CFG = 2.9  # guidance scale of class-conditional checkpoints unless --cfg says
 # settings that change the images: a folder is resumed only with the same ones
 RUN_SETTINGS = ("ckpt", "weights", "labels", "cfg", "interval", "steps", "method", "batch",
                 "seed", "noise_scale", "t_eps", "dtype", "schedule")
@@ -39,8 +40,13 @@ def parse_args(argv=None):
     add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
     add("--model", default=None, help="assert the checkpoint is this preset, e.g. JiT-B/16")
     add("--classes", default=None, help="comma-separated class ids; default: every class")
-    add("--num-per-class", type=int, default=1, help="images per class")
-    add("--cfg", type=float, default=2.9, help="classifier-free guidance scale")
+    add("--num-per-class", type=int, default=None, help="images per class; default: 1")
+    add("--num-samples", type=int, default=None,
+        help="images of an unconditional checkpoint (trained without classes, which takes no "
+             f"--classes, --num-per-class or --cfg); default: {GRID_IMAGES}, one grid")
+    add("--cfg", type=float, default=None,
+        help=f"classifier-free guidance scale; default: {DEFAULT_CFG}, 1 (none) for an "
+             f"unconditional checkpoint")
     add("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LO", "HI"),
         help="guidance applies for LO < t < HI (LO = 0: t < HI)")
     add("--steps", type=int, default=50, help="ODE steps")
@@ -76,6 +82,29 @@ def check_preset(net, name):
     diffs = [f"{k} {ours} (preset: {theirs})" for k, (ours, theirs) in differences.items()]
     if diffs:
         raise SampleError(f"the checkpoint is not a {name}: " + ", ".join(diffs))
+
+
+def sample_labels(args, num_classes):
+    """(labels of the images, guidance scale) of the command line for a checkpoint of
+    num_classes classes; an unconditional one (0 classes) samples the null class, unguided."""
+    if num_classes:
+        if args.num_samples is not None:
+            raise SampleError(f"--num-samples is for unconditional checkpoints; this one has "
+                              f"{num_classes} classes: use --classes and --num-per-class")
+        per_class = 1 if args.num_per_class is None else args.num_per_class
+        labels = class_labels(args.classes, per_class, num_classes)
+        return labels, DEFAULT_CFG if args.cfg is None else args.cfg
+    given = [flag for flag, value in (("--classes", args.classes),
+                                      ("--num-per-class", args.num_per_class)) if value is not None]
+    if args.cfg not in (None, 1):
+        given.append(f"--cfg {args.cfg:g} (guidance needs classes)")
+    if given:
+        raise SampleError(f"the checkpoint is unconditional (trained without classes): drop "
+                          f"{', '.join(given)}; --num-samples N sets how many images")
+    count = GRID_IMAGES if args.num_samples is None else args.num_samples
+    if count < 1:
+        raise SampleError(f"--num-samples must be >= 1, got {count}")
+    return [0] * count, 1.0
 
 
 def class_labels(classes, num_per_class, num_classes):
@@ -143,9 +172,9 @@ def write_samples(args):
     net = denoiser.net
     if args.model:
         check_preset(net, args.model)
-    labels = class_labels(args.classes, args.num_per_class, net.num_classes)
+    labels, cfg = sample_labels(args, net.num_classes)
     settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, labels=labels,
-                    cfg=args.cfg, interval=list(args.interval), steps=args.steps,
+                    cfg=cfg, interval=list(args.interval), steps=args.steps,
                     method=args.method, batch=args.batch, seed=args.seed,
                     noise_scale=denoiser.noise_scale, t_eps=denoiser.t_eps, dtype=dtype,
                     schedule=args.schedule)
@@ -158,8 +187,8 @@ def write_samples(args):
         batch = range(first, min(first + args.batch, len(labels)))
         if all(os.path.exists(paths[i]) for i in batch):
             continue
-        y = torch.tensor([labels[i] for i in batch], device=device)
-        images = denoiser.generate(y, args.steps, args.method, args.cfg, tuple(args.interval),
+        y = torch.tensor([labels[i] for i in batch], device=device) if net.num_classes else None
+        images = denoiser.generate(y, args.steps, args.method, cfg, tuple(args.interval),
                                    z0=initial_noise(batch, shape, args.seed).to(device),
                                    cuda_graphs=device.type == "cuda" and not args.no_graphs,
                                    schedule=args.schedule)
@@ -170,8 +199,8 @@ def write_samples(args):
     arrays = np.stack([load_png(p) for p in paths])
     save_png(image_grid(arrays[:GRID_IMAGES]), os.path.join(args.out, "grid.png"))
     npz = os.path.join(args.out, "samples.npz")
-    labels_array = np.array(labels, dtype=np.int64)
-    atomic_write(npz, lambda f: np.savez(f, arr_0=arrays, arr_1=labels_array))
+    label_arrays = {"arr_1": np.array(labels, dtype=np.int64)} if net.num_classes else {}
+    atomic_write(npz, lambda f: np.savez(f, arr_0=arrays, **label_arrays))
     print(f"wrote {len(paths)} images to {images_dir}, the grid and {npz} (arr_0: uint8 "
           f"{arrays.shape}, NHWC)")
     if args.fid:

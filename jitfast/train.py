@@ -56,8 +56,10 @@ def parse_args(argv=None):
     add("--model", default="JiT-N/8", choices=sorted(JiT_models), help="preset")
     add("--image-size", type=int, default=64, help="training resolution (px)")
     add("--data-path", default=None,
-        help="ImageNet-layout image folder, or a folder written by jitfast.prepare; "
-             "none: the built-in procedural shapes dataset (10 classes)")
+        help="an image folder: one subfolder of images per class (ImageNet layout), or the "
+             "images directly in it (an unconditional model); MNIST-format IDX files: a folder "
+             "(its train- pair) or one *-images-idx3-ubyte[.gz] file; a folder written by "
+             "jitfast.prepare; none: the built-in procedural shapes dataset (10 classes)")
     add("--steps", type=int, default=1600, help="optimizer steps in the whole run")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
@@ -78,7 +80,8 @@ def parse_args(argv=None):
              "1/(1-decay) steps)" % (*OFFICIAL["ema_decays"], *QUICK_START["ema_decays"]))
     add("--optimizer", default="adamw", choices=("adamw", "apex"),
         help="torch AdamW (fused on CUDA) or apex's FusedAdam")
-    add("--label-drop-prob", type=float, default=0.1, help="p of the null class (for CFG)")
+    add("--label-drop-prob", type=float, default=0.1,
+        help="p of the null class (for CFG); 0 for data without classes")
     add("--P-mean", type=float, default=None,
         help=f"logit-normal t: mean. Default: {OFFICIAL['P_mean']} (official, 256-512 px) for "
              f"JiT-B/L/H/G; {QUICK_START['P_mean']} for the small presets at 32-64 px, where "
@@ -134,9 +137,11 @@ def parse_args(argv=None):
              "--sample-steps 50)")
     add("--sample-schedule", default="cosine", choices=tuple(SCHEDULES),
         help="time grid of the sample grid's sampler")
-    add("--sample-cfg", type=float, default=3.0, help="guidance scale of the sample grid")
+    add("--sample-cfg", type=float, default=3.0,
+        help="guidance scale of the sample grid (data without classes: 1, unguided)")
     add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
-    add("--grid-classes", type=int, default=10, help="rows of the sample grid")
+    add("--grid-classes", type=int, default=10,
+        help="rows of the sample grid: classes, or rows of samples for data without classes")
     args = p.parse_args(argv)
     for name, value in training_defaults(args.model).items():  # the preset's recipe
         if getattr(args, name) is None:
@@ -309,15 +314,19 @@ def check_unreadable(bad, seen, max_fraction, min_seen):
 
 
 def sample_grid(denoiser, ema, args, num_classes, device):
-    """A uint8 (H, W, 3) grid of EMA-1 samples, one row per class (evenly spaced classes)."""
-    classes = torch.linspace(0, num_classes - 1, min(args.grid_classes, num_classes)).round()
-    y = classes.long().repeat_interleave(args.samples_per_class).to(device)
+    """A uint8 (H, W, 3) grid of EMA-1 samples, one row per class (evenly spaced classes); for
+    an unconditional model (no classes), --grid-classes rows of unguided samples."""
+    y, cfg, count = None, 1.0, args.grid_classes * args.samples_per_class
+    if num_classes:
+        classes = torch.linspace(0, num_classes - 1, min(args.grid_classes, num_classes)).round()
+        y = classes.long().repeat_interleave(args.samples_per_class).to(device)
+        cfg, count = args.sample_cfg, None
     gen = torch.Generator(device).manual_seed(args.seed)
     with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
                                         enabled=device.type == "cuda"):
         images = denoiser.generate(y, steps=args.sample_steps, method=args.sample_method,
-                                   cfg=args.sample_cfg, generator=gen,
-                                   schedule=args.sample_schedule)
+                                   cfg=cfg, generator=gen, schedule=args.sample_schedule,
+                                   num_samples=count)
     return image_grid(to_uint8(images), columns=args.samples_per_class)
 
 
@@ -339,6 +348,8 @@ def run_training(args, rank, world, device, folder):
                             f"{world} processes")
     torch.manual_seed(args.seed)
     dataset = open_dataset(args.data_path, args.image_size, args.seed)
+    if not dataset.num_classes:
+        args.label_drop_prob = 0.0  # every label is the null class already
     child = None
     if args.init_from:
         child, args.parent, args.noise_scale, line = transferred_run(
@@ -373,10 +384,14 @@ def run_training(args, rank, world, device, folder):
     bar = Progress(args.steps, start) if rank == 0 else None
     if rank == 0:
         params = sum(p.numel() for p in denoiser.parameters())
+        classes = (f"in {dataset.num_classes} classes" if dataset.num_classes else
+                   "without classes (an unconditional model)")
         print(f"{args.model} ({params / 1e6:.1f}M parameters) at {args.image_size} px on "
-              f"{world}x {device}, {len(dataset)} images in {dataset.num_classes} classes, "
-              f"global batch {args.batch_size}, lr {base_lr:.3g}, steps {start}..{args.steps}",
+              f"{world}x {device}, {len(dataset)} images {classes}, global batch "
+              f"{args.batch_size}, lr {base_lr:.3g}, steps {start}..{args.steps}",
               file=sys.stderr)
+        if getattr(dataset, "origin", None):
+            print(f"data: {dataset.origin}", file=sys.stderr)
 
     loss_sum = torch.zeros((), device=device)
     x = noise = None  # buffers, reused step after step

@@ -1,4 +1,7 @@
-"""Datasets and loaders: the built-in shapes, the batch order, image folders and memmaps."""
+"""Datasets and loaders: the built-in shapes, the batch order, image folders (class subfolders
+or unconditional), IDX files (MNIST and kin) and memmaps."""
+import gzip
+import hashlib
 import os
 
 import numpy as np
@@ -8,8 +11,10 @@ from PIL import Image
 
 from jitfast.io.images import to_uint8
 from jitfast.prepare import prepare
-from jitfast.training.data import (DataError, ImageFolder, MemmapImages, StepBatches,
-                                   center_crop_arr, make_loader, open_dataset, to_model_input)
+from jitfast.training import idx
+from jitfast.training.data import (DataError, IdxImages, ImageFolder, MemmapImages, StepBatches,
+                                   center_crop_arr, load_image, make_loader, open_dataset,
+                                   to_model_input)
 from jitfast.training.shapes import (CLASSES, EXTENT, NUM_CLASSES, NUM_PARAMS, SHAPES,
                                      ShapesDataset, render)
 
@@ -212,3 +217,194 @@ def test_model_input_into_a_reused_buffer():
     assert torch.equal(fresh, images.float() / 127.5 - 1)
     buffer = torch.full(images.shape, float("nan"))
     assert to_model_input(images, out=buffer) is buffer and torch.equal(buffer, fresh)
+
+
+def write_idx(path, array, gz=None):
+    """An IDX file of uint8 `array`: the magic 0x0000080<ndim>, the dimensions, the bytes;
+    gzipped when the name ends with .gz (or when gz says so)."""
+    data = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes() \
+        + np.ascontiguousarray(array, np.uint8).tobytes()
+    if gz if gz is not None else str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_mnist(root, count=6, rows=14, cols=12, prefix="train", gz=True, seed=0):
+    """An MNIST-layout pair <prefix>-images-idx3-ubyte[.gz], <prefix>-labels-idx1-ubyte[.gz] of
+    random images and labels 0..2; returns (images, labels)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, rows, cols), dtype=np.uint8)
+    labels = (np.arange(count) % 3).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", images)
+    write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", labels)
+    return images, labels
+
+
+@pytest.mark.parametrize("size", [16, 12])
+def test_idx_images_are_what_the_folder_path_makes_of_grayscale_files(tmp_path, size):
+    """Each IDX image becomes what load_image makes of it as a grayscale PNG: centre-cropped
+    (14x12 to 12: a crop), upscaled BICUBIC (to 16), RGB; flips mirror it; labels as stored."""
+    images, labels = write_mnist(tmp_path / "mnist")
+    dataset = open_dataset(str(tmp_path / "mnist"), size)
+    assert isinstance(dataset, IdxImages) and len(dataset) == 6
+    assert dataset.num_classes == 3 and dataset.class_names == ["0", "1", "2"]
+    assert dataset.origin.startswith("train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
+    items = [(i, i % 2 == 1) for i in (5, 0, 3, 2)]
+    batch, y, bad = dataset.__getitems__(items)
+    assert batch.dtype == torch.uint8 and batch.shape == (4, 3, size, size) and bad == []
+    assert y.dtype == torch.int64 and y.tolist() == [labels[i] for i, _ in items]
+    for image, (i, flip) in zip(batch, items):
+        Image.fromarray(images[i]).save(tmp_path / "gray.png")
+        want = torch.from_numpy(load_image(tmp_path / "gray.png", size).copy())
+        assert torch.equal(image, want.flip(-1) if flip else want)
+
+
+def test_idx_through_loader_workers_and_prepare(tmp_path):
+    """An IDX dataset batches in DataLoader workers as in this process, and prepare writes
+    the same images and labels as a memmap (class names kept)."""
+    write_mnist(tmp_path / "mnist", count=9, gz=False)
+    dataset = open_dataset(str(tmp_path / "mnist"), 16)
+    sampler = StepBatches(9, 4, seed=1, start=0, stop=4)
+    count, bad = prepare(str(tmp_path / "mnist"), str(tmp_path / "mm"), 16)
+    assert (count, bad) == (9, [])
+    memmap = open_dataset(str(tmp_path / "mm"), 16)
+    assert memmap.class_names == ["0", "1", "2"]
+    loaders = [make_loader(d, sampler, w) for d, w in ((dataset, 0), (dataset, 2), (memmap, 0))]
+    for here, workers, prepared in zip(*loaders, strict=True):
+        for other in (workers, prepared):
+            assert torch.equal(here[0], other[0]) and torch.equal(here[1], other[1])
+
+
+def test_idx_pair_choice(tmp_path):
+    """A folder trains on its train- pair, else on its only pair; an images file names its
+    pair; several candidate sets are refused with the way to choose one."""
+    train, _ = write_mnist(tmp_path / "both", count=4, seed=1)
+    write_mnist(tmp_path / "both", count=5, prefix="t10k", seed=2)
+    both = open_dataset(str(tmp_path / "both"), 12)
+    assert len(both) == 4 and "other sets there: t10k" in both.origin
+    test = open_dataset(str(tmp_path / "both" / "t10k-images-idx3-ubyte.gz"), 12)
+    assert len(test) == 5
+    write_mnist(tmp_path / "one", count=3, prefix="t10k", gz=False)
+    assert len(open_dataset(str(tmp_path / "one"), 12)) == 3
+    for split in ("balanced", "letters"):
+        write_mnist(tmp_path / "emnist", prefix=f"emnist-{split}-train")
+    with pytest.raises(DataError, match=r"holds the IDX files of 2 sets \(emnist-balanced-train, "
+                                        r"emnist-letters-train\) and 2 are training splits: "
+                                        r"give the images file of the one to use"):
+        open_dataset(str(tmp_path / "emnist"), 12)
+    with pytest.raises(DataError, match="is an IDX labels file: give its images file"):
+        open_dataset(str(tmp_path / "one" / "t10k-labels-idx1-ubyte"), 12)
+
+
+def test_emnist_images_are_turned_upright(tmp_path):
+    """EMNIST stores its images transposed (torchvision turns them back); other sets do not."""
+    images, _ = write_mnist(tmp_path, rows=12, cols=12, prefix="emnist-digits-train")
+    dataset = open_dataset(str(tmp_path / "emnist-digits-train-images-idx3-ubyte.gz"), 12)
+    assert np.array_equal(dataset.images, images.transpose(0, 2, 1))
+
+
+def test_fashion_mnist_is_named_by_its_labels(tmp_path, monkeypatch):
+    """The class names are Fashion-MNIST's when the whole label sequence is one of its files'
+    (checked by hash; here a stand-in hash), otherwise the label values."""
+    _, labels = write_mnist(tmp_path, count=10)
+    assert idx.class_names(labels) == ["0", "1", "2"]
+    digest = hashlib.sha256(labels.tobytes()).hexdigest()
+    monkeypatch.setattr(idx, "FASHION_LABELS_SHA256", (digest,))
+    assert open_dataset(str(tmp_path), 14).class_names == list(idx.FASHION_NAMES)
+
+
+def swap(a, b):
+    a.rename(a.with_suffix(".tmp"))
+    b.rename(a)
+    a.with_suffix(".tmp").rename(b)
+
+
+def corrupt(root, name, change):
+    path = root / name
+    path.write_bytes(change(path.read_bytes()))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "train-labels-idx1-ubyte.gz").unlink(),
+     r"train-images-idx3-ubyte.gz' has no labels file beside it \(expected .*"
+     r"train-labels-idx1-ubyte\[.gz\]\)"),
+    (lambda root: (root / "train-images-idx3-ubyte.gz").unlink(),
+     r"train-labels-idx1-ubyte.gz' has no images file beside it"),
+    (lambda root: swap(root / "train-images-idx3-ubyte.gz", root / "train-labels-idx1-ubyte.gz"),
+     r"is not an IDX images file: its magic number is 0x00000801, not 0x00000803 \(it is an "
+     r"IDX labels file: are the file names swapped\?\)"),
+    (lambda root: corrupt(root, "train-images-idx3-ubyte.gz",
+                          lambda b: gzip.compress(b"\x12\x34" + gzip.decompress(b)[2:])),
+     r"its magic number is 0x12340803, not 0x00000803 \(is it an IDX file at all\?\)"),
+    (lambda root: corrupt(root, "train-images-idx3-ubyte.gz",
+                          lambda b: gzip.compress(gzip.decompress(b)[:-7])),
+     r"is truncated: its header announces 6 x 14 x 12 images \(1024 bytes\), the file holds "
+     r"1017 bytes; download it again"),
+    (lambda root: corrupt(root, "train-labels-idx1-ubyte.gz",
+                          lambda b: gzip.compress(gzip.decompress(b) + b"\0")),
+     r"is longer than its header says"),
+    (lambda root: corrupt(root, "train-images-idx3-ubyte.gz", lambda b: b[:len(b) // 2]),
+     r"is a corrupt or truncated gzip file \(.*\): download it again"),
+    (lambda root: corrupt(root, "train-images-idx3-ubyte.gz", lambda b: b[:10] + b"\xff" * 20),
+     r"is a corrupt or truncated gzip file"),
+    (lambda root: write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(5, np.uint8)),
+     r"holds 6 images but .*train-labels-idx1-ubyte.gz' 5 labels: the files are not a pair"),
+    (lambda root: corrupt(root, "train-images-idx3-ubyte.gz", lambda b: b"\0\0\x08"),
+     r"is truncated: 3 bytes, less than the 16-byte IDX header"),
+])
+def test_bad_idx_files_say_what_is_wrong(tmp_path, damage, message):
+    write_mnist(tmp_path / "mnist")
+    damage(tmp_path / "mnist")
+    with pytest.raises(DataError, match=message):
+        open_dataset(str(tmp_path / "mnist"), 16)
+
+
+def test_prepare_cli_takes_idx_files(tmp_path, capsys):
+    from jitfast.prepare import main
+    write_mnist(tmp_path / "mnist", count=5)
+    main([str(tmp_path / "mnist"), str(tmp_path / "mm"), "--image-size", "16"])
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz in" in err
+    assert "wrote 5 images of 16 px" in err
+    corrupt(tmp_path / "mnist", "train-labels-idx1-ubyte.gz", lambda b: b[:-3])
+    with pytest.raises(SystemExit, match="error: .*corrupt or truncated gzip file"):
+        main([str(tmp_path / "mnist"), str(tmp_path / "mm2"), "--image-size", "16"])
+
+
+def test_a_flat_folder_is_an_unconditional_dataset(tmp_path):
+    """Images directly in the folder: no classes (labels 0, the null class of a model with
+    num_classes = 0); grayscale and RGBA files become RGB; prepare keeps it unconditional."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i, (mode, channels) in enumerate((("RGB", (3,)), ("L", ()), ("RGBA", (4,)))):
+        pixels = rng.integers(0, 256, (20, 18, *channels), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(root / f"{i}.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / "empty").mkdir()  # a subfolder without images does not make classes
+    dataset = open_dataset(str(root), 16)
+    assert isinstance(dataset, ImageFolder) and len(dataset) == 3
+    assert (dataset.num_classes, dataset.class_names, dataset.labels) == (0, [], [0, 0, 0])
+    image, label, _ = dataset[(1, False)]
+    assert image.shape == (3, 16, 16) and label == 0
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])  # gray
+    prepare(str(root), str(tmp_path / "mm"), 16, workers=1)
+    memmap = open_dataset(str(tmp_path / "mm"), 16)
+    assert memmap.num_classes == 0 and memmap.labels.tolist() == [0, 0, 0]
+
+
+def test_unconditional_folder_errors(tmp_path):
+    mixed = write_folder(tmp_path / "mixed", [[(20, 20)] * 2, [(20, 20)]])
+    Image.new("RGB", (20, 20)).save(mixed / "loose.png")
+    with pytest.raises(DataError, match=r"holds both images \(1, e.g. loose.png\) and subfolders "
+                                        r"of images \(2, e.g. n000/\): put every image in a "
+                                        r"class subfolder .* or all of them directly in one "
+                                        r"folder without subfolders \(an unconditional model\)"):
+        open_dataset(str(mixed), 16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no images found under .*: expected one subfolder per "
+                                        r"class, or the images directly in it \(unconditional\)"):
+        open_dataset(str(tmp_path / "empty"), 16)

@@ -1,4 +1,5 @@
-"""python -m jitfast.sample: outputs, the ADM npz layout, exact resume, bad input."""
+"""python -m jitfast.sample: outputs, the ADM npz layout, exact resume, bad input, unconditional
+checkpoints (and Denoiser.generate without labels)."""
 import json
 import sys
 import types
@@ -17,10 +18,10 @@ OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", w
 FAST = ["--steps", "3", "--cfg", "2.0", "--interval", "0.0", "1.0"]
 
 
-def lively_net():
+def lively_net(**overrides):
     """The official tiny config with weights large enough that images depend on the noise."""
     torch.manual_seed(0)
-    net = JiT(**OFFICIAL["config"])
+    net = JiT(**{**OFFICIAL["config"], **overrides})
     for p in net.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2)
@@ -125,6 +126,7 @@ def test_a_run_from_before_schedules_resumes(ckpt, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--classes", "3,10"], r"class ids must lie in \[0, 9\].*\[10\]"),
     (["--classes", "a,b"], "comma-separated integers"),
+    (["--num-per-class", "0"], "--num-per-class must be >= 1, got 0"),
     (["--steps", "0"], "steps must be an integer >= 1"),
     (["--cfg", "-1"], "cfg must be >= 0"),
     (["--interval", "0.2", "1.5"], "interval must satisfy"),
@@ -188,3 +190,68 @@ def test_cuda_graphs_need_cuda():
     denoiser = Denoiser(JiT(**OFFICIAL["config"]))
     with pytest.raises(ValueError, match="cuda_graphs=True needs"):
         denoiser.generate(torch.tensor([1]), steps=1, cuda_graphs=True)
+
+
+@pytest.fixture(scope="module")
+def unconditional_ckpt(tmp_path_factory):
+    """A model trained without classes: num_classes 0, the null class its only label."""
+    denoiser = Denoiser(lively_net(num_classes=0))
+    path = tmp_path_factory.mktemp("ckpt") / "unconditional.pth"
+    save_checkpoint(path, denoiser, EMA(denoiser), args={"noise_scale": 1.0})
+    return str(path)
+
+
+def test_unconditional_checkpoint_samples_without_labels(unconditional_ckpt, tmp_path):
+    """The npz holds the images only (ADM's unconditional layout), unguided, the images of
+    generate(None) from the same starts; a run resumes with the same settings."""
+    argv = ["--ckpt", unconditional_ckpt, "--out", str(tmp_path), "--steps", "2",
+            "--num-samples", "3", "--batch", "2"]
+    sample_cli.main(argv)
+    data = np.load(tmp_path / "samples.npz")
+    assert list(data) == ["arr_0"] and data["arr_0"].shape == (3, 32, 32, 3)
+    assert json.loads((tmp_path / "run.json").read_text())["cfg"] == 1.0
+    z0 = sample_cli.initial_noise(range(3), (3, 32, 32), seed=0)
+    expected = Denoiser(lively_net(num_classes=0)).generate(None, steps=2, z0=z0)
+    assert np.array_equal(data["arr_0"], to_uint8(expected))
+    sample_cli.main(argv + ["--cfg", "1"])  # the same settings: resumed, nothing to do
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cfg", "2"], r"unconditional \(trained without classes\): drop --cfg 2 \(guidance "
+                     r"needs classes\); --num-samples N sets how many images"),
+    (["--classes", "0", "--num-per-class", "2"], "drop --classes, --num-per-class;"),
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+])
+def test_unconditional_bad_input(unconditional_ckpt, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        sample_cli.main(["--ckpt", unconditional_ckpt, "--out", str(tmp_path), *extra])
+
+
+def test_num_samples_is_for_unconditional_checkpoints(ckpt, tmp_path):
+    with pytest.raises(SystemExit, match="--num-samples is for unconditional checkpoints; this "
+                                         "one has 10 classes: use --classes and --num-per-class"):
+        sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path), "--num-samples", "4"])
+
+
+def test_generate_without_labels():
+    """y=None samples the null class: num_samples images (or z0's), the same as the null
+    labels given; guidance needs labels and a class-conditional model; invert takes None too."""
+    conditional, unconditional = Denoiser(lively_net()), Denoiser(lively_net(num_classes=0))
+    z0 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    null = conditional.generate(torch.full((2,), 10), steps=1, z0=z0)
+    assert torch.equal(conditional.generate(None, steps=1, z0=z0), null)
+    drawn = unconditional.generate(None, steps=1, num_samples=3,
+                                   generator=torch.Generator().manual_seed(1))
+    assert drawn.shape == (3, 3, 32, 32) and drawn.dtype == torch.float32
+    images = unconditional.generate(None, steps=1, z0=z0)
+    assert torch.equal(unconditional.generate(torch.zeros(2, dtype=torch.long), steps=1, z0=z0),
+                       images)
+    assert unconditional.invert(images, None, steps=1).shape == z0.shape
+    for denoiser, y, kwargs, message in (
+            (unconditional, None, dict(cfg=2.0), r"the model is unconditional \(num_classes 0"),
+            (unconditional, torch.tensor([1]), {}, "its one label is 0, the null class"),
+            (conditional, None, dict(cfg=2.0), "y=None samples the null class .* use cfg=1"),
+            (conditional, None, {}, "needs num_samples >= 1, or z0"),
+            (conditional, None, dict(num_samples=2, z0=z0[:1]), r"z0 must have shape \(2,")):
+        with pytest.raises(ValueError, match=message):
+            denoiser.generate(y, steps=1, **kwargs)

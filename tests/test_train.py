@@ -3,13 +3,17 @@ import glob
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data import write_folder
+from test_data import write_folder, write_mnist
 
+import jitfast.sample as sample_cli
 from jitfast import load_checkpoint, read_checkpoint, train
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
+from jitfast.io.images import to_uint8
 from jitfast.prepare import prepare
 from jitfast.training.data import DataError
 from jitfast.training.progress import read_metrics
@@ -103,6 +107,52 @@ def test_checkpoint_is_official_layout_and_loads(tmp_path):
         expected = denoiser.net(x, t, y)
         assert torch.equal(net(x, t, y), expected)
         assert not torch.equal(load_checkpoint(result["checkpoint"])(x, t, y), expected)
+
+
+def test_a_flat_folder_trains_an_unconditional_model_that_samples_without_labels(tmp_path,
+                                                                                  capsys):
+    """Images without class subfolders (RGB, grayscale, RGBA): a model with num_classes = 0,
+    no label dropout, a plain grid of unguided samples (3 rows of 2); its checkpoint samples
+    through python -m jitfast.sample without labels, as Denoiser.generate(None) does."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "flat").mkdir()
+    for i in range(5):
+        mode, channels = (("RGB", (3,)), ("L", ()), ("RGBA", (4,)))[i % 3]
+        pixels = rng.integers(0, 256, (20, 18, *channels), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(tmp_path / "flat" / f"{i}.png")
+    result = run(tmp_path, "run", "--data-path", str(tmp_path / "flat"), "--steps", "2",
+                 "--num-workers", "0")
+    assert "5 images without classes (an unconditional model)" in capsys.readouterr().err
+    ckpt = read_checkpoint(result["checkpoint"])
+    assert ckpt["config"]["num_classes"] == 0 and ckpt["args"]["label_drop_prob"] == 0.0
+    assert load_checkpoint(result["checkpoint"].replace(".pt", ".safetensors")).num_classes == 0
+    with Image.open(result["grid"]) as grid:
+        assert grid.size == (2 * 16, 3 * 16)
+    out = tmp_path / "samples"
+    sample_cli.main(["--ckpt", result["checkpoint"], "--out", str(out), "--steps", "2",
+                     "--num-samples", "3", "--batch", "2", "--device", "cpu"])
+    data = np.load(out / "samples.npz")
+    assert list(data) == ["arr_0"] and data["arr_0"].shape == (3, 16, 16, 3)  # no labels
+    z0 = sample_cli.initial_noise(range(3), (3, 16, 16), seed=0)
+    expected = denoiser_from_checkpoint(result["checkpoint"]).generate(None, steps=2, z0=z0)
+    assert np.array_equal(data["arr_0"], to_uint8(expected))
+    with pytest.raises(SystemExit, match=r"the checkpoint is unconditional \(trained without "
+                                         r"classes\): drop --cfg 2 \(guidance needs classes\)"):
+        sample_cli.main(["--ckpt", result["checkpoint"], "--out", str(tmp_path / "cfg"),
+                         "--cfg", "2"])
+
+
+def test_mnist_format_files_train(tmp_path, capsys):
+    """A folder of IDX files trains on its train- pair, and says so; the grid has a row per
+    class."""
+    write_mnist(tmp_path / "mnist", count=8, rows=12, cols=12)
+    result = run(tmp_path, "run", "--data-path", str(tmp_path / "mnist"), "--steps", "2",
+                 "--num-workers", "0")
+    err = capsys.readouterr().err
+    assert "8 images in 3 classes" in err
+    assert "data: train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz in " in err
+    with Image.open(result["grid"]) as grid:
+        assert grid.size == (2 * 16, 3 * 16)
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

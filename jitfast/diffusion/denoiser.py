@@ -133,16 +133,18 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def generate(self, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
-                 generator=None, cuda_graphs=None, schedule="linear"):
+                 generator=None, cuda_graphs=None, schedule="linear", num_samples=None):
         """Sample images for labels y by integrating the ODE from t = 0 to 1; see
         ``jitfast.diffusion.sampling.generate`` (the methods and schedules). Returns float32 images
-        (B, C, H, W), unclipped."""
+        (B, C, H, W), unclipped. y=None samples unconditionally (the null class, cfg 1; the
+        only way for a model trained without classes, num_classes 0): num_samples images, or as
+        many as z0 has."""
         return generate(self, y, steps, method, cfg, interval, z0, generator, cuda_graphs,
-                        schedule)
+                        schedule, num_samples)
 
     @torch.no_grad()
     def invert(self, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
                schedule="linear", cuda_graphs=None):
         """The standard-normal start whose trajectory ends at `images` (the ODE integrated from
-        t = 1 back to 0); see ``jitfast.diffusion.sampling.invert``."""
+        t = 1 back to 0); see ``jitfast.diffusion.sampling.invert``. y=None: the null class."""
         return invert(self, images, y, steps, method, cfg, interval, schedule, cuda_graphs)

@@ -178,7 +178,8 @@ class JiT(nn.Module):
     """Just image Transformer. ``forward(x, t, y)`` returns the network output for noisy images
     x (B, C, H, W), times t (B,) in [0, 1] and labels y (B,) in [0, num_classes] (the last being
     the null class; y=None is the null class for every example: unconditional); under the
-    default training objective it is the x-prediction.
+    default training objective it is the x-prediction. num_classes=0 makes an unconditional
+    model: its label table holds the null class alone.
 
     ``forward(x, t, y, head)`` replaces the output head (the final Linear and the unpatchify) by
     ``head(u, weight, bias)`` of its input tokens u (B, N, D) and the Linear's parameters, so that
@@ -202,6 +203,8 @@ class JiT(nn.Module):
         if hidden_size % num_heads or (hidden_size // num_heads) % 4:
             raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
                              f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         if in_context_len > 0 and not 0 <= in_context_start < depth:
             raise ValueError(f"in_context_start {in_context_start} must lie in [0, depth={depth})")
         self.backend = check_backend(backend)

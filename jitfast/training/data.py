@@ -1,5 +1,6 @@
 """Training data: a deterministic batch order, an image-folder dataset with the official
-preprocessing, a memory-mapped dataset written by ``jitfast.prepare``, and the DataLoader.
+preprocessing (class subfolders, or none: unconditional), MNIST-format IDX files, a memory-mapped
+dataset written by ``jitfast.prepare``, and the DataLoader.
 
 Every dataset takes items as (index, flip) pairs. ``StepBatches`` draws the order and the flips
 from (seed, epoch) alone, so step s of a run always sees the same images however it was
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jitfast.training.idx import IdxError, idx_files, idx_pair, idx_prefix, read_pair
 from jitfast.training.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -80,25 +82,44 @@ def load_image(path, image_size):
         return center_crop_arr(image.convert("RGB"), image_size).transpose(2, 0, 1)
 
 
+def is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def scan_folder(root):
-    """(paths, labels, class names) of an ImageNet-layout folder: one subfolder per class."""
+    """(paths, labels, class names) of an image folder: one subfolder per class (the ImageNet
+    layout), or the images directly in it, without classes (unconditional: no class names, every
+    label 0, the null class of a model with num_classes = 0). A folder with both loose images and
+    subfolders holding images is refused: which of them are the data is not for us to guess."""
     if not os.path.exists(root):
         raise DataError(f"--data-path {root!r} does not exist")
     if not os.path.isdir(root):
         raise DataError(f"--data-path {root!r} is not a folder; give a folder with one "
-                        f"subfolder of images per class (the ImageNet train/ layout)")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    paths, labels = [], []
+                        f"subfolder of images per class (the ImageNet train/ layout), or with "
+                        f"the images directly in it (unconditional)")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    classes = [e.name for e in entries if e.is_dir()]
+    loose = [e.path for e in entries if e.is_file() and is_image(e.name)]
+    paths, labels, filled = [], [], []
     for label, name in enumerate(classes):
         for folder, _, files in sorted(os.walk(os.path.join(root, name))):
-            for file in sorted(files):
-                if file.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(folder, file))
-                    labels.append(label)
+            for file in sorted(filter(is_image, files)):
+                paths.append(os.path.join(folder, file))
+                labels.append(label)
+        if labels and labels[-1] == label:
+            filled.append(name)
+    if loose and filled:
+        raise DataError(f"{root!r} holds both images ({len(loose)}, e.g. "
+                        f"{os.path.basename(loose[0])}) and subfolders of images ({len(filled)}, "
+                        f"e.g. {filled[0]}/): put every image in a class subfolder (a "
+                        f"class-conditional model), or all of them directly in one folder "
+                        f"without subfolders (an unconditional model)")
+    if loose:
+        return loose, [0] * len(loose), []
     if not paths:
-        raise DataError(f"no images found under {root!r}: expected one subfolder per class "
-                        f"holding {', '.join(IMAGE_EXTENSIONS)} files (found "
-                        f"{len(classes)} subfolders)")
+        raise DataError(f"no images found under {root!r}: expected one subfolder per class, or "
+                        f"the images directly in it (unconditional), holding "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files (found {len(classes)} subfolders)")
     return paths, labels, classes
 
 
@@ -182,13 +203,59 @@ class MemmapImages(torch.utils.data.Dataset):
         return torch.from_numpy(images), torch.from_numpy(self.labels[index]), []
 
 
+class IdxImages(torch.utils.data.Dataset):
+    """Grayscale images (N, H, W) uint8 held in memory as they are stored (60000 MNIST images:
+    47 MB), made at load what an image folder makes of a grayscale file: ``center_crop_arr`` to
+    the crop size (28 px to 32: the BICUBIC upscale of the official pipeline), repeated into
+    RGB, flipped when asked. `origin` says where they came from."""
+
+    def __init__(self, images, labels, image_size, class_names, origin=""):
+        self.images, self.labels, self.image_size = images, labels, image_size
+        self.class_names, self.num_classes = list(class_names), len(class_names)
+        self.origin = origin
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitems__(self, items):
+        index, flip = map(np.asarray, zip(*items))
+        gray = self.images[index]
+        if gray.shape[1:] != (self.image_size, self.image_size):
+            gray = np.stack([center_crop_arr(Image.fromarray(g), self.image_size) for g in gray])
+        gray[flip] = gray[flip, :, ::-1]
+        images = np.repeat(gray[:, None], 3, axis=1)
+        return torch.from_numpy(images), torch.from_numpy(self.labels[index].astype(np.int64)), []
+
+
 def passthrough(batch):
     """The collate of datasets whose ``__getitems__`` already returns a whole batch."""
     return batch
 
 
+def open_idx(data_path, image_size):
+    """The IdxImages of the IDX pair `data_path` names (a folder: its training split; or an
+    images file: ``jitfast.training.idx.idx_pair``), or None when it names none."""
+    try:
+        pair = idx_pair(data_path)
+        if pair is None:
+            return None
+        images, labels, names = read_pair(*pair)
+    except IdxError as err:
+        raise DataError(str(err)) from None
+    folder, (images_file, labels_file) = os.path.dirname(pair[0]), map(os.path.basename, pair)
+    rows, cols = images.shape[1:]
+    origin = (f"{images_file} and {labels_file} in {os.path.abspath(folder)} ({rows}x{cols} "
+              f"grayscale, to {image_size} px RGB)")
+    others = sorted(set(idx_files(folder)) - {idx_prefix(images_file)})
+    if others:
+        origin += (f"; other sets there: {', '.join(others)} (give an images file as the path "
+                   f"to use one)")
+    return IdxImages(images, labels, image_size, names, origin)
+
+
 def open_dataset(data_path, image_size, seed=0):
-    """The dataset to train on: built-in shapes (no path), a prepared memmap folder or images."""
+    """The dataset to train on: built-in shapes (no path), a prepared memmap folder, IDX files
+    (MNIST and kin) or an image folder."""
     if data_path is None:
         return ShapesDataset(image_size, seed=seed)
     if os.path.exists(os.path.join(data_path, "meta.json")):
@@ -197,7 +264,7 @@ def open_dataset(data_path, image_size, seed=0):
             raise DataError(f"{data_path!r} was prepared at {dataset.image_size} px, not "
                             f"--image-size {image_size}")
         return dataset
-    return ImageFolder(data_path, image_size)
+    return open_idx(data_path, image_size) or ImageFolder(data_path, image_size)
 
 
 def default_workers():

@@ -19,11 +19,33 @@ def order(method):
     return EXPONENTIAL_METHODS[method][0] if method in EXPONENTIAL_METHODS else 1
 
 
+def unconditional_labels(denoiser, y, cfg, count):
+    """y, or for y=None the null class (unconditional samples, the only kind a model with
+    num_classes = 0 makes) for `count` examples on the network's device. Guidance needs classes:
+    cfg must be 1 for an unconditional model, and for y=None."""
+    if cfg != 1 and denoiser.num_classes == 0:
+        raise ValueError(f"the model is unconditional (num_classes 0: trained without classes), "
+                         f"so there is no class for guidance to amplify: use cfg=1, not {cfg:g}")
+    if y is not None:
+        return y
+    if cfg != 1:
+        raise ValueError(f"y=None samples the null class (unconditional), where guidance "
+                         f"changes nothing: use cfg=1, not {cfg:g}, or give class labels y")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"y=None (unconditional) needs num_samples >= 1, or z0, for the batch "
+                         f"size; got {count!r}")
+    device = next(denoiser.net.parameters()).device
+    return torch.full((count,), denoiser.num_classes, dtype=torch.long, device=device)
+
+
 def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0, name="z0"):
     if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point():
         raise ValueError(f"y must be a 1-D integer tensor of class labels, got "
                          f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
     if y.numel() and not bool(((y >= 0) & (y <= denoiser.num_classes)).all()):
+        if denoiser.num_classes == 0:
+            raise ValueError("the model is unconditional (num_classes 0): its one label is 0, "
+                             "the null class; sample it with y=None")
         raise ValueError(f"class labels must lie in [0, {denoiser.num_classes - 1}] (or "
                          f"{denoiser.num_classes}, the null class), got "
                          f"[{y.min().item()}, {y.max().item()}]")
@@ -150,9 +172,10 @@ def no_cast_cache():
 
 
 def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,
-             generator=None, cuda_graphs=None, schedule="linear"):
+             generator=None, cuda_graphs=None, schedule="linear", num_samples=None):
     """Integrate the sampling ODE for labels y (B,); z0 is the standard-normal start (drawn from
     `generator` when not given), scaled by the denoiser's noise_scale. Returns float32 images.
+    y=None: unconditional samples (the null class; cfg 1), as many as num_samples or z0 has.
 
     method: "heun" and "euler" are the official sampler (``steps`` Heun steps with a last Euler
     step: 2·steps - 1 evaluations); the exponential methods
@@ -162,6 +185,9 @@ def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0),
     ``Denoiser.max_graphs`` most recently used; ``Denoiser.free_graphs`` drops them); None means
     "on CUDA devices".
     """
+    if num_samples is None and z0 is not None:
+        num_samples = len(z0)
+    y = unconditional_labels(denoiser, y, cfg, num_samples)
     check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0)
     net = denoiser.net
     if z0 is None:
@@ -177,7 +203,8 @@ def invert(denoiser, images, y, steps=50, method="heun", cfg=1.0, interval=(0.0,
     """The start z0 (standard-normal scale) whose trajectory ends at `images`: the same ODE and
     time grid as ``generate``, integrated from t = 1 back to t = 0. The clamp makes λ(1) finite, so
     the first step evaluates the network at t = 1 itself, in each method's own form (for the
-    exponential methods, an exact exponential step in λ)."""
+    exponential methods, an exact exponential step in λ). y=None: the null class (cfg 1)."""
+    y = unconditional_labels(denoiser, y, cfg, len(images))
     check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, images, "images")
     z = images.to(y.device, torch.float32)
     settings = (steps, method, float(cfg), tuple(interval), schedule, True)

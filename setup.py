@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["jitfast", "jitfast.*"]) + ["jitfast.kernels"],
     package_dir={"jitfast": "jitfast", "jitfast.kernels": "kernels"},
+    # the built-in Fashion-MNIST subset (jitfast/datasets/fashion-mnist/README.md)
+    package_data={"jitfast": ["datasets/*/*"]},
     install_requires=["torch>=2.5", "numpy", "pillow", "safetensors", "tqdm"],
     extras_require={
         # triton as on the GPU image; its CPU interpreter breaks with numpy >= 2.4

@@ -1,5 +1,5 @@
-"""Train a JiT: ``python -m jitfast.train --compile`` (built-in shapes dataset, small model, CPU
-minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --image-size 256
+"""Train a JiT: ``python -m jitfast.train --compile`` (the built-in Fashion-MNIST subset, a small
+model, CPU minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --image-size 256
 --data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
 
 Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
@@ -26,12 +26,13 @@ from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.io.weight_files import save_training_weights
 from jitfast.network.presets import JiT_models
 from jitfast.network.transfer import TransferError
-from jitfast.training.data import DataError, StepBatches, make_loader, open_dataset, to_model_input
+from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
+                                   open_dataset, to_model_input)
 from jitfast.training.draws import StepDraws, seed_of
 from jitfast.training.ema import EMA
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress
-from jitfast.training.recipes import OFFICIAL, QUICK_START, training_defaults
+from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, QUICK_START, training_defaults
 from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
                                         latest_checkpoint)
 from jitfast.training.schedule import lr_at
@@ -53,13 +54,18 @@ def parse_args(argv=None):
         prog="python -m jitfast.train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", default="JiT-N/8", choices=sorted(JiT_models), help="preset")
-    add("--image-size", type=int, default=64, help="training resolution (px)")
+    add("--model", default=None, choices=sorted(JiT_models),
+        help="preset; default: JiT-T/4 on the built-in Fashion-MNIST, JiT-N/8 otherwise")
+    add("--image-size", type=int, default=None,
+        help="training resolution (px); default: 28 on the built-in Fashion-MNIST, 64 otherwise")
     add("--data-path", default=None,
         help="an image folder: one subfolder of images per class (ImageNet layout), or the "
              "images directly in it (an unconditional model); MNIST-format IDX files: a folder "
              "(its train- pair) or one *-images-idx3-ubyte[.gz] file; a folder written by "
-             "jitfast.prepare; none: the built-in procedural shapes dataset (10 classes)")
+             "jitfast.prepare; none: the built-in --dataset")
+    add("--dataset", default="fashion-mnist", choices=BUILTIN_DATASETS,
+        help="the built-in dataset trained on without --data-path: a subset of Fashion-MNIST "
+             "(photos of clothes, 10 classes), or procedurally drawn shapes (10 classes)")
     add("--steps", type=int, default=1600, help="optimizer steps in the whole run")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
@@ -143,6 +149,9 @@ def parse_args(argv=None):
     add("--grid-classes", type=int, default=10,
         help="rows of the sample grid: classes, or rows of samples for data without classes")
     args = p.parse_args(argv)
+    for name, value in DATASET_DEFAULTS[None if args.data_path else args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name, value in training_defaults(args.model).items():  # the preset's recipe
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -258,6 +267,13 @@ def restore(path, denoiser, ema, optimizer, args):
     missing = [k for k in needed if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path!r} cannot be resumed: it lacks {', '.join(missing)}")
+    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    differ = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("model", "image_size", "dataset")
+              if k in saved and saved[k] != getattr(args, k) and not (k == "dataset" and
+                                                                      args.data_path)]
+    if differ:
+        raise TrainingError(f"{path!r} was trained with {', '.join(differ)}: pass the same to "
+                            f"resume it (the defaults may have changed since)")
     if args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
         set_state_dict(denoiser, optimizer, model_state_dict=ckpt["model"],
@@ -267,7 +283,6 @@ def restore(path, denoiser, ema, optimizer, args):
         denoiser.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     lr_on_device(optimizer, next(denoiser.parameters()).device)  # the file holds floats
-    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     if saved.get("noise_scale", args.noise_scale) != args.noise_scale:
         raise TrainingError(f"{path!r} was trained with noise scale {saved['noise_scale']:g}, "
                             f"this run has {args.noise_scale:g}: pass --noise-scale "
@@ -347,7 +362,7 @@ def run_training(args, rank, world, device, folder):
         raise TrainingError(f"--batch-size {args.batch_size} must be a multiple of the "
                             f"{world} processes")
     torch.manual_seed(args.seed)
-    dataset = open_dataset(args.data_path, args.image_size, args.seed)
+    dataset = open_dataset(args.data_path, args.image_size, args.seed, args.dataset)
     if not dataset.num_classes:
         args.label_drop_prob = 0.0  # every label is the null class already
     child = None

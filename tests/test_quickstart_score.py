@@ -15,6 +15,7 @@ SMALL_JUDGES = {"colour": 60, "colour-blind": 60}
 @pytest.fixture
 def small_judges(monkeypatch):
     monkeypatch.setattr(classifier, "JUDGE_STEPS", SMALL_JUDGES)
+    monkeypatch.setattr(classifier, "FASHION_JUDGE_STEPS", 60)
     monkeypatch.setattr(quickstart, "REAL_IMAGES", 40)
 
 
@@ -55,9 +56,9 @@ def test_judges_are_trained_once_per_setting_and_read_back(tmp_path, monkeypatch
                                                       again[name].classifier.state_dict().values()))
 
 
-def test_a_training_run_is_scored_on_its_grid_and_on_fresh_samples(tmp_path, capsys,
-                                                                   small_judges):
-    run(tmp_path, "r", "--steps", "3")
+def test_a_shapes_run_is_scored_on_its_grid_and_on_fresh_samples(tmp_path, capsys,
+                                                                 small_judges):
+    run(tmp_path, "r", "--steps", "3", "--dataset", "shapes")
     quickstart.main([str(tmp_path / "r"), "--samples-per-class", "2",
                      "--judges", str(tmp_path / "judges")])
     result = json.loads((tmp_path / "r" / "quickstart.json").read_text())
@@ -66,9 +67,28 @@ def test_a_training_run_is_scored_on_its_grid_and_on_fresh_samples(tmp_path, cap
         assert set(result[kind]) == {"colour", "colour-blind"}
     real = result["real"]["colour-blind"]["accuracy"]
     assert real > 0.2  # a real judge, better than chance (0.1) on real images
-    assert result["samples_colour_blind_ratio"] == pytest.approx(
-        result["samples"]["colour-blind"]["accuracy"] / real)
-    assert "colour-blind ratio" in capsys.readouterr().out
+    assert result["samples_ratio"] == {
+        "mean": pytest.approx(result["samples"]["colour-blind"]["accuracy"] / real), "std": 0.0}
+    assert "accuracy ratio (samples / real, colour-blind)" in capsys.readouterr().out
+
+
+def test_a_fashion_run_is_judged_by_three_judges_of_the_test_split(tmp_path, capsys,
+                                                                   small_judges):
+    """The default data: three judges trained on Fashion-MNIST test-split images, the ratio and
+    the distance as mean ± std over them."""
+    run(tmp_path, "r", "--steps", "2", "--image-size", "28", "--model", "JiT-T/4")
+    quickstart.main([str(tmp_path / "r"), "--samples-per-class", "2",
+                     "--judges", str(tmp_path / "judges")])
+    result = json.loads((tmp_path / "r" / "quickstart.json").read_text())
+    assert result["merit"] == ["judge 0", "judge 1", "judge 2"]
+    reals = [result["real"][n]["accuracy"] for n in result["merit"]]
+    assert min(reals) > 0.25  # 60 steps already classify real clothes above chance (0.1)
+    ratios = [result["samples"][n]["accuracy"] / r for n, r in zip(result["merit"], reals)]
+    assert result["samples_ratio"]["mean"] == pytest.approx(sum(ratios) / 3)
+    assert result["samples_ratio"]["std"] > 0  # three different judges
+    assert sorted(p.name for p in (tmp_path / "judges").iterdir()) == [
+        f"judge-fashion-28px-60steps-seed{s}.pt" for s in range(3)]
+    assert "Fréchet distance" in capsys.readouterr().out
 
 
 def test_a_run_without_its_grid_is_refused(tmp_path, small_judges):

@@ -244,9 +244,12 @@ def test_presets_default_to_their_recipes():
     """The small presets train by the quick-start recipe (docs/quickstart.md), the paper's
     presets by the official one; a value given on the command line wins."""
     small = train.parse_args([])
-    assert (small.model, small.steps, small.P_mean, small.schedule, small.ema_decays,
-            small.blr, small.sample_cfg) == ("JiT-N/8", 1600, 0.0, "cosine", [0.99, 0.98],
-                                             1.2e-2, 3.0)
+    assert (small.model, small.image_size, small.dataset, small.steps, small.P_mean,
+            small.schedule, small.ema_decays, small.blr, small.sample_cfg) == (
+        "JiT-T/4", 28, "fashion-mnist", 1600, 0.0, "cosine", [0.99, 0.98], 1.2e-2, 3.0)
+    shapes = train.parse_args(["--dataset", "shapes"])
+    own = train.parse_args(["--data-path", "somewhere"])
+    assert (shapes.model, shapes.image_size) == (own.model, own.image_size) == ("JiT-N/8", 64)
     big = train.parse_args(["--model", "JiT-B/16"])
     assert (big.P_mean, big.schedule, big.ema_decays, big.blr) == (
         -0.8, "constant", [0.9999, 0.9996], 5e-5)

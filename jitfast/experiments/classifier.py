@@ -1,6 +1,7 @@
-"""A small CNN classifier of the built-in shapes dataset, the judge of generated samples: class
-accuracy of class-conditional samples, and a Fréchet distance in its feature space (an FID with
-this CNN in place of Inception).
+"""A small CNN classifier, the judge of generated samples: class accuracy of class-conditional
+samples, and a Fréchet distance in its feature space (an FID with this CNN in place of
+Inception). Judges of the built-in shapes (``trained_judges``) and of the built-in Fashion-MNIST
+subset (``fashion_judges``: trained on images of its test split, which no model trains on).
 
 Every class of the built-in data has its own colour, so this judge can score blobs of the right
 colour high. Its colour-blind twin (``train_classifier(..., colour_blind=True)``) is the same CNN
@@ -16,6 +17,9 @@ import torch
 import torch.nn as nn
 
 from jitfast.io.checkpoint import atomic_save
+from jitfast.training.data import IdxImages
+from jitfast.training.fashion import load_split
+from jitfast.training.idx import FASHION_NAMES
 from jitfast.training.shapes import ShapesDataset
 
 # The two judges and their training steps: the colour-blind one needs more to learn shapes.
@@ -88,13 +92,11 @@ def frechet_distance(a, b):
 
 
 class Judge:
-    """A trained classifier with its reference: its accuracy on `count` held-out real images and
-    the Fréchet distance between two such sets (the floor of a distance at that sample size)."""
+    """A trained classifier with its reference: its accuracy on held-out real images and the
+    Fréchet distance between two such sets (the floor of a distance at that sample size)."""
 
-    def __init__(self, classifier, size, count, seed):
+    def __init__(self, classifier, real, labels, more_real):
         self.classifier = classifier.eval()
-        real, labels = ShapesDataset(size, count, seed=seed + 1).batch(range(count))
-        more_real, _ = ShapesDataset(size, count, seed=seed + 2).batch(range(count))
         self.real_accuracy, self.real_features = judge(self.classifier, real, labels)
         self.floor = frechet_distance(judge(self.classifier, more_real, labels)[1],
                                       self.real_features)
@@ -108,6 +110,26 @@ class Judge:
         return {"accuracy": self.real_accuracy, "frechet": self.floor}
 
 
+def shapes_judge(classifier, size, count, seed):
+    """A Judge referenced on `count` real shapes images of seeds seed + 1 and seed + 2."""
+    real, labels = ShapesDataset(size, count, seed=seed + 1).batch(range(count))
+    more_real, _ = ShapesDataset(size, count, seed=seed + 2).batch(range(count))
+    return Judge(classifier, real, labels, more_real)
+
+
+def cached_classifier(path, train):
+    """The classifier saved at `path` (None: no cache), or train() saved there."""
+    classifier = ShapesClassifier()
+    if path and os.path.exists(path):
+        classifier.load_state_dict(torch.load(path, weights_only=True))
+        return classifier
+    classifier = train()
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save(classifier.state_dict(), path)
+    return classifier
+
+
 def trained_judges(size, count, seed=1, steps=None, cache=None):
     """{"colour": Judge, "colour-blind": Judge} at `size` px, classifiers trained with `seed`
     (steps: {name: steps}, default JUDGE_STEPS) and referenced on `count` real images of seeds
@@ -116,13 +138,55 @@ def trained_judges(size, count, seed=1, steps=None, cache=None):
     judges = {}
     for name, n in (steps or JUDGE_STEPS).items():
         path = cache and os.path.join(cache, f"judge-{name}-{size}px-{n}steps-seed{seed}.pt")
-        classifier = ShapesClassifier()
-        if path and os.path.exists(path):
-            classifier.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            classifier = train_classifier(size, n, seed=seed, colour_blind=name != "colour")
-            if path:
-                os.makedirs(cache, exist_ok=True)
-                atomic_save(classifier.state_dict(), path)
-        judges[name] = Judge(classifier, size, count, seed)
+        classifier = cached_classifier(path, lambda: train_classifier(
+            size, n, seed=seed, colour_blind=name != "colour"))
+        judges[name] = shapes_judge(classifier, size, count, seed)
+    return judges
+
+
+def fashion_images(split, size, count=None, offset=0):
+    """(images (B, 3, size, size) in [-1, 1], labels (B,)) of the built-in Fashion-MNIST split,
+    `count` of them from `offset` (all by default), made as the training data makes them."""
+    images, labels = load_split(split)
+    data = IdxImages(images, labels, size, FASHION_NAMES)
+    stop = len(labels) if count is None else offset + count
+    uint8, labels, _ = data.__getitems__([(i, False) for i in range(offset, stop)])
+    return uint8.float() / 127.5 - 1, labels
+
+
+def train_fashion_classifier(size, steps, batch=64, seed=0):
+    """A ShapesClassifier trained on the judge split of the built-in Fashion-MNIST subset (its
+    test-split images, which no model trains on), Adam with a cosine learning rate."""
+    images, labels = fashion_images("judge", size)
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = ShapesClassifier(len(FASHION_NAMES))
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in range(steps):
+        pick = torch.randint(len(labels), (batch,), generator=generator)
+        loss = nn.functional.cross_entropy(model(images[pick]), labels[pick])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return model.eval()
+
+
+FASHION_JUDGE_STEPS = 2000
+
+
+def fashion_judges(size, count, seeds=(0, 1, 2), steps=None, cache=None):
+    """{seed: Judge} of the built-in Fashion-MNIST subset at `size` px, one classifier per seed,
+    each referenced on `count` real training images and a second, disjoint `count` of them
+    (the judges' spread over seeds is the metric's error bar)."""
+    steps = steps or FASHION_JUDGE_STEPS
+    real, labels = fashion_images("train", size, count)
+    more_real, _ = fashion_images("train", size, count, offset=count)
+    judges = {}
+    for seed in seeds:
+        path = cache and os.path.join(cache, f"judge-fashion-{size}px-{steps}steps-seed{seed}.pt")
+        classifier = cached_classifier(path, lambda: train_fashion_classifier(size, steps,
+                                                                              seed=seed))
+        judges[seed] = Judge(classifier, real, labels, more_real)
     return judges

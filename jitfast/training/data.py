@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from jitfast.training.idx import IdxError, idx_files, idx_pair, idx_prefix, read_pair
+from jitfast.training.fashion import load_split
+from jitfast.training.idx import FASHION_NAMES, IdxError, idx_files, idx_pair, idx_prefix, read_pair
 from jitfast.training.shapes import ShapesDataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -253,11 +254,30 @@ def open_idx(data_path, image_size):
     return IdxImages(images, labels, image_size, names, origin)
 
 
-def open_dataset(data_path, image_size, seed=0):
-    """The dataset to train on: built-in shapes (no path), a prepared memmap folder, IDX files
+BUILTIN_DATASETS = ("fashion-mnist", "shapes")
+
+
+def builtin_dataset(name, image_size, seed=0):
+    """A dataset that comes with jitfast: the Fashion-MNIST subset (``jitfast.training.fashion``)
+    or the procedural shapes (``jitfast.training.shapes``)."""
+    if name == "shapes":
+        return ShapesDataset(image_size, seed=seed)
+    if name != "fashion-mnist":
+        raise DataError(f"the built-in datasets are {BUILTIN_DATASETS}, not {name!r}")
+    try:
+        images, labels = load_split("train")
+    except FileNotFoundError as err:
+        raise DataError(str(err)) from None
+    return IdxImages(images, labels, image_size, FASHION_NAMES,
+                     f"the built-in Fashion-MNIST subset ({len(labels)} images of its training "
+                     f"split, 28x28 grayscale, to {image_size} px RGB)")
+
+
+def open_dataset(data_path, image_size, seed=0, builtin="fashion-mnist"):
+    """The dataset to train on: a built-in one (no path), a prepared memmap folder, IDX files
     (MNIST and kin) or an image folder."""
     if data_path is None:
-        return ShapesDataset(image_size, seed=seed)
+        return builtin_dataset(builtin, image_size, seed)
     if os.path.exists(os.path.join(data_path, "meta.json")):
         dataset = MemmapImages(data_path)
         if dataset.image_size != image_size:

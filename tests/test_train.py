@@ -267,3 +267,15 @@ def test_whole_step_graph_refuses_compile_modes_with_graphs_of_their_own(mode, r
     with pytest.raises(train.TrainingError) as error:
         train.training_step(args, None, None, None, None, torch.device("cpu"), 1)
     assert (f"--compile-mode {mode} captures graphs of its own" in str(error.value)) == refused
+
+
+def test_resume_with_other_defaults_says_what_to_pass(tmp_path):
+    """A run of the shapes resumed without --dataset (whose default is now Fashion-MNIST) is
+    refused before its weights are loaded, with the flags it was trained with."""
+    run(tmp_path, "shapes", "--steps", "2", "--dataset", "shapes")
+    with pytest.raises(train.TrainingError, match="was trained with --dataset shapes: pass the "
+                                                   "same to resume it"):
+        run(tmp_path, "shapes", "--resume", str(tmp_path / "shapes"), "--steps", "4")
+    result = run(tmp_path, "shapes", "--resume", str(tmp_path / "shapes"), "--steps", "4",
+                 "--dataset", "shapes")
+    assert len(losses(result)) == 4

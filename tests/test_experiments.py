@@ -74,7 +74,7 @@ def test_classifier_separates_the_builtin_classes():
 
 def test_targets_pipeline_writes_table_json_and_one_grid_per_cell(tmp_path):
     config = dict(steps=4, batch=4, samples_per_class=1, sample_steps=2, classifier_steps=4,
-                  colour_blind_steps=4, seeds=(0, 1))
+                  colour_blind_steps=4, fashion_judge_steps=4, seeds=(0, 1))
     targets.run(config, str(tmp_path), settings=("control",), part="seeds", seeds=[1])
     assert (tmp_path / "control-seed1.pt").exists()  # as a parallel process would leave it
     assert not list(tmp_path.glob("*.png"))  # the grids are the first seed's
@@ -94,6 +94,23 @@ def test_targets_pipeline_writes_table_json_and_one_grid_per_cell(tmp_path):
     saved = json.loads((tmp_path / "targets.json").read_text())
     assert saved["results"] == results
     assert len(saved["scores"]["control"]["colour"]["x-pred/v-loss"]["accuracy"]) == 2
+
+
+def test_targets_on_fashion_mnist_train_on_the_subset_and_use_the_test_split_judge(tmp_path):
+    """The real-image settings: batches of the built-in subset (shuffled by the seed, repeated),
+    one judge trained on test-split images, the table naming the data."""
+    first = targets.FashionBatches(28, seed=0).batch(range(2990, 3010))
+    again = targets.FashionBatches(28, seed=0).batch(range(2990, 3010))
+    other = targets.FashionBatches(28, seed=1).batch(range(2990, 3010))
+    assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other[0])
+    assert first[0].shape == (20, 3, 28, 28) and first[1].dtype == torch.long
+    config = dict(steps=2, batch=4, samples_per_class=1, sample_steps=2, classifier_steps=4,
+                  colour_blind_steps=4, fashion_judge_steps=4, seeds=(0,))
+    results = targets.run(config, str(tmp_path), settings=("fashion-bottleneck",))
+    assert set(results["fashion-bottleneck"]) == {"test split"}
+    assert (tmp_path / "judge-fashion-28px-4steps-seed0.pt").exists()
+    assert "**fashion-bottleneck**, test split judge (fashion-mnist, 28 px, patch 7: 147-d" \
+        in (tmp_path / "table.md").read_text()
 
 
 def test_scramble_colours_permutes_and_negates_each_image_on_its_own():

@@ -43,11 +43,11 @@ def cached(path, config, make):
     return value
 
 
-def seeded_experiment_main(argv, module, doc, run, quick, full, quick_time, out):
+def seeded_experiment_main(argv, module, doc, run, quick, full, quick_time, out, settings=()):
     """The command line of an experiment run over seeds in parts (targets, transfer): --quick,
     --out, and --part/--seeds to train the judges and the seeds in parallel processes; then
     run(config, out, part, seeds) on one thread (small matmuls: more threads mostly wait for
-    each other)."""
+    each other). `settings`: the names --settings chooses among (all by default), if any."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help=f"a reduced run ({quick_time}): {quick}; default {full}")
@@ -57,9 +57,14 @@ def seeded_experiment_main(argv, module, doc, run, quick, full, quick_time, out)
                         "to run parts in parallel processes; all: the rest, then the results")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="with --part seeds: which of the config's seeds")
+    if settings:
+        p.add_argument("--settings", nargs="+", choices=settings, default=list(settings),
+                       help="which settings to run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    return run(quick if args.quick else full, args.out, part=args.part, seeds=args.seeds)
+    chosen = {"settings": tuple(args.settings)} if settings else {}
+    return run(quick if args.quick else full, args.out, part=args.part, seeds=args.seeds,
+               **chosen)
 
 
 def write_results(out, name, table, config, seconds, record):

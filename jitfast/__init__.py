@@ -1,6 +1,7 @@
 """jitfast: fast, faithful training and sampling of JiT pixel-space diffusion transformers."""
 import os
 import warnings
+from functools import partial
 
 # jitfast.kernels is the top-level kernels/ folder: setup.py maps it when installing, and from a
 # source checkout (on PYTHONPATH, or the working directory) the checkout's root joins the search
@@ -14,19 +15,24 @@ from jitfast.diffusion.denoiser import Denoiser
 from jitfast.export import export
 from jitfast.io import pretrained
 from jitfast.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.network.model import JiT
+from jitfast.network.pmf import PMF
+from jitfast.network.pmf_presets import PMF_models
 from jitfast.network.presets import JiT_models
 from jitfast.network.transfer import TransferError, transfer
 from jitfast.training.ema import EMA
 
 # The network knows nothing of files or the Hub (jitfast.io is a layer above it, docs/design.md);
 # JiT.from_pretrained and net.save_pretrained are the io layer's functions, attached here.
-JiT.from_pretrained = staticmethod(pretrained.from_pretrained)
+JiT.from_pretrained = staticmethod(partial(pretrained.from_pretrained, family="JiT"))
 JiT.save_pretrained = pretrained.save_pretrained
+PMF.from_pretrained = staticmethod(partial(pretrained.from_pretrained, family="pMF"))
+PMF.save_pretrained = pretrained.save_pretrained
 
 # `python -m jitfast.export` runs as __main__ the module imported above for `jitfast.export(...)`;
 # runpy warns about that, harmlessly
 warnings.filterwarnings("ignore", r"'jitfast\.export' found in sys\.modules", RuntimeWarning)
 
-__all__ = ["JiT", "JiT_models", "Denoiser", "EMA", "load_checkpoint", "read_checkpoint",
+__all__ = ["JiT", "JiT_models", "PMF", "PMF_models", "PMFSampler", "Denoiser", "EMA", "load_checkpoint", "read_checkpoint",
            "save_checkpoint", "CheckpointError", "export", "transfer", "TransferError"]

@@ -74,10 +74,11 @@ def test_bare_state_dict_with_and_without_prefix(tmp_path):
     net = tiny_t4(3)
     for name, state in (("plain.pt", net.state_dict()), ("net.pt", prefixed(net.state_dict()))):
         torch.save(state, tmp_path / name)
-        loaded = load_checkpoint(tmp_path / name, weights="model")
-        assert torch.equal(outputs(loaded), outputs(net))
+        for weights in ("model", None):  # a file of one weight set loads with the defaults
+            loaded = load_checkpoint(tmp_path / name, weights=weights)
+            assert torch.equal(outputs(loaded), outputs(net))
     with pytest.raises(CheckpointError, match="bare state dict with no EMA"):
-        load_checkpoint(tmp_path / "plain.pt")
+        load_checkpoint(tmp_path / "plain.pt", weights="ema1")
 
 
 def test_save_load_round_trip_with_ema(tmp_path):

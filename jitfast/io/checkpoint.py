@@ -18,6 +18,8 @@ import torch
 from jitfast.io.configs import check_config_fits, shape_facts
 from jitfast.io.errors import CheckpointError
 from jitfast.io.layouts import foreign_keys_note, to_official
+from jitfast.io.pmf_weights import describe, is_pmf_state, pmf_config_from_state, \
+    pmf_from_official, pmf_model_from_state
 from jitfast.io.weight_files import checkpoint_from_folder, checkpoint_from_safetensors
 from jitfast.network.model import JiT
 from jitfast.network.presets import ARCHITECTURES, preset_config
@@ -68,29 +70,35 @@ def training_setting(ckpt, name, default):
     return default if value is None else value
 
 
-def select_weights(ckpt, weights):
-    """The network state dict of `weights` ("ema1" | "ema2" | "model") from a loaded file."""
-    if weights not in WEIGHT_KEYS:
+def select_weights(ckpt, weights=None):
+    """The network state dict of `weights` ("ema1" | "ema2" | "model") from a loaded file;
+    None: "ema1" from a training checkpoint, the one set of a file that holds one."""
+    if weights is not None and weights not in WEIGHT_KEYS:
         raise ValueError(f"weights must be one of {sorted(WEIGHT_KEYS)}, got {weights!r}")
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"not a JiT checkpoint: the file holds a {type(ckpt).__name__}, "
                               f"not a dict")
     if all(torch.is_tensor(v) for v in ckpt.values()) and ckpt:
-        if weights != "model":
+        if weights not in (None, "model"):
             raise CheckpointError(f"the file is a bare state dict with no EMA weights; load it "
                                   f"with weights='model' (asked for {weights!r})")
-        return to_official(ckpt)
+        return network_state(ckpt)
     if "holds" in ckpt:  # a safetensors file or folder of one weight set
-        if ckpt["holds"] not in (None, weights):
+        if weights is not None and ckpt["holds"] not in (None, weights):
             raise CheckpointError(f"the file holds the {ckpt['holds']!r} weights only; load it "
                                   f"with weights={ckpt['holds']!r} (asked for {weights!r})")
-        return to_official(ckpt["model"])
-    key = WEIGHT_KEYS[weights]
+        return network_state(ckpt["model"])
+    key = WEIGHT_KEYS[weights or "ema1"]
     if key not in ckpt:
         present = [w for w, k in WEIGHT_KEYS.items() if k in ckpt]
         raise CheckpointError(f"the checkpoint has no {key!r} entry for weights={weights!r}; "
                               f"it holds weights {present} (entries: {sorted(ckpt)})")
-    return to_official(ckpt[key])
+    return network_state(ckpt[key])
+
+
+def network_state(state):
+    """A JiT state dict in the official layout (``to_official``); pMF weights as they are."""
+    return state if is_pmf_state(state) else to_official(state)
 
 
 def infer_config(state, ckpt=None, **overrides):
@@ -151,18 +159,37 @@ def check_state_dict(model, state):
         raise CheckpointError("the state dict does not fit the model — " + " | ".join(problems))
 
 
-def load_checkpoint(path, weights="ema1", device="cpu", backend="auto", **overrides):
-    """A ready JiT (eval mode) from an official or jitfast checkpoint, or a bare state dict.
+def load_checkpoint(path, weights=None, device="cpu", backend="auto", family=None, **overrides):
+    """A ready network (eval mode) from an official or jitfast checkpoint, or a bare state dict:
+    a ``JiT``, or a ``PMF`` for pixel MeanFlow weights (the published ``pMF-*.pt`` files).
 
-    weights: "ema1" (default, what the paper samples with), "ema2" or "model". The architecture
-    is inferred from the tensor shapes; keyword overrides (e.g. in_context_start) win.
+    weights: "ema1" (what the JiT paper samples with), "ema2" or "model"; None (default):
+    "ema1" from a training checkpoint, else the file's one weight set. The architecture is
+    inferred from the tensor shapes; keyword overrides (e.g. in_context_start) win. family
+    ("JiT" | "pMF"): refuse a file of the other family.
     """
-    return model_from_checkpoint(read_checkpoint(path), weights, device, backend, **overrides)
+    return model_from_checkpoint(read_checkpoint(path), weights, device, backend, family,
+                                 **overrides)
 
 
-def model_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", **overrides):
+def model_family(state):
+    """"pMF" or "JiT": which network a state dict (any layout) holds."""
+    return "pMF" if is_pmf_state(state) else "JiT"
+
+
+def model_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", family=None,
+                          **overrides):
     """``load_checkpoint`` for a checkpoint already read with ``read_checkpoint``."""
     state = select_weights(ckpt, weights)
+    found = model_family(state)
+    if family not in (None, found):
+        what = describe(pmf_config_from_state(pmf_from_official(state))) if found == "pMF" \
+            else "a JiT network"
+        loader = "jitfast.PMF" if found == "pMF" else "jitfast.JiT"
+        raise CheckpointError(f"the file holds {what}, not a {family} network: load it with "
+                              f"{loader}.from_pretrained or jitfast.load_checkpoint")
+    if found == "pMF":
+        return pmf_model_from_state(state, ckpt.get("config"), device, backend, **overrides)
     model = JiT(**infer_config(state, ckpt, **overrides), backend=backend)
     check_state_dict(model, state)
     model.load_state_dict(state)

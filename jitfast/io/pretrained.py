@@ -25,8 +25,11 @@ def save_pretrained(net, folder, layout="jitfast", weights=None):
     if layout not in FOLDER_LAYOUTS:
         raise ValueError(f"layout must be one of {FOLDER_LAYOUTS}, got {layout!r}")
     state = net.state_dict()
+    family = type(net).__name__  # "JiT" or "PMF"
+    if family != "JiT" and layout != "jitfast":
+        raise ValueError(f"a {family} network has no {layout!r} layout; use layout='jitfast'")
     if layout == "jitfast":
-        config = {"_class_name": "JiT", **net.config}
+        config = {"_class_name": family, **net.config}
     else:
         config, state = diffusers_config(net.config), from_official(state, "diffusers")
     os.makedirs(folder, exist_ok=True)
@@ -62,14 +65,16 @@ def hub_folder(repo_id, subfolder=None):
     return os.path.join(root, subfolder) if subfolder else root
 
 
-def from_pretrained(source, subfolder=None, weights="ema1", device="cpu", backend="auto",
-                    **overrides):
-    """A ready JiT (eval mode) from a model or pipeline folder, a weights file, or a Hub repo id
-    (e.g. "BiliSakura/JiT-diffusers", subfolder="JiT-B-16"); keyword overrides as in
-    ``load_checkpoint``."""
+def from_pretrained(source, subfolder=None, weights=None, device="cpu", backend="auto",
+                    family=None, **overrides):
+    """A ready network (eval mode) from a model or pipeline folder, a weights file, or a Hub repo
+    id (e.g. "BiliSakura/JiT-diffusers", subfolder="JiT-B-16"); `family` ("JiT" | "pMF")
+    refuses the other family's weights (``JiT.from_pretrained`` and ``PMF.from_pretrained`` set
+    it); keyword overrides as in ``load_checkpoint``."""
     path = os.fspath(source)
     if not os.path.exists(path) and REPO_ID.fullmatch(path):
         path = hub_folder(path, subfolder)
     elif subfolder:
         path = os.path.join(path, subfolder)
-    return model_from_checkpoint(read_checkpoint(path), weights, device, backend, **overrides)
+    return model_from_checkpoint(read_checkpoint(path), weights, device, backend, family,
+                                 **overrides)

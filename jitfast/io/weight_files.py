@@ -75,7 +75,11 @@ def checkpoint_from_folder(path):
     config_path = os.path.join(folder, CONFIG_NAME)
     if os.path.isfile(config_path):
         with open(config_path) as f:
-            ckpt["config"] = jit_config(json.load(f), config_path)
+            fields = json.load(f)
+        if fields.get("_class_name") == "PMF":  # jitfast's own pMF folder: PMF keywords
+            ckpt["config"] = {k: v for k, v in fields.items() if not k.startswith("_")}
+        else:
+            ckpt["config"] = jit_config(fields, config_path)
     return ckpt
 
 

@@ -27,3 +27,37 @@ def capture(fn):
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
+
+
+def no_cast_cache():
+    """CUDA autocast as the caller set it (on or off, its dtype), without the weight-cast cache."""
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+
+
+class CapturedRun:
+    """run(y, z), a whole sampling trajectory from labels y and state z, captured as one CUDA
+    graph over static copies of y and z, and replayed for every call.
+
+    The warm-up before the capture is the whole run, once eagerly on a side stream: every kernel
+    variant the capture will launch (Triton's specialise on the alignment of each pointer, which
+    changes along a time grid's slices) is then compiled, autotuned and loaded.
+
+    Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
+    off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
+    region ends, and would miss the new values of weights changed in place (EMA swaps)."""
+
+    def __init__(self, run, y, z):
+        self.y, self.z = y.clone(), z.clone()
+
+        def trajectory():
+            with no_cast_cache():
+                return run(self.y, self.z)
+        on_side_stream(torch.cuda.Stream(), trajectory)
+        self.graph, self.out = capture(trajectory)
+
+    def __call__(self, y, z):
+        self.y.copy_(y)
+        self.z.copy_(z)
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites self.out

@@ -8,7 +8,7 @@ from jitfast.diffusion.sampling.multistep import (EXPONENTIAL_METHODS, Multistep
                                                   integrate_multistep)
 from jitfast.diffusion.sampling.official import TimeGrid, integrate_official
 from jitfast.diffusion.sampling.schedules import SCHEDULES
-from jitfast.util.cuda_graphs import capture, on_side_stream
+from jitfast.util.cuda_graphs import CapturedRun
 
 OFFICIAL_METHODS = ("heun", "euler")
 METHODS = OFFICIAL_METHODS + tuple(EXPONENTIAL_METHODS)
@@ -92,33 +92,14 @@ def integrate(denoiser, y, z, time_grid, method):
     return integrate_multistep(denoiser, y, z, time_grid)
 
 
-class CapturedTrajectory:
+class CapturedTrajectory(CapturedRun):
     """``integrate`` for one batch size, time grid and method, captured as one CUDA graph over
-    static label and state buffers, and replayed for every run with those settings.
-
-    The warm-up before the capture is the whole trajectory, run once eagerly on a side stream:
-    every kernel variant the capture will launch (Triton's specialise on the alignment of each
-    pointer, which changes along the time grid's slices) is then compiled, autotuned and loaded.
-
-    Under autocast, the casts of the weights are captured as kernels (autocast's cast cache is
-    off for the warm-up and the capture): a cached copy would be freed when the caller's autocast
-    region ends, and would miss the new values of weights changed in place (EMA swaps)."""
+    static label and state buffers (``jitfast.util.cuda_graphs.CapturedRun``), and replayed for
+    every run with those settings."""
 
     def __init__(self, denoiser, y, z, time_grid, method):
-        self.y, self.z = y.clone(), z.clone()
         self.time_grid = time_grid  # the graph reads its tensors
-
-        def trajectory():
-            with no_cast_cache():
-                return integrate(denoiser, self.y, self.z, time_grid, method)
-        on_side_stream(torch.cuda.Stream(), trajectory)
-        self.graph, self.out = capture(trajectory)
-
-    def __call__(self, y, z):
-        self.y.copy_(y)
-        self.z.copy_(z)
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites self.out
+        super().__init__(lambda y, z: integrate(denoiser, y, z, time_grid, method), y, z)
 
 
 class GraphCache:
@@ -163,12 +144,6 @@ class GraphCache:
 
     def clear(self):
         self.entries.clear()
-
-
-def no_cast_cache():
-    """CUDA autocast as the caller set it (on or off, its dtype), without the weight-cast cache."""
-    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
 
 
 def generate(denoiser, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,

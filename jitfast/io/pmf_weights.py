@@ -1,0 +1,129 @@
+"""pMF weights: the official port's layout, told from JiT's by its keys, converted exactly to
+jitfast's ``PMF``, and the architecture read from the tensor shapes.
+
+The published files (``pMF-{B,L,H}-{16,32}.pt``) are bare state dicts of the port's
+``pixelMeanFlow``: keys ``net.`` + the ``pmfDiT`` names, linear layers wrapped as
+``._flax_linear.`` / ``._flax_embedding.``, q, k, v and SwiGLU's w1, w3 as separate weights, the
+RoPE table as a complex buffer ``rope_freqs``, and possibly the training-only v-head
+(``v_heads.*``, ``v_final_layer.*``), which inference does not use: it is dropped, as the port's
+``strict=False`` loading ignores it. tests/fixtures/pmf_official_keys.json holds the key lists the
+official code makes.
+"""
+import re
+
+import torch
+
+from jitfast.io.errors import CheckpointError
+from jitfast.io.layouts import strip_prefixes
+from jitfast.network.pmf import PMF, TOKENS
+from jitfast.network.pmf_presets import pmf_preset_of
+
+WRAPPERS = ("._flax_linear.", "._flax_embedding.")
+UNUSED = re.compile(r"(v_heads\.\d+|v_final_layer)\.|rope_freqs$")  # training-only, or fixed
+FUSED = {".attn.qkv.": (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj."),
+         ".mlp.w13.": (".mlp.w1.", ".mlp.w3.")}
+MARKERS = ("class_tokens", "u_final_layer.", "shared_blocks.", "u_heads.")
+BLOCK_GROUPS = ("shared_blocks", "u_heads")
+
+
+def is_pmf_state(state):
+    """Whether a state dict (any prefixes) holds a pMF network rather than a JiT."""
+    return any(key.startswith(MARKERS) for key in strip_prefixes(state))
+
+
+def pmf_from_official(state):
+    """jitfast's PMF state dict of an official (or already jitfast-layout) one: prefixes and
+    wrappers stripped, the v-head and RoPE table dropped, q/k/v and w1/w3 concatenated."""
+    out, parts = {}, {}
+    for key, value in strip_prefixes(state).items():
+        for wrapper in WRAPPERS:
+            key = key.replace(wrapper, ".")
+        if UNUSED.match(key):
+            continue
+        for fused, pieces in FUSED.items():
+            index = next((i for i, piece in enumerate(pieces) if piece in key), None)
+            if index is not None:
+                name = key.replace(pieces[index], fused)
+                parts.setdefault(name, [None] * len(pieces))[index] = value
+                break
+        else:
+            out[key] = value
+    for name, pieces in parts.items():
+        if any(p is None for p in pieces):
+            fused = next(f for f in FUSED if f in name)
+            missing = [name.replace(fused, FUSED[fused][i]) for i, p in enumerate(pieces)
+                       if p is None]
+            raise CheckpointError(f"the pMF weights lack {', '.join(missing)} (needed together "
+                                  f"to build {name})")
+        out[name] = torch.cat(pieces, dim=0)
+    return out
+
+
+def _count_blocks(state, group):
+    found = {int(m.group(1)) for k in state for m in [re.match(rf"{group}\.(\d+)\.", k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def pmf_config_from_state(state):
+    """PMF keywords from the shapes of a jitfast-layout pMF state dict."""
+    try:
+        hidden = state["pos_embed"].shape[-1]
+        proj1 = state["x_embedder.proj1.weight"]
+        head_dim = state["u_heads.0.attn.q_norm.weight"].shape[0]
+        mlp_hidden = state["u_heads.0.mlp.w2.weight"].shape[1]
+        classes = state["y_embedder.embedding_table.weight"].shape[0] - 1
+        tokens = state["pos_embed"].shape[1] - sum(n for _, n in TOKENS)
+    except KeyError as err:
+        raise CheckpointError(f"the pMF weights lack {err.args[0]}, which every pMF network "
+                              f"has: the file is incomplete or not a pMF model") from None
+    grid = round(tokens ** 0.5)
+    if grid * grid != tokens:
+        raise CheckpointError(f"the pMF position table holds {tokens} patch tokens, not a square "
+                              f"grid: the file is not a pMF model of square images")
+    shared, heads = _count_blocks(state, "shared_blocks"), _count_blocks(state, "u_heads")
+    return dict(input_size=grid * proj1.shape[-1], patch_size=proj1.shape[-1],
+                in_channels=proj1.shape[1], hidden_size=hidden, depth=shared + heads,
+                num_heads=hidden // head_dim, num_classes=classes, head_depth=heads,
+                mlp_hidden=mlp_hidden, bottleneck_dim=proj1.shape[0])
+
+
+def describe(config):
+    """A pMF config in words: its preset name where it has one."""
+    name = pmf_preset_of(config)
+    shape = (f"depth {config['depth']}, width {config['hidden_size']}, patch "
+             f"{config['patch_size']}, {config['input_size']} px, {config['num_classes']} "
+             f"classes")
+    return f"a {name} ({shape})" if name else f"a pMF network ({shape})"
+
+
+def check_pmf_state(model, state):
+    """Raise one error naming every missing/unexpected key and shape mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{what}: {', '.join(keys[:12])}" + (f" and {len(keys) - 12} more"
+                                                      if keys[12:] else "")
+                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                   ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise CheckpointError(f"the pMF weights do not fit {describe(model.config)} — "
+                              + " | ".join(problems))
+
+
+def pmf_model_from_state(state, config=None, device="cpu", backend="auto", **overrides):
+    """A ready PMF (eval mode) from a pMF state dict (official or jitfast layout); its config
+    from the shapes unless given (a model folder's config.json); overrides win."""
+    state = pmf_from_official(state)
+    inferred = pmf_config_from_state(state)
+    if config:
+        clashes = {k: (v, inferred[k]) for k, v in config.items()
+                   if k in inferred and inferred[k] != v}
+        if clashes:
+            shown = ", ".join(f"{k} {a} (weights: {b})" for k, (a, b) in clashes.items())
+            raise CheckpointError(f"the stored pMF config does not fit its weights: {shown}")
+    model = PMF(**{**inferred, **(config or {}), **overrides}, backend=backend)
+    check_pmf_state(model, state)
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,259 @@
+"""pixel MeanFlow (pMF, Lu et al. 2026): the one-step successor of JiT, as the official PyTorch
+port defines it (github Lyy-iiis/pMF, branch ``torch``: ``models/pmfDiT.py``), for inference.
+
+A DiT with in-context conditioning and no adaLN: 20 prefix tokens (8 class, 4 guidance scale,
+2 + 2 guidance interval, 4 time), each a learned token plus an embedding of its input, then the
+patch tokens; a learned position table over all of them; 2-D RoPE on the patch tokens only.
+Blocks: x += attn(RMSNorm(x))·attn_scale; x += SwiGLU(RMSNorm(x))·mlp_scale, per-channel gates.
+A shared trunk of depth - head_depth blocks, then the u-head's blocks and a final RMSNorm and
+Linear: x̂, read as the average velocity u = (z - x̂)/max(t, 0.05). pMF's time runs the other
+way from JiT's: t = 1 is noise, t = 0 data. (The training-only v-head is not built.)
+
+The ops are JiT's (``jitfast.network.backend``): the patch embedding's first bias is folded into
+the second (exact up to rounding), the per-channel gates are JiT's per-sample gates with a
+stride-0 batch dimension and the unmodulated norms its modulated ones with zero shift and scale;
+q, k, v and SwiGLU's two input projections are each one matmul (the published files' separate
+weights are concatenated on loading, ``jitfast.io.pmf_layout``).
+"""
+import math
+
+import torch
+import torch.nn as nn
+
+from jitfast.functional.positions import rope_2d
+from jitfast.network.attention import attention
+from jitfast.network.backend import check_backend, ops_for
+from jitfast.network.model import LabelEmbedder, RMSNorm, TimestepEmbedder, can_inspect_values
+
+U_T_MIN = 0.05  # u = (z - x̂)/max(t, U_T_MIN)
+TOKENS = (("class", 8), ("omega", 4), ("t_min", 2), ("t_max", 2), ("time", 4))  # prefix order
+
+
+def official_mlp_hidden(hidden_size, mlp_ratio=8 / 3):
+    """SwiGLU's hidden width in the official port: int(D·8/3), rounded up to a multiple of 8
+    above width 1024."""
+    width = int(hidden_size * mlp_ratio)
+    return (width + 7) // 8 * 8 if hidden_size > 1024 else width
+
+
+def default_bottleneck(hidden_size):
+    """The official patch-embedding bottleneck: 128 channels, 256 above width 1024."""
+    return 128 if hidden_size <= 1024 else 256
+
+
+class PMFAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # official q_proj, k_proj, v_proj
+        self.q_norm = RMSNorm(dim // num_heads)
+        self.k_norm = RMSNorm(dim // num_heads)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, rope, ops):
+        B, N, D = x.shape
+        q, k, v = ops.qk_norm_rope(self.qkv(x), self.num_heads, self.q_norm.weight,
+                                   self.k_norm.weight, *rope)
+        return self.out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class PMFMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # official w1 (gate), w3 (up)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, ops):
+        return self.w2(ops.swiglu(self.w13(x)))
+
+
+class PMFBlock(nn.Module):
+    """x += attn(RMSNorm(x))·attn_scale; x += SwiGLU(RMSNorm(x))·mlp_scale."""
+
+    def __init__(self, dim, num_heads, mlp_hidden):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = PMFAttention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = PMFMlp(dim, mlp_hidden)
+        self.attn_scale = nn.Parameter(torch.zeros(dim))
+        self.mlp_scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, rope, ops, zeros):
+        """zeros: a (B, D) zero shift/scale for the unmodulated norms."""
+        B = x.shape[0]
+        u = ops.rms_norm_modulate(x, self.norm1.weight, zeros, zeros)
+        x, u = ops.gated_residual_rms_norm_modulate(
+            x, self.attn(u, rope, ops), self.attn_scale.expand(B, -1), self.norm2.weight,
+            zeros, zeros)
+        return ops.gated_residual(x, self.mlp(u, ops), self.mlp_scale.expand(B, -1))
+
+
+class PMFFinalLayer(nn.Module):
+    def __init__(self, dim, patch_size, out_channels):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+
+class PatchEmbedWithBias(nn.Module):
+    """The bottleneck patch embedding with a bias on both convolutions (JiT's has none on the
+    first); ``folded_bias`` is the one bias of both: proj2(proj1(x)) = W2·W1·x + W2·b1 + b2."""
+
+    def __init__(self, patch_size, in_chans, bottleneck_dim, embed_dim):
+        super().__init__()
+        self.proj1 = nn.Conv2d(in_chans, bottleneck_dim, patch_size, patch_size)
+        self.proj2 = nn.Conv2d(bottleneck_dim, embed_dim, 1, 1)
+
+    def folded_bias(self):
+        w2 = self.proj2.weight.flatten(1)
+        return self.proj2.bias + w2 @ self.proj1.bias.to(w2.dtype)
+
+
+class PMF(nn.Module):
+    """The pMF network. ``forward(z, t, h, omega, t_min, t_max, y)`` returns the average
+    velocity u (B, C, H, W) at noisy images z and times t (B,) (pMF's convention: t = 1 noise),
+    for the step h = t - r, guidance scale omega >= 1 and guidance interval [t_min, t_max] (all
+    (B,)), and labels y (B,) in [0, num_classes] (num_classes: the null class; y=None: it for
+    every example). ``forward(..., head=f)`` returns f(u_tokens, weight, bias) of the final
+    Linear's input tokens instead, for a sampler that fuses its update into the head.
+
+    Keywords are the official ``pmfDiT``'s, but ``mlp_hidden`` (the official rule:
+    ``official_mlp_hidden``) and ``bottleneck_dim`` (128, or 256 above width 1024), which it
+    derives; ``backend`` selects the op implementations as for JiT.
+    """
+
+    def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=16,
+                 num_heads=12, num_classes=1000, head_depth=8, mlp_hidden=None,
+                 bottleneck_dim=None, backend="auto"):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size "
+                             f"{patch_size}")
+        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
+                             f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+        if not 0 < head_depth <= depth:
+            raise ValueError(f"head_depth {head_depth} must lie in [1, depth={depth}]")
+        mlp_hidden = mlp_hidden or official_mlp_hidden(hidden_size)
+        bottleneck_dim = bottleneck_dim or default_bottleneck(hidden_size)
+        self.backend = check_backend(backend)
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                           num_classes=num_classes, head_depth=head_depth, mlp_hidden=mlp_hidden,
+                           bottleneck_dim=bottleneck_dim)
+        self.input_size, self.patch_size = input_size, patch_size
+        self.in_channels = self.out_channels = in_channels
+        self.num_classes = num_classes
+        self.check_values = True
+        grid = input_size // patch_size
+        self.num_prefix = sum(n for _, n in TOKENS)
+
+        self.x_embedder = PatchEmbedWithBias(patch_size, in_channels, bottleneck_dim, hidden_size)
+        self.h_embedder = TimestepEmbedder(hidden_size)
+        self.omega_embedder = TimestepEmbedder(hidden_size)
+        self.cfg_t_start_embedder = TimestepEmbedder(hidden_size)
+        self.cfg_t_end_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        for name, count in TOKENS:
+            self.register_parameter(f"{name}_tokens",
+                                    nn.Parameter(torch.zeros(1, count, hidden_size)))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + grid * grid, hidden_size))
+        cos, sin = rope_2d(hidden_size // num_heads, grid, self.num_prefix)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.shared_blocks = nn.ModuleList(
+            PMFBlock(hidden_size, num_heads, mlp_hidden) for _ in range(depth - head_depth))
+        self.u_heads = nn.ModuleList(
+            PMFBlock(hidden_size, num_heads, mlp_hidden) for _ in range(head_depth))
+        self.u_final_layer = PMFFinalLayer(hidden_size, patch_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The official initialisation (weight_init_constant 0.32 in the blocks, 1 elsewhere);
+        the gates and the final Linear start at zero."""
+        D = self.config["hidden_size"]
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 0.32 if name.startswith(("shared_blocks", "u_heads")) else 1.0
+                nn.init.normal_(module.weight, std=scale / math.sqrt(module.in_features))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for conv in (self.x_embedder.proj1, self.x_embedder.proj2):  # like nn.Linear (Xavier)
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=1 / math.sqrt(D))
+        for name, _ in TOKENS:
+            nn.init.normal_(getattr(self, f"{name}_tokens"), std=1 / math.sqrt(D))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.zeros_(self.u_final_layer.linear.weight)
+
+    @property
+    def blocks(self):
+        return (*self.shared_blocks, *self.u_heads)
+
+    def check_inputs(self, z, scalars, y):
+        """Raise a ValueError/TypeError that says what was expected and what was given."""
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
+            got = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
+            raise ValueError(f"z must be a (B, {', '.join(map(str, expected))}) image batch for "
+                             f"this model, got {got}")
+        if not z.is_floating_point():
+            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+        B = z.shape[0]
+        for name, value in scalars.items():
+            if not torch.is_tensor(value) or tuple(value.shape) != (B,) \
+                    or not value.is_floating_point():
+                got = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) \
+                    else type(value).__name__
+                raise ValueError(f"{name} must be a floating-point tensor of shape ({B},), got "
+                                 f"{got}")
+        if y is not None and (not torch.is_tensor(y) or tuple(y.shape) != (B,)
+                              or y.is_floating_point() or y.dtype == torch.bool):
+            got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+        if not (self.check_values and B and can_inspect_values(z)):
+            return
+        if not bool((scalars["omega"] >= 1).all()):
+            raise ValueError(f"omega (the guidance scale) must be >= 1 (1: no guidance), got "
+                             f"{scalars['omega'].min().item():g}")
+        if y is not None and not bool(((y >= 0) & (y <= self.num_classes)).all()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} is "
+                             f"the null class), got values in [{y.min().item()}, {y.max().item()}]")
+
+    def prefix_tokens(self, h, omega, t_min, t_max, y):
+        """The 20 conditioning tokens (B, 20, D), in the official order, before the positions."""
+        embeddings = {"class": self.y_embedder(y), "omega": self.omega_embedder(1 - 1 / omega),
+                      "t_min": self.cfg_t_start_embedder(t_min),
+                      "t_max": self.cfg_t_end_embedder(t_max), "time": self.h_embedder(h)}
+        return torch.cat([getattr(self, f"{name}_tokens") + embeddings[name].unsqueeze(1)
+                          for name, _ in TOKENS], dim=1)
+
+    def forward(self, z, t, h, omega, t_min, t_max, y=None, head=None):
+        self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
+        ops = ops_for(self.backend, z.device)
+        if y is None:
+            y = torch.full_like(t, self.num_classes, dtype=torch.long)
+        prefix = self.prefix_tokens(h, omega, t_min, t_max, y)
+        pos = self.pos_embed
+        embed = self.x_embedder
+        patches = ops.patch_embed(z, embed.proj1.weight, embed.proj2.weight, embed.folded_bias(),
+                                  pos[:, self.num_prefix:])
+        x = torch.cat([(prefix + pos[:, :self.num_prefix]).to(patches.dtype), patches], dim=1)
+        zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.blocks:
+            x = block(x, rope, ops, zeros)
+        final = self.u_final_layer
+        u = ops.rms_norm_modulate(x[:, self.num_prefix:], final.norm.weight, zeros, zeros)
+        if head is not None:
+            return head(u, final.linear.weight, final.linear.bias)
+        x_hat = ops.output_head(u, final.linear.weight, final.linear.bias, self.patch_size,
+                                self.out_channels)
+        return average_velocity(z, x_hat, t)
+
+
+def average_velocity(z, x_hat, t):
+    """u = (z - x̂)/max(t, 0.05), in float32: pMF's reading of the network's x-prediction."""
+    return (z.float() - x_hat.float()) / t.float().clamp(min=U_T_MIN).view(-1, 1, 1, 1)

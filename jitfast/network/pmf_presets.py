@@ -1,0 +1,54 @@
+"""Named pMF configurations of the official port (``pmfDiT_{B,L,H}_{16,32}``), with the sampling
+settings its README evaluates each with: the noise scale, and the guidance scale omega and
+interval [t_min, t_max] that are the network's own inputs (pMF's time: t = 1 is noise).
+
+Names follow JiT's: ``pMF-{arch}/{patch}``, patch 16 at 256 px, 32 at 512 px.
+"""
+from functools import partial
+
+from jitfast.network.pmf import PMF, default_bottleneck, official_mlp_hidden
+
+# arch: (depth, hidden_size, num_heads)
+PMF_ARCHITECTURES = {"B": (16, 768, 12), "L": (32, 1024, 16), "H": (48, 1280, 16)}
+# name: (noise_scale, omega, (t_min, t_max)) — pmf.py's noise scales; the README's evaluation
+# commands (B/16: evaluate.py's defaults)
+PMF_SAMPLING = {
+    "pMF-B/16": (1.0, 7.5, (0.1, 0.8)),
+    "pMF-L/16": (1.0, 7.0, (0.2, 0.7)),
+    "pMF-H/16": (2.0, 7.0, (0.2, 0.6)),
+    "pMF-B/32": (2.0, 6.5, (0.1, 0.7)),
+    "pMF-L/32": (4.0, 7.5, (0.2, 0.6)),
+    "pMF-H/32": (4.0, 5.5, (0.1, 0.6)),
+}
+HEAD_DEPTH = 8
+
+
+def pmf_preset_config(name):
+    """The PMF keywords of a preset (input_size included: 256 px for patch 16, 512 for 32)."""
+    if name not in PMF_SAMPLING:
+        raise KeyError(f"unknown pMF preset {name!r}; choose one of {sorted(PMF_SAMPLING)}")
+    arch, patch = name[len("pMF-"):].split("/")
+    depth, hidden, heads = PMF_ARCHITECTURES[arch]
+    return dict(input_size=16 * int(patch), patch_size=int(patch), hidden_size=hidden,
+                depth=depth, num_heads=heads, head_depth=HEAD_DEPTH)
+
+
+def pmf_preset_of(config):
+    """The preset whose architecture `config` (PMF keywords) has, or None. (The image size and
+    number of classes are not part of a preset's architecture.)"""
+    for name in PMF_SAMPLING:
+        preset = pmf_preset_config(name)
+        hidden = preset["hidden_size"]
+        preset.update(mlp_hidden=official_mlp_hidden(hidden),
+                      bottleneck_dim=default_bottleneck(hidden), in_channels=3)
+        if all(config.get(k, v) == v for k, v in preset.items() if k != "input_size"):
+            return name
+    return None
+
+
+def build(name, **kwargs):
+    """A PMF of preset `name`; keyword arguments (num_classes, backend, ...) override it."""
+    return PMF(**{**pmf_preset_config(name), **kwargs})
+
+
+PMF_models = {name: partial(build, name) for name in PMF_SAMPLING}

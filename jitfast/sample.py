@@ -1,4 +1,10 @@
-"""Sample images from a JiT checkpoint: PNG files, a grid, an ADM-layout .npz, optional FID/IS.
+"""Sample images from a JiT or pMF checkpoint: PNG files, a grid, an ADM-layout .npz, optional
+FID/IS.
+
+A pixel MeanFlow (pMF) checkpoint (the published pMF-*.pt files) samples with pMF's own
+few-step rule, one network evaluation per step (--steps 1 by default); its --cfg and --interval
+are the network's guidance inputs, in pMF's convention: --cfg 7.0 --interval 0.2 0.7 means the
+official --cfg-omega 7.0 --interval-min 0.2 --interval-max 0.7 (pMF's time: t = 1 is noise).
 
 Image i's starting noise is drawn from its own seed (seed, i), and batches have fixed
 boundaries, so an interrupted run continues where it stopped (finished batches are skipped,
@@ -12,9 +18,12 @@ import numpy as np
 import torch
 
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
-from jitfast.diffusion.sampling import METHODS, SCHEDULES
+from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
+from jitfast.io.checkpoint import read_checkpoint, weights_in_use
 from jitfast.io.images import image_grid, load_png, save_png, to_uint8
 from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
+from jitfast.diffusion.pmf_sampler import PMFSampler, check_pmf_settings
+from jitfast.network.pmf_presets import PMF_SAMPLING, pmf_preset_of
 from jitfast.network.presets import preset_differences
 from jitfast.training.progress import Progress
 from jitfast.training.runfolder import FolderLock, RunFolderError, command_line
@@ -22,7 +31,8 @@ from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
                                 report_size_limit_as_error)
 
 GRID_IMAGES = 64
-DEFAULT_CFG = 2.9  # guidance scale of class-conditional checkpoints unless --cfg says
+DEFAULT_CFG = 2.9  # guidance scale of class-conditional JiT checkpoints unless --cfg says
+JIT_DEFAULTS = dict(steps=50, method="heun", schedule="linear", interval=(0.1, 1.0))
 # settings that change the images: a folder is resumed only with the same ones
 RUN_SETTINGS = ("ckpt", "weights", "labels", "cfg", "interval", "steps", "method", "batch",
                 "seed", "noise_scale", "t_eps", "dtype", "schedule")
@@ -37,8 +47,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--ckpt", required=True, help="checkpoint file or model folder (any published layout)")
-    add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
-    add("--model", default=None, help="assert the checkpoint is this preset, e.g. JiT-B/16")
+    add("--weights", default=None, choices=("ema1", "ema2", "model"),
+        help="weights to use; default: ema1 of a training checkpoint, the one set of a file "
+             "that holds one (a published pMF file)")
+    add("--model", default=None,
+        help="assert the checkpoint is this preset, e.g. JiT-B/16 or pMF-L/16")
     add("--classes", default=None, help="comma-separated class ids; default: every class")
     add("--num-per-class", type=int, default=None, help="images per class; default: 1")
     add("--num-samples", type=int, default=None,
@@ -46,22 +59,27 @@ def parse_args(argv=None):
              f"--classes, --num-per-class or --cfg); default: {GRID_IMAGES}, one grid")
     add("--cfg", type=float, default=None,
         help=f"classifier-free guidance scale; default: {DEFAULT_CFG}, 1 (none) for an "
-             f"unconditional checkpoint")
-    add("--interval", type=float, nargs=2, default=(0.1, 1.0), metavar=("LO", "HI"),
-        help="guidance applies for LO < t < HI (LO = 0: t < HI)")
-    add("--steps", type=int, default=50, help="ODE steps")
-    add("--method", default="heun", choices=METHODS,
+             f"unconditional checkpoint. pMF: the guidance scale omega the network takes (pMF's "
+             f"--cfg-omega); default: its preset's (the pMF README's)")
+    add("--interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+        help="guidance applies for LO < t < HI (LO = 0: t < HI); default: 0.1 1.0. pMF: the "
+             "guidance interval the network takes, in pMF's time, t = 1 noise (its "
+             "--interval-min/max); default: its preset's")
+    add("--steps", type=int, default=None,
+        help="ODE steps; default: 50 (JiT), 1 (pMF: one evaluation per step)")
+    add("--method", default=None, choices=METHODS,
         help="ODE solver: heun/euler (official; heun takes 2·steps - 1 evaluations) or an "
-             "exponential method, one evaluation per step (docs/samplers.md)")
-    add("--schedule", default="linear", choices=tuple(SCHEDULES),
-        help="time grid of the exponential methods (heun/euler: linear only)")
+             "exponential method, one evaluation per step (docs/samplers.md); default: heun. "
+             "pMF has its own update and takes none")
+    add("--schedule", default=None, choices=tuple(SCHEDULES),
+        help="time grid of the exponential methods (heun/euler: linear only); default: linear")
     add("--batch", type=int, default=64, help="images per network batch")
     add("--seed", type=int, default=0, help="image i starts from the noise of seed (seed, i)")
     add("--noise-scale", type=float, default=None,
         help="noise std; default: the checkpoint's training setting, else 1.0 (2.0 from 512 px)")
     add("--t-eps", type=float, default=None,
         help="clamp of 1 - t in the velocity; default: the checkpoint's training setting, "
-             "else 0.05")
+             "else 0.05 (JiT only)")
     add("--out", required=True, help="output folder (an existing run in it is resumed)")
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--dtype", default=None, choices=("fp32", "bf16"),
@@ -75,6 +93,18 @@ def parse_args(argv=None):
 
 
 def check_preset(net, name):
+    if isinstance(name, str) and name.startswith("pMF-"):
+        if name not in PMF_SAMPLING:
+            raise SampleError(f"--model: unknown pMF preset {name!r}; choose one of "
+                              f"{sorted(PMF_SAMPLING)}")
+        found = pmf_preset_of(net.config) if hasattr(net, "u_heads") else "a JiT"
+        if found != name:
+            raise SampleError(f"the checkpoint is not a {name}: it holds "
+                              f"{found or 'a pMF network of no preset'}")
+        return
+    if hasattr(net, "u_heads"):
+        raise SampleError(f"the checkpoint is not a {name}: it holds "
+                          f"{pmf_preset_of(net.config) or 'a pMF network of no preset'}")
     try:
         differences = preset_differences(net.config, name)
     except KeyError as err:
@@ -84,7 +114,7 @@ def check_preset(net, name):
         raise SampleError(f"the checkpoint is not a {name}: " + ", ".join(diffs))
 
 
-def sample_labels(args, num_classes):
+def sample_labels(args, num_classes, default_cfg=DEFAULT_CFG):
     """(labels of the images, guidance scale) of the command line for a checkpoint of
     num_classes classes; an unconditional one (0 classes) samples the null class, unguided."""
     if num_classes:
@@ -93,7 +123,7 @@ def sample_labels(args, num_classes):
                               f"{num_classes} classes: use --classes and --num-per-class")
         per_class = 1 if args.num_per_class is None else args.num_per_class
         labels = class_labels(args.classes, per_class, num_classes)
-        return labels, DEFAULT_CFG if args.cfg is None else args.cfg
+        return labels, default_cfg if args.cfg is None else args.cfg
     given = [flag for flag, value in (("--classes", args.classes),
                                       ("--num-per-class", args.num_per_class)) if value is not None]
     if args.cfg not in (None, 1):
@@ -120,6 +150,15 @@ def class_labels(classes, num_per_class, num_classes):
         raise SampleError(f"class ids must lie in [0, {num_classes - 1}] for this checkpoint, "
                           f"got {bad or 'none'}")
     return [c for c in ids for _ in range(num_per_class)]  # class-major, as the official
+
+
+def check_run_settings(sampler, settings):
+    """The sampler settings, checked before the output folder records them."""
+    if isinstance(sampler, PMFSampler):
+        check_pmf_settings(settings["steps"], settings["cfg"], settings["interval"])
+    else:
+        check_settings(settings["steps"], settings["method"], settings["cfg"],
+                       settings["interval"], settings["schedule"])
 
 
 def prepare_out(out, settings):
@@ -166,18 +205,35 @@ def write_samples(args):
         raise SampleError(f"--batch must be >= 1, got {args.batch}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    ckpt = read_checkpoint(args.ckpt)
     denoiser = denoiser_from_checkpoint(
-        args.ckpt, args.weights, device, dtype=torch.bfloat16 if dtype == "bf16" else None,
+        ckpt, args.weights, device, dtype=torch.bfloat16 if dtype == "bf16" else None,
         noise_scale=args.noise_scale, t_eps=args.t_eps)
     net = denoiser.net
     if args.model:
         check_preset(net, args.model)
-    labels, cfg = sample_labels(args, net.num_classes)
-    settings = dict(ckpt=os.path.abspath(args.ckpt), weights=args.weights, labels=labels,
-                    cfg=cfg, interval=list(args.interval), steps=args.steps,
-                    method=args.method, batch=args.batch, seed=args.seed,
-                    noise_scale=denoiser.noise_scale, t_eps=denoiser.t_eps, dtype=dtype,
-                    schedule=args.schedule)
+    if isinstance(denoiser, PMFSampler):
+        given = [flag for flag, value in (("--method", args.method),
+                                          ("--schedule", args.schedule)) if value is not None]
+        if given:
+            raise SampleError(f"the checkpoint is a pMF model, which samples with its own "
+                              f"update (z - (t - r)·u, --steps evaluations): drop "
+                              f"{', '.join(given)}")
+        labels, cfg = sample_labels(args, net.num_classes, denoiser.omega)
+        options = dict(steps=1 if args.steps is None else args.steps, method="pmf", schedule=None,
+                       interval=tuple(args.interval or denoiser.interval), t_eps=None)
+    else:
+        labels, cfg = sample_labels(args, net.num_classes)
+        options = {**JIT_DEFAULTS, **{k: getattr(args, k) for k in JIT_DEFAULTS
+                                      if getattr(args, k) is not None}}
+        options["t_eps"] = denoiser.t_eps
+    settings = dict(ckpt=os.path.abspath(args.ckpt), weights=weights_in_use(ckpt, args.weights),
+                    labels=labels,
+                    cfg=cfg, interval=list(options["interval"]), steps=options["steps"],
+                    method=options["method"], batch=args.batch, seed=args.seed,
+                    noise_scale=denoiser.noise_scale, t_eps=options["t_eps"], dtype=dtype,
+                    schedule=options["schedule"])
+    check_run_settings(denoiser, settings)
     images_dir = prepare_out(args.out, settings)
     shape = (net.in_channels, net.input_size, net.input_size)
     paths = [os.path.join(images_dir, f"{i:06d}.png") for i in range(len(labels))]
@@ -188,10 +244,15 @@ def write_samples(args):
         if all(os.path.exists(paths[i]) for i in batch):
             continue
         y = torch.tensor([labels[i] for i in batch], device=device) if net.num_classes else None
-        images = denoiser.generate(y, args.steps, args.method, cfg, tuple(args.interval),
-                                   z0=initial_noise(batch, shape, args.seed).to(device),
-                                   cuda_graphs=device.type == "cuda" and not args.no_graphs,
-                                   schedule=args.schedule)
+        z0 = initial_noise(batch, shape, args.seed).to(device)
+        graphs = device.type == "cuda" and not args.no_graphs
+        if isinstance(denoiser, PMFSampler):
+            images = denoiser.generate(y, settings["steps"], cfg, options["interval"], z0=z0,
+                                       cuda_graphs=graphs)
+        else:
+            images = denoiser.generate(y, settings["steps"], settings["method"], cfg,
+                                       options["interval"], z0=z0, cuda_graphs=graphs,
+                                       schedule=settings["schedule"])
         for i, image in zip(batch, to_uint8(images)):
             save_png(image, paths[i])
         progress.update(first + len(batch))

@@ -118,9 +118,9 @@ def test_a_run_from_before_schedules_resumes(ckpt, tmp_path):
     manifest.write_text(json.dumps(settings))
     again = sample(ckpt, tmp_path, "--classes", "1")
     assert np.array_equal(first["arr_0"], again["arr_0"])
-    with pytest.raises(SystemExit, match=r"other settings \(schedule\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(method, schedule\)"):
         sample_cli.main(["--ckpt", ckpt, "--out", str(tmp_path), "--classes", "1", *FAST,
-                         "--schedule", "cosine"])
+                         "--method", "unipc2", "--schedule", "cosine"])
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -255,3 +255,49 @@ def test_generate_without_labels():
             (conditional, None, dict(num_samples=2, z0=z0[:1]), r"z0 must have shape \(2,")):
         with pytest.raises(ValueError, match=message):
             denoiser.generate(y, steps=1, **kwargs)
+
+
+PMF_OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "pmf_official_tiny.pt",
+                          weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def pmf_file(tmp_path_factory):
+    """A published-style pMF file: the official port's bare state dict (v-head included)."""
+    path = tmp_path_factory.mktemp("pmf") / "pMF-tiny.pt"
+    torch.save(PMF_OFFICIAL["state_dict"], path)
+    return str(path)
+
+
+def test_pmf_file_samples_with_its_guidance_inputs(pmf_file, tmp_path):
+    """--cfg and --interval reach the network as omega and [t_min, t_max]; one step by
+    default; the images equal the official port's generate from the same noise."""
+    from jitfast import PMFSampler, load_checkpoint
+    sample_cli.main(["--ckpt", pmf_file, "--out", str(tmp_path / "a"), "--classes", "0,9",
+                     "--cfg", "7.5", "--interval", "0.1", "0.8"])
+    data = np.load(tmp_path / "a" / "samples.npz")
+    z0 = sample_cli.initial_noise(range(2), (3, 32, 32), seed=0)
+    expected = PMFSampler(load_checkpoint(pmf_file)).generate(
+        torch.tensor([0, 9]), 1, 7.5, (0.1, 0.8), z0=z0)
+    assert np.array_equal(data["arr_0"], to_uint8(expected))
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert (run["method"], run["steps"], run["weights"]) == ("pmf", 1, "model")
+    other = PMFSampler(load_checkpoint(pmf_file)).generate(
+        torch.tensor([0, 9]), 1, 2.0, (0.1, 0.8), z0=z0)
+    assert not np.array_equal(data["arr_0"], to_uint8(other))  # omega reached the network
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "heun"], "pMF model, which samples with its own update"),
+    (["--t-eps", "0.1"], "t_eps is JiT's clamp"),
+    (["--cfg", "0.5"], r"omega .* must be >= 1"),
+    (["--interval", "0.8", "0.2"], "interval must satisfy"),
+    (["--steps", "0"], "steps must be an integer >= 1"),
+    (["--model", "pMF-B/16"], "not a pMF-B/16: it holds a pMF network of no preset"),
+    (["--model", "JiT-B/16"], "not a JiT-B/16: it holds a pMF network"),
+])
+def test_pmf_bad_input(pmf_file, tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        sample_cli.main(["--ckpt", pmf_file, "--out", str(tmp_path / "a"), "--classes", "1",
+                         *extra])
+    assert not (tmp_path / "a" / "run.json").exists()

@@ -8,7 +8,9 @@ import os
 from functools import partial
 
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
+from jitfast.network.pmf import PMF
 
 T_EPS, PRED = 0.05, "x"  # the official t_eps; JiT's prediction target
 
@@ -33,15 +35,22 @@ def sampler_settings(training_args, input_size, noise_scale=None, t_eps=None):
         pred=recorded("pred", PRED))
 
 
-def denoiser_from_checkpoint(ckpt, weights="ema1", device="cpu", backend="auto", dtype=None,
+def denoiser_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", dtype=None,
                              noise_scale=None, t_eps=None):
-    """A Denoiser (eval mode) that samples the checkpoint `ckpt` (a path, or a dict from
+    """A Denoiser (eval mode) that samples the JiT checkpoint `ckpt` (a path, or a dict from
     ``read_checkpoint``): its `weights` on `device` in `dtype` (a torch dtype; None: as stored),
-    with its ``sampler_settings`` (`noise_scale` and `t_eps`, when given, win)."""
+    with its ``sampler_settings`` (`noise_scale` and `t_eps`, when given, win); for pMF weights,
+    a ``PMFSampler`` (its preset's noise scale unless `noise_scale` is given; t_eps must be
+    None: pMF has none)."""
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt = read_checkpoint(ckpt)
     net = model_from_checkpoint(ckpt, weights, device, backend)
     if dtype is not None:
         net = net.to(dtype)
+    if isinstance(net, PMF):
+        if t_eps is not None:
+            raise ValueError("t_eps is JiT's clamp of 1 - t; a pMF model has its own fixed "
+                             "one (u = (z - x̂)/max(t, 0.05)): drop it")
+        return PMFSampler(net, noise_scale).eval()
     settings = sampler_settings(ckpt.get("args"), net.input_size, noise_scale, t_eps)
     return Denoiser(net, **settings).eval()

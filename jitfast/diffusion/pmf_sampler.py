@@ -94,9 +94,7 @@ class PMFSampler:
         on CUDA devices)."""
         omega = self.omega if omega is None else omega
         interval = self.interval if interval is None else tuple(interval)
-        check_guidance(omega, interval)
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        check_pmf_settings(steps, omega, interval)
         net = self.net
         device = next(net.parameters()).device
         if y is None:
@@ -144,6 +142,13 @@ class PMFSampler:
 def captured_pmf(net, grid, guidance, y, z):
     """``integrate_pmf`` with the grid and guidance tensors the graph reads bound first."""
     return integrate_pmf(net, y, z, grid, guidance)
+
+
+def check_pmf_settings(steps, omega, interval):
+    """The sampler settings alone (no model needed): a command line checks them up front."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_guidance(omega, interval)
 
 
 def check_guidance(omega, interval):

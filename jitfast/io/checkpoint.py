@@ -96,6 +96,17 @@ def select_weights(ckpt, weights=None):
     return network_state(ckpt[key])
 
 
+def weights_in_use(ckpt, weights=None):
+    """The name of the set ``select_weights(ckpt, weights)`` reads: `weights`, or for None
+    "ema1" of a training checkpoint and the set a one-set file holds ("model" if unnamed)."""
+    if weights is not None:
+        return weights
+    one_set = ckpt and all(torch.is_tensor(v) for v in ckpt.values())
+    if one_set or "holds" in ckpt:
+        return ckpt.get("holds") or "model"
+    return "ema1"
+
+
 def network_state(state):
     """A JiT state dict in the official layout (``to_official``); pMF weights as they are."""
     return state if is_pmf_state(state) else to_official(state)

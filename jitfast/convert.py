@@ -9,14 +9,16 @@ diffusers-format model or pipeline folder, keys in any published layout). Layout
   DST/checkpoint-last.pth, the file the official ``--resume DST`` reads. Sets the source lacks get
   a copy of --weights' set, as the Hub's own converter does.
 - diffusers: a folder that diffusers pull request #13098's ``JiTTransformer2DModel`` loads.
-- jitfast: a folder for ``JiT.from_pretrained``.
+- jitfast: a folder for ``JiT.from_pretrained`` (or ``PMF.from_pretrained``: pixel MeanFlow
+  weights, such as the published pMF-*.pt files, convert to this layout only).
 """
 import argparse
 import os
 import sys
 
-from jitfast.io.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_from_checkpoint,
-                                   read_checkpoint, select_weights)
+from jitfast.io.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_family,
+                                   model_from_checkpoint, read_checkpoint, select_weights,
+                                   weights_in_use)
 from jitfast.io.pretrained import save_pretrained
 
 LAYOUTS = ("official", "diffusers", "jitfast")
@@ -38,17 +40,23 @@ def official_checkpoint(ckpt, weights, **overrides):
     return {**out, "config": dict(chosen.config)}, copied
 
 
-def convert(src, dst, layout, weights="ema1", **overrides):
-    """Write `src`'s weights to `dst` in `layout`; returns the path written."""
+def convert(src, dst, layout, weights=None, **overrides):
+    """Write `src`'s weights to `dst` in `layout`; returns the path written. weights: the set
+    to convert (None: "ema1" of a training checkpoint, a one-set file's own)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     ckpt = read_checkpoint(src)
+    if layout != "jitfast" and model_family(select_weights(ckpt, weights)) == "pMF":
+        raise CheckpointError(f"{src!r} holds pixel MeanFlow weights, which have no {layout!r} "
+                              f"layout: convert them with --layout jitfast (a safetensors "
+                              f"folder for PMF.from_pretrained)")
     if layout != "official":
         net = model_from_checkpoint(ckpt, weights, **overrides)
-        return save_pretrained(net, dst, layout, weights)
+        return save_pretrained(net, dst, layout, weights_in_use(ckpt, weights))
     out, copied = official_checkpoint(ckpt, weights, **overrides)
     if copied:
-        print(f"the source has no {', '.join(copied)}: they hold a copy of its {weights} weights")
+        print(f"the source has no {', '.join(copied)}: they hold a copy of its "
+              f"{weights or 'ema1'} weights")
     if not os.fspath(dst).endswith(".pth"):
         os.makedirs(dst, exist_ok=True)
         dst = os.path.join(dst, "checkpoint-last.pth")
@@ -61,9 +69,10 @@ def main(argv=None):
     parser.add_argument("src", help="weights: a .pth/.pt/.safetensors file or a model folder")
     parser.add_argument("dst", help="where to write (a folder; official: a .pth or a folder)")
     parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    parser.add_argument("--weights", default="ema1", choices=sorted(WEIGHT_KEYS),
+    parser.add_argument("--weights", default=None, choices=sorted(WEIGHT_KEYS),
                         help="the weight set to convert (official: the one that fills sets the "
-                             "source lacks)")
+                             "source lacks); default: ema1 of a training checkpoint, the one "
+                             "set of a file that holds one")
     parser.add_argument("--in-context-start", type=int, default=None,
                         help="only for weights whose in-context start no config or preset tells")
     args = parser.parse_args(argv)

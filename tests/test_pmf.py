@@ -183,3 +183,17 @@ def test_preset_sampling_defaults_are_the_official_readme_settings():
     tiny = PMFSampler(official_net())  # no preset: no guidance, noise scale 1
     assert (tiny.preset, tiny.noise_scale, tiny.omega, tiny.interval) == (None, 1.0, 1.0,
                                                                            (0.0, 1.0))
+
+
+def test_convert_a_published_file_to_a_folder_and_refuse_other_layouts(tmp_path):
+    from jitfast.convert import main as convert_main
+    path = tmp_path / "pMF-tiny.pt"
+    torch.save(OFFICIAL["state_dict"], path)
+    convert_main([str(path), str(tmp_path / "folder"), "--layout", "jitfast"])
+    net = PMF.from_pretrained(tmp_path / "folder")
+    f = OFFICIAL["forward"]
+    u = net(f["z"], f["t"], f["h"], f["omega"], f["t_min"], f["t_max"], f["y"])
+    assert rel_err(u, f["expected"]) < 1e-5
+    for layout in ("official", "diffusers"):
+        with pytest.raises(SystemExit, match="pixel MeanFlow weights, which have no"):
+            convert_main([str(path), str(tmp_path / layout), "--layout", layout])

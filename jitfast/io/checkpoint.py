@@ -17,7 +17,7 @@ import torch
 
 from jitfast.io.configs import check_config_fits, shape_facts
 from jitfast.io.errors import CheckpointError
-from jitfast.io.layouts import foreign_keys_note, to_official
+from jitfast.io.layouts import foreign_keys_note, state_dict_problems, to_official
 from jitfast.io.pmf_weights import describe, is_pmf_state, pmf_config_from_state, \
     pmf_from_official, pmf_model_from_state
 from jitfast.io.weight_files import checkpoint_from_folder, checkpoint_from_safetensors
@@ -153,19 +153,7 @@ def _in_context_start(config, ckpt):
 
 def check_state_dict(model, state):
     """Raise one error naming every missing/unexpected key and every shape mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}"
-                        + foreign_keys_note(unexpected))
-    if mismatched:
-        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    problems = state_dict_problems(model.state_dict(), state, foreign_keys_note)
     if problems:
         raise CheckpointError("the state dict does not fit the model — " + " | ".join(problems))
 

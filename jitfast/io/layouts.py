@@ -98,6 +98,24 @@ def foreign_keys_note(keys):
     return f" ({shown} in no published JiT layout: {', '.join(LAYOUTS)})"
 
 
+def state_dict_problems(expected, state, note=lambda keys: ""):
+    """Phrases naming every missing and unexpected key of `state` and every shape mismatch
+    against a model's state dict `expected` (none: it fits); note(keys) follows the unexpected
+    ones."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}" + note(unexpected))
+    if mismatched:
+        problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+    return problems
+
+
 def detect_layout(keys):
     """The layout that explains the most keys (ties: the order of LAYOUTS), and the keys it
     does not explain."""

@@ -14,7 +14,7 @@ import re
 import torch
 
 from jitfast.io.errors import CheckpointError
-from jitfast.io.layouts import strip_prefixes
+from jitfast.io.layouts import state_dict_problems, strip_prefixes
 from jitfast.network.pmf import PMF, TOKENS
 from jitfast.network.pmf_presets import pmf_preset_of
 
@@ -98,15 +98,7 @@ def describe(config):
 
 def check_pmf_state(model, state):
     """Raise one error naming every missing/unexpected key and shape mismatch."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = [f"{what}: {', '.join(keys[:12])}" + (f" and {len(keys) - 12} more"
-                                                      if keys[12:] else "")
-                for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                   ("shape mismatches", mismatched)) if keys]
+    problems = state_dict_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"the pMF weights do not fit {describe(model.config)} — "
                               + " | ".join(problems))

@@ -167,6 +167,42 @@ class Conditioning(NamedTuple):
                             pick(self.final))
 
 
+def check_geometry(input_size, patch_size, hidden_size, num_heads):
+    """Raise a ValueError unless the patches tile the image and a head's dim suits 2-D RoPE."""
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+    if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+        raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
+                         f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+
+
+def check_image_batch(x, name, channels, size, hint=""):
+    """Raise a ValueError/TypeError unless x is a floating (B, channels, size, size) batch."""
+    expected = (channels, size, size)
+    if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+        got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, {channels}, {size}, {size}) image batch for this "
+                         f"model, got {got}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (images in [-1, 1]), got "
+                        f"{x.dtype}{hint}")
+
+
+def check_batch_inputs(B, scalars, y):
+    """Raise a ValueError unless each of `scalars` ({name: tensor}) is a floating (B,) tensor
+    and y is None or an integer (B,) tensor."""
+    for name, value in scalars.items():
+        if not torch.is_tensor(value) or tuple(value.shape) != (B,) \
+                or not value.is_floating_point():
+            got = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) \
+                else type(value).__name__
+            raise ValueError(f"{name} must be a floating-point tensor of shape ({B},), got {got}")
+    if y is not None and (not torch.is_tensor(y) or tuple(y.shape) != (B,)
+                          or y.is_floating_point() or y.dtype == torch.bool):
+        got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+        raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+
+
 def can_inspect_values(tensor):
     """Value checks need a host sync: skip them while compiling or capturing a CUDA graph."""
     if torch.compiler.is_compiling():
@@ -197,12 +233,7 @@ class JiT(nn.Module):
                  bottleneck_dim=128, in_context_len=32, in_context_start=8, backend="auto",
                  attn_scores_fp32=False):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch_size "
-                             f"{patch_size}")
-        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
-            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
-                             f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+        check_geometry(input_size, patch_size, hidden_size, num_heads)
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         if in_context_len > 0 and not 0 <= in_context_start < depth:
@@ -271,22 +302,10 @@ class JiT(nn.Module):
 
     def check_inputs(self, x, t, y):
         """Raise a ValueError/TypeError that says what was expected and what was given."""
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
-            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f"x must be a (B, {expected[0]}, {expected[1]}, {expected[2]}) image "
-                             f"batch for this model, got {got}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor (images in [-1, 1]), got {x.dtype}"
-                            f"; convert with x.float() / 127.5 - 1 for uint8 images")
+        check_image_batch(x, "x", self.in_channels, self.input_size,
+                          "; convert with x.float() / 127.5 - 1 for uint8 images")
         B = x.shape[0]
-        if not torch.is_tensor(t) or tuple(t.shape) != (B,) or not t.is_floating_point():
-            got = f"{tuple(t.shape)} {t.dtype}" if torch.is_tensor(t) else type(t).__name__
-            raise ValueError(f"t must be a floating-point tensor of shape ({B},), got {got}")
-        if y is not None and (not torch.is_tensor(y) or tuple(y.shape) != (B,)
-                              or y.is_floating_point() or y.dtype == torch.bool):
-            got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+        check_batch_inputs(B, dict(t=t), y)
         if not (self.check_values and can_inspect_values(x)):
             return
         if B and not bool(((t >= 0) & (t <= 1)).all()):

@@ -23,7 +23,8 @@ import torch.nn as nn
 from jitfast.functional.positions import rope_2d
 from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
-from jitfast.network.model import LabelEmbedder, RMSNorm, TimestepEmbedder, can_inspect_values
+from jitfast.network.model import (LabelEmbedder, RMSNorm, TimestepEmbedder, can_inspect_values,
+                                   check_batch_inputs, check_geometry, check_image_batch)
 
 U_T_MIN = 0.05  # u = (z - x̂)/max(t, U_T_MIN)
 TOKENS = (("class", 8), ("omega", 4), ("t_min", 2), ("t_max", 2), ("time", 4))  # prefix order
@@ -127,12 +128,7 @@ class PMF(nn.Module):
                  num_heads=12, num_classes=1000, head_depth=8, mlp_hidden=None,
                  bottleneck_dim=None, backend="auto"):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} is not a multiple of patch_size "
-                             f"{patch_size}")
-        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
-            raise ValueError(f"hidden_size {hidden_size} / num_heads {num_heads} must give a head "
-                             f"dim divisible by 4 (2-D RoPE rotates pairs in two halves)")
+        check_geometry(input_size, patch_size, hidden_size, num_heads)
         if not 0 < head_depth <= depth:
             raise ValueError(f"head_depth {head_depth} must lie in [1, depth={depth}]")
         mlp_hidden = mlp_hidden or official_mlp_hidden(hidden_size)
@@ -194,25 +190,9 @@ class PMF(nn.Module):
 
     def check_inputs(self, z, scalars, y):
         """Raise a ValueError/TypeError that says what was expected and what was given."""
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if not torch.is_tensor(z) or z.dim() != 4 or tuple(z.shape[1:]) != expected:
-            got = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
-            raise ValueError(f"z must be a (B, {', '.join(map(str, expected))}) image batch for "
-                             f"this model, got {got}")
-        if not z.is_floating_point():
-            raise TypeError(f"z must be a floating-point tensor, got {z.dtype}")
+        check_image_batch(z, "z", self.in_channels, self.input_size)
         B = z.shape[0]
-        for name, value in scalars.items():
-            if not torch.is_tensor(value) or tuple(value.shape) != (B,) \
-                    or not value.is_floating_point():
-                got = f"{tuple(value.shape)} {value.dtype}" if torch.is_tensor(value) \
-                    else type(value).__name__
-                raise ValueError(f"{name} must be a floating-point tensor of shape ({B},), got "
-                                 f"{got}")
-        if y is not None and (not torch.is_tensor(y) or tuple(y.shape) != (B,)
-                              or y.is_floating_point() or y.dtype == torch.bool):
-            got = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape ({B},), got {got}")
+        check_batch_inputs(B, scalars, y)
         if not (self.check_values and B and can_inspect_values(z)):
             return
         if not bool((scalars["omega"] >= 1).all()):
@@ -238,8 +218,10 @@ class PMF(nn.Module):
         prefix = self.prefix_tokens(h, omega, t_min, t_max, y)
         pos = self.pos_embed
         embed = self.x_embedder
-        patches = ops.patch_embed(z, embed.proj1.weight, embed.proj2.weight, embed.folded_bias(),
-                                  pos[:, self.num_prefix:])
+        # the embedding takes z in the weights' dtype (a bf16 network, float32 sampler state),
+        # as JiT's sampler passes it; the velocity and the update read the float32 z
+        patches = ops.patch_embed(z.to(embed.proj1.weight.dtype), embed.proj1.weight,
+                                  embed.proj2.weight, embed.folded_bias(), pos[:, self.num_prefix:])
         x = torch.cat([(prefix + pos[:, :self.num_prefix]).to(patches.dtype), patches], dim=1)
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
         rope = (self.rope_cos, self.rope_sin)

@@ -34,5 +34,5 @@ PMF.save_pretrained = pretrained.save_pretrained
 # runpy warns about that, harmlessly
 warnings.filterwarnings("ignore", r"'jitfast\.export' found in sys\.modules", RuntimeWarning)
 
-__all__ = ["JiT", "JiT_models", "PMF", "PMF_models", "PMFSampler", "Denoiser", "EMA", "load_checkpoint", "read_checkpoint",
-           "save_checkpoint", "CheckpointError", "export", "transfer", "TransferError"]
+__all__ = ["JiT", "JiT_models", "PMF", "PMF_models", "PMFSampler", "Denoiser", "EMA",
+           "load_checkpoint", "read_checkpoint", "save_checkpoint", "CheckpointError", "export", "transfer", "TransferError"]

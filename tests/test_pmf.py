@@ -81,8 +81,10 @@ def test_published_layout_of_every_preset_loads(official_name):
     converted = pmf_from_official(state)
     config = pmf_config_from_state(converted)
     assert pmf_preset_of(config) == name
+    published = entry["keys"]
     assert config == {**pmf_preset_config(name), "in_channels": 3, "num_classes": 1000,
-                      "mlp_hidden": config["mlp_hidden"], "bottleneck_dim": config["bottleneck_dim"]}
+                      "mlp_hidden": published["net.u_heads.0.mlp.w1._flax_linear.weight"][0][0],
+                      "bottleneck_dim": published["net.x_embedder.proj1.weight"][0][0]}
     with torch.device("meta"):
         ours = PMF_models[name](num_classes=1000)
     expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}

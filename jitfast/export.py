@@ -1,13 +1,16 @@
-"""Export a JiT for sampling without Python: ``python -m jitfast.export --ckpt CKPT --out
-model.pt2``, then ``jitfast-sample`` (the C++ program built by the top-level CMakeLists.txt).
+"""Export a JiT or pixel MeanFlow (pMF) network for sampling without Python: ``python -m
+jitfast.export --ckpt CKPT --out model.pt2``, then ``jitfast-sample`` (the C++ program built by
+the top-level CMakeLists.txt).
 
-The network's forward ``net(x, t, y)`` is captured by ``torch.export`` with a dynamic batch and
-compiled by AOTInductor into one package file. The package's metadata carries what the C++
-sampler needs and checks (all values are strings): the format version, the image size, channels
-and number of classes, the sampler settings (noise_scale, t_eps, prediction target), and the
-device, dtype and largest image batch the package was made for. The network is rebuilt on the
-pure-PyTorch ops (Inductor compiles them itself; the Triton custom ops would be opaque launches a
-package cannot carry) with its value checks off (they call ``.item()``).
+The network's forward (JiT's ``net(x, t, y)``, pMF's ``net(z, t, h, omega, t_min, t_max, y)``)
+is captured by ``torch.export`` with a dynamic batch and compiled by AOTInductor into one package
+file. The package's metadata carries what the C++ sampler needs and checks (all values are
+strings): the format version, the model family ("jit" or "pmf"), the image size, channels and
+number of classes, the sampler settings (JiT: noise_scale, t_eps, prediction target; pMF:
+noise_scale and the default guidance omega, t_min, t_max), and the device, dtype and largest
+image batch the package was made for. The network is rebuilt on the pure-PyTorch ops (Inductor
+compiles them itself; the Triton custom ops would be opaque launches a package cannot carry)
+with its value checks off (they call ``.item()``).
 """
 import argparse
 import os
@@ -15,10 +18,14 @@ import os
 import torch
 
 from jitfast.diffusion.denoiser import SPACES
-from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
-from jitfast.network.model import JiT
+from jitfast.diffusion.from_checkpoint import sampler_settings
+from jitfast.diffusion.pmf_sampler import PMFSampler
+from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint
+from jitfast.network.pmf import PMF
 
-FORMAT_VERSION = 1  # of the metadata below; jitfast-sample refuses other versions
+# of the metadata below; jitfast-sample reads this version and 1 (JiT packages from before the
+# family key) and refuses others
+FORMAT_VERSION = 2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILED_NAMESPACES = ("aten", "prims")  # ops AOTInductor lowers to code in the package
 
@@ -27,13 +34,58 @@ class ExportError(ValueError):
     """Export settings or a network that cannot be packaged, with what to do."""
 
 
-def package_metadata(net, noise_scale, t_eps, pred, device, dtype, max_batch):
-    """The package's metadata: strings under ``jitfast.*`` keys (AOTInductor adds its own)."""
+def package_metadata(net, settings, device, dtype, max_batch):
+    """The package's metadata: strings under ``jitfast.*`` keys (AOTInductor adds its own).
+    settings: the sampler's, from ``sampler_settings_for`` (floats: str is their repr)."""
     return {f"jitfast.{key}": str(value) for key, value in dict(
-        format=FORMAT_VERSION, input_size=net.input_size, in_channels=net.in_channels,
-        num_classes=net.num_classes, noise_scale=repr(float(noise_scale)),
-        t_eps=repr(float(t_eps)), pred=pred, device=device, dtype=dtype,
-        max_batch=max_batch).items()}
+        format=FORMAT_VERSION, family="pmf" if isinstance(net, PMF) else "jit",
+        input_size=net.input_size, in_channels=net.in_channels, num_classes=net.num_classes,
+        **settings, device=device, dtype=dtype, max_batch=max_batch).items()}
+
+
+def sampler_settings_for(net, noise_scale=None, t_eps=None, pred=None, omega=None,
+                         interval=None):
+    """The sampler settings a package of `net` records, None meaning the family's default. JiT:
+    noise_scale (1.0), t_eps (0.05), pred ("x"). pMF: noise_scale, omega and interval (those of
+    ``PMFSampler``: its preset's, else noise 1.0 (2.0 from 512 px) and no guidance), written as
+    omega, t_min, t_max."""
+    if isinstance(net, PMF):
+        if t_eps is not None or pred is not None:
+            raise ExportError("t_eps and pred are JiT's sampler settings; a pMF network predicts "
+                              "x and reads it as u = (z - x̂)/max(t, 0.05) itself: drop them")
+        try:
+            sampler = PMFSampler(net, noise_scale, omega, interval)
+        except ValueError as err:
+            raise ExportError(str(err)) from None
+        t_min, t_max = sampler.interval
+        return dict(noise_scale=float(sampler.noise_scale), omega=float(sampler.omega),
+                    t_min=float(t_min), t_max=float(t_max))
+    if omega is not None or interval is not None:
+        raise ExportError("omega and interval are pMF's guidance settings; a JiT package takes "
+                          "its guidance at sampling time (jitfast-sample --cfg, --interval)")
+    noise_scale = 1.0 if noise_scale is None else noise_scale
+    t_eps = 0.05 if t_eps is None else t_eps
+    pred = "x" if pred is None else pred
+    if pred not in SPACES:
+        raise ExportError(f"pred must be one of {SPACES}, got {pred!r}")
+    if noise_scale <= 0 or t_eps <= 0:
+        raise ExportError(f"noise_scale and t_eps must be positive, got {noise_scale}, {t_eps}")
+    return dict(noise_scale=float(noise_scale), t_eps=float(t_eps), pred=pred)
+
+
+def example_inputs(net, device, dtype):
+    """A batch of 2 for ``torch.export``, by the forward's argument names."""
+    size, channels = net.input_size, net.in_channels
+    images = torch.zeros(2, channels, size, size, device=device, dtype=DTYPES[dtype])
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+
+    def times(value):
+        return torch.full((2,), value, device=device)
+
+    if isinstance(net, PMF):
+        return dict(z=images, t=times(0.5), h=times(0.5), omega=times(2.0), t_min=times(0.0),
+                    t_max=times(1.0), y=labels)
+    return dict(x=images, t=times(0.5), y=labels)
 
 
 def check_compiled_ops(program):
@@ -48,15 +100,18 @@ def check_compiled_ops(program):
                           f"environment without it, so that attention uses PyTorch's SDPA)")
 
 
-def export(net, path, noise_scale=1.0, t_eps=0.05, pred="x", device="cpu", dtype="float32",
-           max_batch=256):
-    """Compile the JiT `net` into an AOTInductor package at `path` for ``jitfast-sample``.
+def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dtype="float32",
+           max_batch=256, omega=None, interval=None):
+    """Compile the JiT or PMF `net` into an AOTInductor package at `path` for
+    ``jitfast-sample``.
 
-    noise_scale, t_eps and pred are the sampler settings (as in ``Denoiser``); device ("cpu" or
-    "cuda") and dtype ("float32" or "bfloat16") are those the network runs in (the sampler's
-    state stays float32). The batch is dynamic from 1 to 2·max_batch: a guided evaluation runs
-    the conditional and unconditional halves as one batch. `net` itself is left untouched.
-    Returns the package path.
+    The sampler settings (None: the family's default, ``sampler_settings_for``): for a JiT,
+    noise_scale, t_eps and pred (as in ``Denoiser``); for a PMF, noise_scale and the default
+    guidance omega and interval (as in ``PMFSampler``). device ("cpu" or "cuda") and dtype
+    ("float32" or "bfloat16") are those the network runs in (the sampler's state stays
+    float32). The batch is dynamic from 1 to 2·max_batch: a guided JiT evaluation runs the
+    conditional and unconditional halves as one batch (a pMF step is one pass of max_batch at
+    most). `net` itself is left untouched. Returns the package path.
     """
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -64,29 +119,35 @@ def export(net, path, noise_scale=1.0, t_eps=0.05, pred="x", device="cpu", dtype
         raise ExportError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ExportError("device 'cuda' asked for, but torch sees no CUDA device here")
-    if pred not in SPACES:
-        raise ExportError(f"pred must be one of {SPACES}, got {pred!r}")
-    if noise_scale <= 0 or t_eps <= 0:
-        raise ExportError(f"noise_scale and t_eps must be positive, got {noise_scale}, {t_eps}")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    model = JiT(**net.config, backend="torch")
+    settings = sampler_settings_for(net, noise_scale, t_eps, pred, omega, interval)
+    model = type(net)(**net.config, backend="torch")
     model.load_state_dict(net.state_dict())
     model = model.to(device, DTYPES[dtype]).eval()
     model.check_values = False
-    size, channels = model.input_size, model.in_channels
-    example = (torch.zeros(2, channels, size, size, device=device, dtype=DTYPES[dtype]),
-               torch.full((2,), 0.5, device=device),
-               torch.zeros(2, dtype=torch.long, device=device))
+    inputs = example_inputs(model, device, dtype)
     batch = torch.export.Dim("batch", min=1, max=2 * max_batch)
     with torch.no_grad():
-        program = torch.export.export(model, example, dynamic_shapes={
-            "x": {0: batch}, "t": {0: batch}, "y": {0: batch}})
+        program = torch.export.export(model, tuple(inputs.values()),
+                                      dynamic_shapes={name: {0: batch} for name in inputs})
     check_compiled_ops(program)
-    metadata = package_metadata(model, noise_scale, t_eps, pred, device, dtype, max_batch)
+    metadata = package_metadata(model, settings, device, dtype, max_batch)
     return torch._inductor.aoti_compile_and_package(
         program, package_path=os.fspath(path),
         inductor_configs={"aot_inductor.metadata": metadata})
+
+
+def network_from_checkpoint(path, weights=None):
+    """The network of the checkpoint at `path` (on the PyTorch ops) and its sampler settings:
+    a JiT's from its training args (``sampler_settings``), a PMF's its ``PMFSampler``'s."""
+    ckpt = read_checkpoint(path)
+    net = model_from_checkpoint(ckpt, weights, backend="torch")
+    if isinstance(net, PMF):
+        sampler = PMFSampler(net)
+        return net, dict(noise_scale=sampler.noise_scale, omega=sampler.omega,
+                         interval=sampler.interval)
+    return net, sampler_settings(ckpt.get("args"), net.input_size)
 
 
 def parse_args(argv=None):
@@ -94,28 +155,29 @@ def parse_args(argv=None):
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--ckpt", required=True, help="checkpoint file or model folder (any published layout)")
+    add("--ckpt", required=True, help="checkpoint file or model folder (any published layout; "
+        "JiT or pMF weights)")
     add("--out", required=True, help="package file to write, e.g. model.pt2")
-    add("--weights", default="ema1", choices=("ema1", "ema2", "model"), help="weights to use")
+    add("--weights", default=None, choices=("ema1", "ema2", "model"),
+        help="weights to use (default: ema1 of a training checkpoint, else the file's one set)")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="device the package runs on")
     add("--dtype", default="float32", choices=sorted(DTYPES),
         help="network precision (the sampler's state is always float32)")
     add("--max-batch", type=int, default=256,
-        help="largest image batch per network call (guided calls run twice as many)")
+        help="largest image batch per network call (guided JiT calls run twice as many)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        sampler = denoiser_from_checkpoint(args.ckpt, args.weights, backend="torch")
-        net = sampler.net
-        settings = dict(noise_scale=sampler.noise_scale, t_eps=sampler.t_eps, pred=sampler.pred)
+        net, settings = network_from_checkpoint(args.ckpt, args.weights)
         export(net, args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                **settings)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"wrote {args.out}: JiT at {net.input_size} px, {net.in_channels} channels, "
+    family = "pMF" if isinstance(net, PMF) else "JiT"
+    print(f"wrote {args.out}: {family} at {net.input_size} px, {net.in_channels} channels, "
           f"{net.num_classes} classes, {args.dtype} on {args.device}, up to {args.max_batch} "
           f"images per call; " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 

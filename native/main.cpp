@@ -1,4 +1,5 @@
-// jitfast-sample: sample a JiT exported by `python -m jitfast.export`, with no Python at run time.
+// jitfast-sample: sample a JiT or pMF network exported by `python -m jitfast.export`, with no
+// Python at run time.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -26,21 +27,29 @@ const char kUsage[] = R"(usage: jitfast-sample --package MODEL.pt2 --labels L[,L
                      [--interval LO HI] [--seed 0 | --z0 Z0.npy] [--raw RAW.npy]
                      [--png-dir DIR] [--image-size N]
 
-Samples one image per label from a JiT package written by `python -m jitfast.export`, as
-jitfast's Denoiser.generate does: Heun steps with a last Euler step (or Euler throughout) on the
-linear grid t_i = i/steps, classifier-free guidance with weight cfg where LO < t < HI (t < HI
-when LO is 0), a float32 state starting from noise_scale * z0; or one of its exponential
-methods (one evaluation per step, a grid point on each end of the guidance interval, each
-step's guidance decided at its midpoint).
+Samples one image per label from a package written by `python -m jitfast.export`.
+
+A JiT package, as jitfast's Denoiser.generate does: Heun steps with a last Euler step (or Euler
+throughout) on the linear grid t_i = i/steps, classifier-free guidance with weight cfg where
+LO < t < HI (t < HI when LO is 0), a float32 state starting from noise_scale * z0; or one of its
+exponential methods (one evaluation per step, a grid point on each end of the guidance interval,
+each step's guidance decided at its midpoint).
+
+A pixel MeanFlow (pMF) package, as jitfast's PMFSampler.generate does: z <- z - (t - r) * u on
+the grid t = 1, ..., 0 of `steps` equal steps (pMF's time: t = 1 is noise), one network pass per
+step, a float32 state starting from noise_scale * z0. Guidance is an input of the network: --cfg
+is its scale omega (>= 1) and --interval its interval [t_min, t_max]; both default to the
+settings the package was exported with. --method and --schedule are JiT's: a pMF package takes
+only pmf and linear, the defaults it gets.
 
   --package     the exported package (.pt2)
   --labels      comma-separated class ids in [0, num_classes]; num_classes is the null class
   --out         uint8 images (B, H, W, C) as a .npy
-  --steps       ODE steps (default 50)
-  --method      heun (default), euler, or ddim, dpm2m, dpm3m, unipc2, unipc3
-  --schedule    the exponential methods' grid: linear (default), cosine or lambda
-  --cfg         guidance scale (default 1.0: no guidance)
-  --interval    guidance interval (default 0 1)
+  --steps       ODE steps (default 50; pMF: 1)
+  --method      heun (default), euler, or ddim, dpm2m, dpm3m, unipc2, unipc3 (JiT only)
+  --schedule    the exponential methods' grid: linear (default), cosine or lambda (JiT only)
+  --cfg         guidance scale (default 1.0: no guidance); pMF: omega (default: the package's)
+  --interval    guidance interval (default 0 1); pMF: t_min t_max (default: the package's)
   --seed        z0 = torch.randn((B, C, H, W), generator=torch.Generator().manual_seed(SEED)),
                 drawn on the CPU whatever the package's device (default 0)
   --z0          a float32 (B, C, H, W) .npy of the standard-normal start instead
@@ -53,10 +62,27 @@ struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// The sampling flags given; the others take the package's defaults (Sampler::default_options).
+struct SamplingFlags {
+  std::optional<int64_t> steps;
+  std::optional<std::string> method, schedule;
+  std::optional<double> cfg, lo, hi;
+
+  jitfast::SamplerOptions over(jitfast::SamplerOptions o) const {
+    o.steps = steps.value_or(o.steps);
+    o.method = method.value_or(o.method);
+    o.schedule = schedule.value_or(o.schedule);
+    o.cfg = cfg.value_or(o.cfg);
+    o.lo = lo.value_or(o.lo);
+    o.hi = hi.value_or(o.hi);
+    return o;
+  }
+};
+
 struct Args {
   std::string package, out, z0, raw, png_dir;
   std::vector<int64_t> labels;
-  jitfast::SamplerOptions options;
+  SamplingFlags sampling;
   uint64_t seed = 0;
   std::optional<int64_t> image_size;
 };
@@ -106,13 +132,13 @@ Args parse_args(int argc, char** argv) {
     } else if (flag == "--package") args.package = value();
     else if (flag == "--labels") args.labels = label_list(value());
     else if (flag == "--out") args.out = value();
-    else if (flag == "--steps") args.options.steps = number<int64_t>(flag, value());
-    else if (flag == "--method") args.options.method = value();
-    else if (flag == "--schedule") args.options.schedule = value();
-    else if (flag == "--cfg") args.options.cfg = number<double>(flag, value());
+    else if (flag == "--steps") args.sampling.steps = number<int64_t>(flag, value());
+    else if (flag == "--method") args.sampling.method = value();
+    else if (flag == "--schedule") args.sampling.schedule = value();
+    else if (flag == "--cfg") args.sampling.cfg = number<double>(flag, value());
     else if (flag == "--interval") {
-      args.options.lo = number<double>(flag, value());
-      args.options.hi = number<double>(flag, value());
+      args.sampling.lo = number<double>(flag, value());
+      args.sampling.hi = number<double>(flag, value());
     } else if (flag == "--seed") {
       args.seed = number<uint64_t>(flag, value());
       seed_given = true;
@@ -147,7 +173,8 @@ int run(const Args& args) {
                                   at::detail::createCPUGenerator(args.seed), at::kFloat)
                       : jitfast::read_npy(args.z0);
   const auto start = std::chrono::steady_clock::now();
-  const auto images = sampler.generate(labels, z0, args.options);
+  const auto options = args.sampling.over(sampler.default_options());
+  const auto images = sampler.generate(labels, z0, options);
   const std::chrono::duration<double> seconds = std::chrono::steady_clock::now() - start;
   // jitfast.images.to_uint8: round(clip(255 * (x + 1) / 2)), NHWC
   const auto pixels = (((images + 1) / 2).permute({0, 2, 3, 1}) * 255)

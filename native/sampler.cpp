@@ -15,7 +15,7 @@
 namespace jitfast {
 namespace {
 
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;  // 1: a JiT package, from before the family key
 
 std::string describe(at::IntArrayRef shape) {
   std::string text = "(";
@@ -40,13 +40,25 @@ void check_sampling_args(const PackageSettings& s, const at::Tensor& labels,
          std::to_string(s.num_classes) + ", the null class) for this package, got [" +
          std::to_string(low) + ", " + std::to_string(high) + "]");
   if (o.steps < 1) fail("steps must be >= 1, got " + std::to_string(o.steps));
-  if (o.method != "heun" && o.method != "euler" && !is_multistep(o.method))
-    fail("method must be one of heun, euler, ddim, dpm2m, dpm3m, unipc2, unipc3, got '" +
-         o.method + "'");
-  if (!is_multistep(o.method) && o.schedule != "linear")
-    fail(o.method + " runs the official linear grid; the '" + o.schedule + "' schedule is for "
-         "the exponential methods (ddim, dpm2m, dpm3m, unipc2, unipc3)");
-  if (o.cfg < 0) fail("cfg must be >= 0, got " + std::to_string(o.cfg));
+  if (s.family == "pmf") {
+    if (o.method != "pmf")
+      fail("method '" + o.method + "' is for JiT packages: a pMF package samples with pMF's own "
+           "update z <- z - (t - r) * u, one network pass per step (method pmf, its default)");
+    if (o.schedule != "linear")
+      fail("a pMF package samples on the linear grid from t = 1 to 0; the '" + o.schedule +
+           "' schedule is for a JiT package's exponential methods");
+    if (!(o.cfg >= 1))
+      fail("omega (pMF's guidance scale, the cfg) must be >= 1 (1: no guidance), got " +
+           std::to_string(o.cfg));
+  } else {
+    if (o.method != "heun" && o.method != "euler" && !is_multistep(o.method))
+      fail("method must be one of heun, euler, ddim, dpm2m, dpm3m, unipc2, unipc3, got '" +
+           o.method + "'");
+    if (!is_multistep(o.method) && o.schedule != "linear")
+      fail(o.method + " runs the official linear grid; the '" + o.schedule + "' schedule is "
+           "for the exponential methods (ddim, dpm2m, dpm3m, unipc2, unipc3)");
+    if (o.cfg < 0) fail("cfg must be >= 0, got " + std::to_string(o.cfg));
+  }
   if (!(0.0 <= o.lo && o.lo <= o.hi && o.hi <= 1.0))
     fail("the interval must satisfy 0 <= lo <= hi <= 1, got (" + std::to_string(o.lo) + ", " +
          std::to_string(o.hi) + ")");
@@ -91,20 +103,34 @@ PackageSettings read_package_settings(const std::string& path) {
     return found->second;
   };
   const auto format = parse<int64_t>("format", get("format"));
-  if (format != kFormatVersion)
+  if (format != kFormatVersion && format != 1)
     throw std::runtime_error(path + " has package format " + std::to_string(format) +
                              ", this jitfast-sample reads format " +
-                             std::to_string(kFormatVersion) + ": export and build with the "
-                             "same jitfast version");
-  PackageSettings s{parse<int64_t>("input_size", get("input_size")),
-                    parse<int64_t>("in_channels", get("in_channels")),
-                    parse<int64_t>("num_classes", get("num_classes")),
-                    parse<int64_t>("max_batch", get("max_batch")),
-                    parse<double>("noise_scale", get("noise_scale")),
-                    parse<double>("t_eps", get("t_eps")),
-                    get("pred"), get("device"), get("dtype")};
-  if (s.pred != "x" && s.pred != "e" && s.pred != "v")
-    throw std::runtime_error(path + ": unknown prediction target '" + s.pred + "'");
+                             std::to_string(kFormatVersion) + " (and 1, of older JiT packages)"
+                             ": export and build with the same jitfast version");
+  auto number = [&](const std::string& key) { return parse<double>(key, get(key)); };
+  auto integer = [&](const std::string& key) { return parse<int64_t>(key, get(key)); };
+  PackageSettings s;
+  s.family = format == 1 ? "jit" : get("family");
+  s.input_size = integer("input_size");
+  s.in_channels = integer("in_channels");
+  s.num_classes = integer("num_classes");
+  s.max_batch = integer("max_batch");
+  s.noise_scale = number("noise_scale");
+  s.device = get("device");
+  s.dtype = get("dtype");
+  if (s.family == "jit") {
+    s.t_eps = number("t_eps");
+    s.pred = get("pred");
+    if (s.pred != "x" && s.pred != "e" && s.pred != "v")
+      throw std::runtime_error(path + ": unknown prediction target '" + s.pred + "'");
+  } else if (s.family == "pmf") {
+    s.omega = number("omega");
+    s.t_min = number("t_min");
+    s.t_max = number("t_max");
+  } else {
+    throw std::runtime_error(path + ": unknown model family '" + s.family + "'");
+  }
   if (s.dtype != "float32" && s.dtype != "bfloat16")
     throw std::runtime_error(path + ": unknown dtype '" + s.dtype + "'");
   if (s.device != "cpu" && s.device != "cuda")
@@ -126,6 +152,18 @@ Sampler::Sampler(const std::string& package)
   }
 }
 
+SamplerOptions Sampler::default_options() const {
+  SamplerOptions o;
+  if (settings_.family == "pmf") {
+    o.steps = 1;
+    o.method = "pmf";
+    o.cfg = settings_.omega;
+    o.lo = settings_.t_min;
+    o.hi = settings_.t_max;
+  }
+  return o;
+}
+
 at::Tensor Sampler::generate(const at::Tensor& labels, const at::Tensor& z0,
                              const SamplerOptions& options) {
   check_sampling_args(settings_, labels, z0, options);
@@ -139,11 +177,13 @@ at::Tensor Sampler::generate(const at::Tensor& labels, const at::Tensor& z0,
   return at::cat(images);
 }
 
-// jitfast.sampling.generate for one batch, op for op (each scalar enters as torch's does).
+// jitfast.sampling.generate (PMFSampler.generate) for one batch, op for op (each scalar enters
+// as torch's does).
 at::Tensor Sampler::generate_batch(const at::Tensor& labels, const at::Tensor& z0,
                                    const SamplerOptions& o) {
   const auto y = labels.to(device_);
   auto z = settings_.noise_scale * z0.to(device_, at::kFloat);
+  if (settings_.family == "pmf") return integrate_pmf(y, z, o).cpu();
   if (is_multistep(o.method)) return integrate_multistep(y, z, o).cpu();
   const auto timesteps = at::linspace(0.0, 1.0, o.steps + 1, at::kFloat);
   const auto w = guidance_weights(timesteps, o.cfg, o.lo, o.hi);
@@ -184,6 +224,26 @@ at::Tensor Sampler::integrate_multistep(const at::Tensor& y, at::Tensor z,
     if (history.size() > 4) history.pop_back();
     start = z;
     z = combine(step.pred, z, history);
+  }
+  return z;
+}
+
+// jitfast.diffusion.pmf_sampler.integrate_pmf: z <- z - h * u(z, t, h, omega, t_min, t_max, y)
+// on pMF's grid t = linspace(1, 0, steps + 1) (float32), h = t_i - t_(i+1); guidance is the
+// network's input (cfg: omega, [lo, hi]: [t_min, t_max]), one pass per step.
+at::Tensor Sampler::integrate_pmf(const at::Tensor& y, at::Tensor z, const SamplerOptions& o) {
+  const auto grid = at::linspace(1.0, 0.0, o.steps + 1, at::kFloat);
+  const auto h = grid.narrow(0, 0, o.steps) - grid.narrow(0, 1, o.steps);
+  const auto times = grid.to(at::kDouble), steps = h.to(at::kDouble);  // float32 values, exact
+  const auto t = times.accessor<double, 1>(), dt = steps.accessor<double, 1>();
+  auto batch_of = [&](double value) {
+    return at::full({z.size(0)}, value, at::TensorOptions(at::kFloat).device(device_));
+  };
+  const auto omega = batch_of(o.cfg), t_min = batch_of(o.lo), t_max = batch_of(o.hi);
+  for (int64_t i = 0; i < o.steps; ++i) {
+    const auto u = loader_->run({z.to(dtype_), batch_of(t[i]), batch_of(dt[i]), omega, t_min,
+                                 t_max, y})[0].to(at::kFloat);
+    z = z - dt[i] * u;
   }
   return z;
 }

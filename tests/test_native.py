@@ -1,4 +1,5 @@
-"""jitfast-sample (CMakeLists.txt, native/) against Denoiser.generate, and its refusals.
+"""jitfast-sample (CMakeLists.txt, native/) against Denoiser.generate and PMFSampler.generate,
+and its refusals.
 
 One tiny model is exported once (through ``python -m jitfast.export``, from a checkpoint whose
 training args set noise_scale and t_eps) and the program is built once per test session. The
@@ -7,7 +8,13 @@ float32 (as Python does) and in float64 disagree, and leaves points outside the 
 grid of 12 steps has a point where 1 - t < t_eps. A wrong interval test, a missing unconditional
 pass, a Heun last step or a wrong noise_scale or t_eps move the images by far more than the 1e-4
 tolerance.
+
+A tiny pMF network is exported twice: a bare state dict through the CLI (no preset: noise scale
+1, no guidance by default) and through ``jitfast.export`` with other defaults, which the program
+must take from the package. Its weights make the guidance inputs matter: omega or the interval
+moved a little moves the images by more than 10x the tolerance (test_pmf_guidance_matters).
 """
+import json
 import shutil
 import subprocess
 import types
@@ -19,7 +26,7 @@ import pytest
 import torch
 
 import jitfast
-from jitfast import EMA, Denoiser, JiT, save_checkpoint
+from jitfast import EMA, PMF, Denoiser, JiT, PMFSampler, save_checkpoint
 from jitfast.export import ExportError, check_compiled_ops
 from jitfast.export import main as export_main
 from jitfast.io.images import load_png, to_uint8
@@ -31,6 +38,9 @@ NOISE_SCALE, T_EPS = 1.5, 0.1  # the checkpoint's training settings, not the def
 MAX_BATCH = 4
 TOLERANCE = 1e-4
 ROOT = Path(__file__).resolve().parents[1]  # where CMakeLists.txt is
+PMF_CONFIG = dict(input_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2,
+                  num_classes=5, head_depth=2)
+PMF_DEFAULTS = dict(noise_scale=1.5, omega=2.5, interval=(0.2, 0.7))  # not the no-preset ones
 
 
 def lively_net():
@@ -41,6 +51,19 @@ def lively_net():
     for p in net.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.2)
+    return net.eval()
+
+
+def lively_pmf():
+    """Random weights everywhere, the gates and the final layer included (zero at init); the
+    gates and q, k, v large and the patch embedding small, so that the conditioning tokens
+    (labels, omega, interval) move the images well above the tolerance."""
+    torch.manual_seed(1)
+    net = PMF(**PMF_CONFIG, backend="torch")
+    for name, p in net.named_parameters():
+        std = 1.0 if name.endswith(("_scale", "qkv.weight")) else \
+            0.05 if name.startswith("x_embedder") else 0.2
+        torch.nn.init.normal_(p, std=std)
     return net.eval()
 
 
@@ -75,6 +98,26 @@ def native(tmp_path_factory):
                    max_batch=MAX_BATCH)
     return types.SimpleNamespace(program=program, net=net, package=str(package),
                                  package_e=str(package_e))
+
+
+@pytest.fixture(scope="session")
+def native_pmf(native, tmp_path_factory):
+    """The pMF network's packages: a bare state dict through the CLI (batch up to MAX_BATCH
+    images), and through jitfast.export(net, path, **PMF_DEFAULTS); each with the PMFSampler
+    that samples as it should."""
+    root = tmp_path_factory.mktemp("native_pmf")
+    net = lively_pmf()
+    torch.save(net.state_dict(), root / "pmf.pth")
+    package = root / "pmf.pt2"
+    export_main(["--ckpt", str(root / "pmf.pth"), "--out", str(package), "--max-batch",
+                 str(MAX_BATCH)])
+    package_defaults = root / "pmf_defaults.pt2"
+    jitfast.export(net, package_defaults, max_batch=MAX_BATCH, **PMF_DEFAULTS)
+    return types.SimpleNamespace(
+        program=native.program, net=net, package=str(package),
+        package_defaults=str(package_defaults),
+        samplers={str(package): PMFSampler(net), str(package_defaults): PMFSampler(
+            net, **PMF_DEFAULTS)})
 
 
 def run(native, *args, package=None):
@@ -144,10 +187,84 @@ def test_seed_draws_torch_randn(native, tmp_path):
 def test_package_metadata(native):
     meta = torch._inductor.aoti_load_package(native.package).get_metadata()
     assert {k: v for k, v in meta.items() if k.startswith("jitfast.")} == {
-        "jitfast.format": "1", "jitfast.input_size": "16", "jitfast.in_channels": "3",
-        "jitfast.num_classes": "5", "jitfast.noise_scale": "1.5", "jitfast.t_eps": "0.1",
-        "jitfast.pred": "x", "jitfast.device": "cpu", "jitfast.dtype": "float32",
-        "jitfast.max_batch": "4"}
+        "jitfast.format": "2", "jitfast.family": "jit", "jitfast.input_size": "16",
+        "jitfast.in_channels": "3", "jitfast.num_classes": "5", "jitfast.noise_scale": "1.5",
+        "jitfast.t_eps": "0.1", "jitfast.pred": "x", "jitfast.device": "cpu",
+        "jitfast.dtype": "float32", "jitfast.max_batch": "4"}
+
+
+def test_pmf_package_metadata(native_pmf):
+    """The CLI's: PMFSampler's defaults for a network of no preset; jitfast.export's: as given."""
+    for package, (noise_scale, omega, t_min, t_max) in (
+            (native_pmf.package, ("1.0", "1.0", "0.0", "1.0")),
+            (native_pmf.package_defaults, ("1.5", "2.5", "0.2", "0.7"))):
+        meta = torch._inductor.aoti_load_package(package).get_metadata()
+        assert {k: v for k, v in meta.items() if k.startswith("jitfast.")} == {
+            "jitfast.format": "2", "jitfast.family": "pmf", "jitfast.input_size": "16",
+            "jitfast.in_channels": "3", "jitfast.num_classes": "5",
+            "jitfast.noise_scale": noise_scale, "jitfast.omega": omega, "jitfast.t_min": t_min,
+            "jitfast.t_max": t_max, "jitfast.device": "cpu", "jitfast.dtype": "float32",
+            "jitfast.max_batch": "4"}
+
+
+PMF_CASES = {  # package (its defaults: see native_pmf), labels, flags, PMFSampler.generate's
+    "1 step, omega 3 on [0.3, 0.8], batch 5 (chunks of 4 + 1)": (
+        "package", [0, 4, 2, 5, 1], ["--steps", 1, "--cfg", 3.0, "--interval", 0.3, 0.8],
+        dict(steps=1, omega=3.0, interval=(0.3, 0.8))),
+    "2 steps, omega 2 on [0, 0.6], batch 3": (
+        "package", [3, 1, 5], ["--steps", 2, "--cfg", 2.0, "--interval", 0, 0.6],
+        dict(steps=2, omega=2.0, interval=(0.0, 0.6))),
+    "the package's defaults: 1 step, its noise scale, omega and interval": (
+        "package_defaults", [2, 0], [], dict()),
+    "2 steps, the package's guidance": ("package_defaults", [2, 0, 1], ["--steps", 2],
+                                        dict(steps=2)),
+    "3 steps, omega 4 on the package's interval": (
+        "package_defaults", [4], ["--steps", 3, "--cfg", 4], dict(steps=3, omega=4.0)),
+}
+
+
+@pytest.mark.parametrize("case", PMF_CASES)
+def test_pmf_images_equal_python(native_pmf, tmp_path, case):
+    package, labels, flags, kwargs = PMF_CASES[case]
+    package = getattr(native_pmf, package)
+    z0 = torch.randn(len(labels), *SHAPE, generator=torch.Generator().manual_seed(len(labels)))
+    np.save(tmp_path / "z0.npy", z0.numpy())
+    done = run(native_pmf, "--labels", ",".join(map(str, labels)), *flags, "--z0",
+               tmp_path / "z0.npy", "--out", tmp_path / "out.npy", "--raw", tmp_path / "raw.npy",
+               package=package)
+    assert done.returncode == 0, done.stderr
+    expected = native_pmf.samplers[package].generate(torch.tensor(labels), z0=z0, **kwargs)
+    raw = torch.from_numpy(np.load(tmp_path / "raw.npy"))
+    error = relative_error(raw, expected)
+    print(f"\npMF, {case}: relative error {error:.2e}")
+    assert error <= TOLERANCE
+    assert np.array_equal(np.load(tmp_path / "out.npy"), to_uint8(raw))
+
+
+def test_pmf_guidance_matters():
+    """What the pMF cases compare would catch an omega, interval, noise scale or step count
+    that the program gets wrong, or inputs passed in the wrong order."""
+    sampler = PMFSampler(lively_pmf(), **PMF_DEFAULTS)
+    z0 = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([3, 1, 5])
+    base = sampler.generate(y, 2, z0=z0)
+    for change in (dict(omega=3.0), dict(omega=1.0), dict(interval=(0.3, 0.7)),
+                   dict(interval=(0.2, 0.75)), dict(interval=(0.7, 0.7))):
+        assert relative_error(sampler.generate(y, 2, z0=z0, **change), base) > 10 * TOLERANCE
+    assert relative_error(sampler.generate(y, 1, z0=z0), base) > 10 * TOLERANCE
+    assert relative_error(PMFSampler(sampler.net, 1.6, 2.5, (0.2, 0.7)).generate(y, 2, z0=z0),
+                          base) > 10 * TOLERANCE
+
+
+def test_format_1_jit_packages_still_sample(native, tmp_path):
+    """A JiT package of format 1 (from before the family key) samples as before."""
+    old = with_metadata(native.package, tmp_path / "v1.pt2", format="1", family=None)
+    for name, package in (("old", old), ("new", native.package)):
+        done = run(native, "--labels", "2,1", "--steps", 3, "--cfg", 2.0, "--out",
+                   tmp_path / f"{name}.npy", "--raw", tmp_path / f"{name}_raw.npy",
+                   package=package)
+        assert done.returncode == 0, done.stderr
+    assert np.array_equal(np.load(tmp_path / "old_raw.npy"), np.load(tmp_path / "new_raw.npy"))
 
 
 def save(path, array):
@@ -164,13 +281,19 @@ def truncated(native, path):
     return write(path, Path(native.package).read_bytes()[:5000])
 
 
-def other_format(native, path):
-    """The package with its metadata claiming format 2."""
-    with zipfile.ZipFile(native.package) as src, zipfile.ZipFile(path, "w") as dst:
+def with_metadata(package, path, **changes):
+    """A copy of `package` at `path` whose metadata has the jitfast.* `changes` (None: the key
+    removed)."""
+    with zipfile.ZipFile(package) as src, zipfile.ZipFile(path, "w") as dst:
         for info in src.infolist():
             data = src.read(info)
             if info.filename.endswith("_metadata.json"):
-                data = data.replace(b'"jitfast.format": "1"', b'"jitfast.format": "2"')
+                meta = json.loads(data)
+                for key, value in changes.items():
+                    meta.pop(f"jitfast.{key}")
+                    if value is not None:
+                        meta[f"jitfast.{key}"] = value
+                data = json.dumps(meta).encode()
             dst.writestr(info, data)
     return path
 
@@ -182,8 +305,13 @@ BAD = {  # name: (arguments added to a good command, made from (native, tmp_path
                         "is not a readable AOTInductor package"),
     "truncated package": (lambda n, d: ["--package", truncated(n, d / "cut.pt2")],
                           "is not a readable AOTInductor package"),
-    "other format": (lambda n, d: ["--package", other_format(n, d / "v2.pt2")],
-                     "has package format 2, this jitfast-sample reads format 1"),
+    "other format": (lambda n, d: ["--package", with_metadata(n.package, d / "v3.pt2",
+                                                              format="3")],
+                     "has package format 3, this jitfast-sample reads format 2 (and 1, of older "
+                     "JiT packages)"),
+    "family": (lambda n, d: ["--package", with_metadata(n.package, d / "f.pt2", family="sde")],
+               "unknown model family 'sde'"),
+    "pmf method": (lambda n, d: ["--method", "pmf"], "method must be one of heun, euler, ddim"),
     "image size": (lambda n, d: ["--image-size", 32], "makes 16 px images, but --image-size 32"),
     "label too big": (lambda n, d: ["--labels", "0,6"],
                       "class labels must lie in [0, 4] (or 5, the null class) for this package, "
@@ -223,7 +351,54 @@ def test_bad_input_is_refused(native, tmp_path, name):
     assert not (tmp_path / "out.npy").exists()
 
 
+BAD_PMF = {  # name: (arguments added to a good command on the CLI's pMF package, message)
+    "heun": (["--method", "heun"], "method 'heun' is for JiT packages: a pMF package samples "
+             "with pMF's own update"),
+    "ddim and schedule": (["--method", "ddim", "--schedule", "lambda"],
+                          "method 'ddim' is for JiT packages"),
+    "schedule": (["--schedule", "cosine"], "a pMF package samples on the linear grid from t = 1 "
+                 "to 0; the 'cosine' schedule is for a JiT package's exponential methods"),
+    "omega": (["--cfg", 0.5], "omega (pMF's guidance scale, the cfg) must be >= 1"),
+    "interval": (["--interval", 0.8, 0.3], "0 <= lo <= hi <= 1"),
+    "steps": (["--steps", 0], "steps must be >= 1, got 0"),
+    "label": (["--labels", "6"], "class labels must lie in [0, 4] (or 5, the null class)"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_PMF)
+def test_bad_pmf_input_is_refused(native_pmf, tmp_path, name):
+    extra, message = BAD_PMF[name]
+    done = run(native_pmf, "--labels", "1", "--out", tmp_path / "out.npy", *extra)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "jitfast-sample: error: " in done.stderr and "Exception raised from" not in done.stderr
+    assert not (tmp_path / "out.npy").exists()
+
+
+def test_help_says_what_the_flags_mean_for_pmf(native):
+    done = subprocess.run([native.program, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for meaning in ("is its scale omega (>= 1)", "pMF: omega (default: the package's)",
+                    "pMF: t_min t_max (default: the package's)", "(default 50; pMF: 1)"):
+        assert meaning in done.stdout
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(t_eps=0.1), "t_eps and pred are JiT's sampler settings"),
+    (dict(pred="x"), "t_eps and pred are JiT's sampler settings"),
+    (dict(omega=0.5), r"omega \(pMF's guidance scale\) must be >= 1"),
+    (dict(interval=(0.6, 0.2)), "the guidance interval must satisfy 0 <= t_min <= t_max <= 1"),
+    (dict(noise_scale=0.0), "noise_scale must be positive"),
+    (dict(max_batch=0), "max_batch must be an integer >= 1"),
+])
+def test_pmf_export_refuses_bad_settings(tmp_path, kwargs, message):
+    with pytest.raises(ExportError, match=message):
+        jitfast.export(PMF(**PMF_CONFIG), tmp_path / "model.pt2", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(omega=2.0), "omega and interval are pMF's guidance settings"),
+    (dict(interval=(0.1, 0.9)), "omega and interval are pMF's guidance settings"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(pred="z"), "pred must be one of"),

@@ -9,8 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from jitfast import Denoiser, JiT
+from jitfast import PMF, Denoiser, JiT
+from jitfast.diffusion.pmf_sampler import PMFTimeGrid, integrate_pmf
 from jitfast.diffusion.sampling import METHODS, evaluation, integrate, make_time_grid
+from jitfast.network.backend import head_kernels
 from jitfast.network.model import timestep_embedding
 
 META = torch.device("meta")
@@ -92,3 +94,28 @@ def test_sampler_trajectory_stays_on_the_device(backend, method, precompute, rev
     with NoHostTensors():
         state = integrate(denoiser, y, z, time_grid, method)
     assert state.shape == z.shape and state.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_pmf_trajectory_stays_on_the_device(backend, steps, dtype):
+    """pMF's whole trajectory as PMFSampler captures it (integrate_pmf, guided: omega > 1 on an
+    interval), with the update in the head's epilogue on the kernels, for a float32 and a bf16
+    network (the state stays float32); the grid and guidance tensors are made before the
+    capture, as PMFSampler.run makes them."""
+    torch.manual_seed(0)
+    net = PMF(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+              head_depth=1, bottleneck_dim=8, backend=backend).eval()
+    net.check_values = False  # as PMFSampler.run sets it: no host reads in captured work
+    net.to(META, dtype)
+    z = torch.empty(2, 3, 16, 16, device=META)
+    y = torch.zeros(2, dtype=torch.long, device=META)
+    grid = PMFTimeGrid.make(steps, META)
+    guidance = [torch.full((1,), v, dtype=torch.float32, device=META) for v in (4.0, 0.2, 0.7)]
+    assert (head_kernels(net, META) is not None) == (backend == "triton")  # the fused update
+    with torch.no_grad(), NoHostTensors():
+        state = integrate_pmf(net, y, z, grid, guidance)
+        unconditional = net(z, grid.t[0].expand(2), grid.h[0].expand(2),
+                            *(g.expand(2) for g in guidance))  # y=None: the null class
+    assert state.shape == z.shape and state.dtype == torch.float32
+    assert unconditional.shape == z.shape

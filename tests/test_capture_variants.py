@@ -27,9 +27,10 @@ pytestmark = [
                        reason="the recording driver relies on Triton 3 internals")]
 
 # name -> (what runs, batch, dtype): the official and a multistep sampler, guided on an interval,
-# at batch 1 (the time scalars are slices of the grid) and at a multiple of 16; the training step
+# at batch 1 (the time scalars are slices of the grid) and at a multiple of 16; the training step;
+# pMF's 1- and 2-step sampling as PMFSampler captures it (guided, the update in the head)
 SCENARIOS = {f"{what} batch {batch} {dtype}": (what, batch, dtype)
-             for what in ("heun-50", "unipc2-cosine-15", "train step")
+             for what in ("heun-50", "unipc2-cosine-15", "train step", "pmf-1", "pmf-2")
              for batch in (1, 16) for dtype in ("float32", "bfloat16")}
 
 
@@ -128,11 +129,39 @@ def tiny_denoiser():
     return Denoiser(net)
 
 
+def tiny_pmf(dtype):
+    from jitfast import PMF
+    torch.manual_seed(0)
+    net = PMF(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, num_classes=5,
+              head_depth=1, bottleneck_dim=8, backend="triton")
+    net.check_values = False  # as PMFSampler.run sets it for the capture
+    return net.to(getattr(torch, dtype)).eval()
+
+
+def run_pmf(steps, batch, dtype):
+    """What PMFSampler.run does on CUDA: the grid and the guidance tensors made first, then the
+    trajectory captured (after its warm-up) and replayed."""
+    from functools import partial
+
+    from jitfast.diffusion.pmf_sampler import PMFTimeGrid, captured_pmf
+    from jitfast.util.cuda_graphs import CapturedRun
+
+    net = tiny_pmf(dtype)
+    y = torch.randint(5, (batch,))
+    z = torch.randn(batch, 3, 16, 16)
+    grid = PMFTimeGrid.make(steps, z.device)
+    guidance = [torch.full((1,), v, dtype=torch.float32) for v in (3.5, 0.2, 0.7)]
+    with torch.no_grad():
+        CapturedRun(partial(captured_pmf, net, grid, guidance), y, z)(y, z)
+
+
 def run_scenario(what, batch, dtype):
     from jitfast.diffusion.sampling import CapturedTrajectory, make_time_grid
     from jitfast.training.ema import EMA
     from jitfast.training.step import GraphedTrainStep
 
+    if what.startswith("pmf-"):
+        return run_pmf(int(what.removeprefix("pmf-")), batch, dtype)
     denoiser = tiny_denoiser()
     y = torch.randint(5, (batch,))
     z = torch.randn(batch, 3, 16, 16)

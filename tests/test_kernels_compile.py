@@ -3,7 +3,11 @@
 The interpreter runs kernels as numpy code, so it accepts some programs the compiler rejects;
 this closes that gap on CPU machines. A subprocess (no TRITON_INTERPRET) turns every launch into
 a compile for the target (``jitfast.kernels.offline``), of each autotune config, and calls every
-registered op on the opcheck cases in float32 and bfloat16.
+registered op on the opcheck cases in float32 and bfloat16, then runs pMF's sampler as
+PMFSampler does (1 and 2 guided steps, the update in the head) and its network's plain forward,
+for a tiny PMF and one of pMF-B/16's geometry, and compiles what they launch: the norms with
+stride-0 gates, shifts and scales, the patch embedding with its positions at an offset into the
+table, the head with the pMF grid's time slices.
 """
 import os
 import subprocess
@@ -27,15 +31,51 @@ def test_every_kernel_compiles_for_sm90():
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "kernel variants compiled" in result.stdout, result.stdout
+    # pMF reached the kernels (not the reference), the sampler's fused head among them
+    pmf_kernels = result.stdout.split("pMF launched: ")[1].split()
+    assert set(pmf_kernels) == {"_output_head_fwd", "_patch_embed_fwd", "_qk_norm_rope_fwd",
+                                "_residual_norm_fwd", "_swiglu_fwd"}, result.stdout
+
+
+def pmf_runs():
+    """pMF's inference as PMFSampler runs it, and its network's u, on a tiny PMF and one of
+    pMF-B/16's geometry (two blocks: every block launches the same variants): a bf16 network
+    (as jitfast.sample runs it on CUDA) and a float32 one; the tiny one also float32 under bf16
+    autocast, and at batch 1 and 16. B/16 at batch 1 only: batches 3 and 16 were found to launch
+    no variant beyond batch 1's."""
+    from jitfast import PMF
+    from jitfast.diffusion.pmf_sampler import PMFTimeGrid, integrate_pmf
+    from jitfast.network.pmf_presets import pmf_preset_config
+
+    tiny = dict(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, head_depth=1,
+                bottleneck_dim=8)
+    b16 = {**pmf_preset_config("pMF-B/16"), "depth": 2, "head_depth": 1}
+    modes = [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)]
+    for config, batches, dtypes in ((tiny, (1, 16), modes), (b16, (1,), modes[:2])):
+        torch.manual_seed(0)
+        net = PMF(**config, num_classes=10, backend="triton").eval()
+        net.check_values = False  # as PMFSampler.run sets it
+        for dtype, autocast in dtypes:
+            net.to(dtype)
+            for batch in batches:
+                y = torch.randint(10, (batch,))
+                z = torch.randn(batch, 3, net.input_size, net.input_size)
+                guidance = [torch.full((1,), v) for v in (7.5, 0.1, 0.8)]
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    for steps in (1, 2):
+                        integrate_pmf(net, y, z, PMFTimeGrid.make(steps, z.device), guidance)
+                    ones = torch.ones(batch)
+                    net(z, ones, ones, *(g.expand(batch) for g in guidance), y)
 
 
 def compile_everything(arch):
     from jitfast.kernels import offline
 
-    variants = set()
+    variants, launched = set(), set()
 
     def compile_new(kernel, args, kwargs):
         key = offline.variant_key(kernel, args, kwargs)
+        launched.add(key)
         if key not in variants:
             variants.add(key)
             offline.compile_variant(kernel, args, kwargs)
@@ -47,7 +87,14 @@ def compile_everything(arch):
     for dtype in (torch.float32, torch.bfloat16):
         for op, args in cases.opcheck_cases():
             op(*(a.to(dtype) if torch.is_tensor(a) else a for a in args))
-    print(f"{len(variants)} kernel variants compiled for sm_{arch}")
+    opchecked = len(variants)
+    launched.clear()
+    from jitfast.kernels import _common
+    _common.INTERPRET = True  # use_kernel: the model's CPU tensors go to the (compiled) kernels
+    pmf_runs()
+    print(f"{len(variants)} kernel variants compiled for sm_{arch}, "
+          f"{len(variants) - opchecked} of them new in pMF's {len(launched)}")
+    print("pMF launched:", *sorted({name for name, _ in launched}))
 
 
 if __name__ == "__main__":

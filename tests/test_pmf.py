@@ -199,3 +199,14 @@ def test_convert_a_published_file_to_a_folder_and_refuse_other_layouts(tmp_path)
     for layout in ("official", "diffusers"):
         with pytest.raises(SystemExit, match="pixel MeanFlow weights, which have no"):
             convert_main([str(path), str(tmp_path / layout), "--layout", layout])
+
+
+def test_bfloat16_network_samples_close_to_float32():
+    """A bf16 network (how python -m jitfast.sample runs one on CUDA) takes the float32 state:
+    the patch embedding casts it, the update stays float32."""
+    run = OFFICIAL["generate"][1]
+    args = (run["labels"], run["steps"], run["omega"], (run["t_min"], run["t_max"]))
+    want = PMFSampler(official_net(), run["noise_scale"]).generate(*args, z0=run["z0"])
+    got = PMFSampler(official_net().to(torch.bfloat16), run["noise_scale"]).generate(
+        *args, z0=run["z0"])
+    assert got.dtype == torch.float32 and rel_err(got, want) < 2e-2

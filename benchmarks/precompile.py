@@ -1,15 +1,20 @@
 """What a GPU run of benchmarks/device_check.sh compiles, measured without a GPU: the Triton kernel
 variants and autotune keys that the plan's workloads launch — a training step of each preset
-(Triton kernels, bf16 autocast as on CUDA) and the planned samplers (bf16 network, guidance on
-[0.1, 1]) — each variant compiled for sm_90 (every autotune config, as the tuner compiles them)
-into Triton's cache, with the time it takes.
+(Triton kernels, bf16 autocast as on CUDA), the planned JiT samplers (bf16 network, guidance on
+[0.1, 1]) and pMF's one-step sampler of each planned pMF preset (bf16 network) — each variant
+compiled for sm_90 (every autotune config, as the tuner compiles them) into Triton's cache, with
+the time it takes.
 
     python benchmarks/precompile.py [--presets JiT-B/16 JiT-L/16] [--arch 90]
 
 The workloads run at batch 1 on the CPU with the kernels compiled but not run (their outputs are
 garbage; only what is launched matters): the variants do not depend on the batch (the token
 counts, 256 and 288, are multiples of 16 at any batch), but the autotune keys' size buckets do,
-so the count of keys is that of batch 1. Needs Triton 3, no TRITON_INTERPRET.
+so the count of keys is that of batch 1. pMF's 276 tokens (20 + 256) are no multiple of 16, yet
+its variants were found the same at batches 1, 4, 16 and 32 (pMF-B/16); its network runs with
+two blocks (one shared, one u-head block): every block of a preset launches the same variants and
+tuning keys (checked against the full pMF-B/16), so depth would only cost the CPU time.
+Needs Triton 3, no TRITON_INTERPRET.
 """
 import argparse
 import os
@@ -56,9 +61,18 @@ def sampling(preset, method, steps, schedule):
         run()
 
 
+def pmf_sampling(preset):
+    from jitfast.measure.workloads import pmf_sampler
+    run = pmf_sampler(preset, 256, 1, 1, "eager", torch.device("cpu"), dtype=torch.bfloat16,
+                      backend="triton", depth=2, head_depth=1)
+    with torch.no_grad():
+        run()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", nargs="+", default=["JiT-B/16", "JiT-L/16", "JiT-H/16"])
+    p.add_argument("--pmf-presets", nargs="*", default=["pMF-B/16", "pMF-H/16"])
     p.add_argument("--arch", type=int, default=90)
     args = p.parse_args(argv)
     compiler = Compiler()
@@ -70,6 +84,7 @@ def main(argv=None):
     # Heun's kinds of evaluation (unguided, guided, Heun's second) all occur within 3 steps
     work += [("sampling JiT-B/16 heun", sampling, ("JiT-B/16", "heun", 3, "linear")),
              ("sampling JiT-B/16 unipc2 cosine", sampling, ("JiT-B/16", "unipc2", 4, "cosine"))]
+    work += [(f"sampling {preset} 1 step", pmf_sampling, (preset,)) for preset in args.pmf_presets]
     for name, fn, fn_args in work:
         start = time.perf_counter()
         fn(*fn_args)

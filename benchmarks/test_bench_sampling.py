@@ -2,15 +2,18 @@
 last step Euler), at batch 1 (ms per image) and larger batches (images/s), run eagerly (the
 baseline) or replayed as one CUDA graph per trajectory (CUDA only); and beside it the fast
 settings that matched Heun-50's accuracy on a trained JiT (docs/samplers.md), so that a GPU run
-gives the time to an image of Heun-50 accuracy."""
+gives the time to an image of Heun-50 accuracy; and pMF's one-step sampler (PMFSampler, its
+guidance the network's own input) in the same groups, so that the report shows its time to an
+image beside both (its speedup is over Heun-50 run eagerly)."""
 import types
 
 import pytest
 
 from conftest import DEVICE, ON_CUDA, skip_unless_cuda
 from jitfast.diffusion.sampling import make_time_grid
-from jitfast.measure.throughput import forward_flops
-from jitfast.measure.workloads import SAMPLE_VARIANTS, sampler
+from jitfast.measure.throughput import forward_flops, pmf_forward_flops
+from jitfast.measure.workloads import SAMPLE_VARIANTS, pmf_config, pmf_sampler, sampler
+from jitfast.network.pmf_presets import PMF_SAMPLING
 
 # (preset, image size, ODE steps, batches)
 SIZE = ("JiT-B/16", 256, 50, (1, 16, 128, 256)) if ON_CUDA else ("JiT-T/8", 64, 8, (1, 8))
@@ -19,6 +22,15 @@ CFG, INTERVAL = 2.9, (0.1, 1.0)
 MATCHED = {"unipc2-cosine-15": ("unipc2", 15, "cosine"),
            "unipc2-cosine-10": ("unipc2", 10, "cosine")}
 MATCHED_BATCHES = (1, 128) if ON_CUDA else (1, 8)
+# pMF: (network, image size, batches, the JiT preset in whose groups it is shown), one step.
+# On the CPU, where JiT-B/16 does not run, a pMF of JiT-T/8's width and depth at its 64 px
+# (workloads.PMF_CUSTOM) sits beside JiT-T/8's rows, and pMF-B/16 (≈ 0.5 s a forward on 2
+# cores) at batch 1 in a group of its own; pMF-H/16 (≈ 8x the FLOPs) is left to the GPU.
+PMF_SIZES = (("pMF-B/16", 256, (1, 128), "JiT-B/16"), ("pMF-H/16", 256, (1, 128), "JiT-B/16")) \
+    if ON_CUDA else (("pMF-T/8", 64, (1, 8), "JiT-T/8"), ("pMF-B/16", 256, (1,), "JiT-B/16"))
+PMF_STEPS = 1
+PMF_ROWS = [(batch, variant, name, image, peer) for name, image, batches, peer in PMF_SIZES
+            for batch in batches for variant in SAMPLE_VARIANTS]
 
 
 def network_passes(method, steps, schedule="linear"):
@@ -64,3 +76,21 @@ def test_sampling_matched(measure, batch, variant, setting):
             images=batch,
             flops=forward_flops(preset, image) * batch * network_passes(method, steps, schedule),
             preset=preset, shape=shape(batch, image, f"{method} {steps} steps ({schedule})"))
+
+
+@pytest.mark.parametrize("batch,variant,name,image,peer", PMF_ROWS,
+                         ids=[f"{b}-{v}-{n}" for b, v, n, _, _ in PMF_ROWS])
+def test_sampling_pmf(measure, batch, variant, name, image, peer):
+    """pMF's one-step sampling, eager and graphed (one CUDA graph per trajectory), in the
+    groups of test_sampling's JiT at the same image size (on CUDA: JiT-B/16 at 256 px),
+    compared with the group's baseline, JiT's Heun run eagerly (on the CPU pMF-B/16's group
+    has none)."""
+    if SAMPLE_VARIANTS[variant]:
+        skip_unless_cuda(variant)
+    _, omega, interval = PMF_SAMPLING.get(name, (1.0, 1.0, (0.0, 1.0)))  # PMFSampler's defaults
+    measure(pmf_sampler(name, image, PMF_STEPS, batch, variant, DEVICE),
+            f"sample {peer} batch {batch}", "sample", f"pmf-{PMF_STEPS}step {variant}",
+            baseline=False, images=batch,
+            flops=pmf_forward_flops(pmf_config(name, image)) * batch * PMF_STEPS, preset=name,
+            shape=f"{batch}x{image}px, pMF {PMF_STEPS} step, omega {omega} on {list(interval)} "
+                  f"(network inputs)")

@@ -1,9 +1,11 @@
-"""Benchmark arithmetic: analytic JiT FLOPs (2 per multiply-add; a training step is 3x the
-forward), the device's peaks, MFU, bandwidth fractions and speedups, and the run's environment."""
+"""Benchmark arithmetic: analytic JiT and pMF FLOPs (2 per multiply-add; a training step is 3x
+the forward), the device's peaks, MFU, bandwidth fractions and speedups, and the run's
+environment."""
 import platform
 
 import torch
 
+from jitfast.network.pmf import TOKENS, default_bottleneck, official_mlp_hidden
 from jitfast.network.presets import preset_config
 
 TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul)
@@ -36,6 +38,31 @@ def forward_flops(preset, input_size):
     """FLOPs of one image's forward pass through the preset at `input_size` px."""
     config = preset_config(preset)
     return 2 * forward_macs(input_size=input_size, **config)
+
+
+def pmf_forward_macs(depth, hidden_size, num_heads, patch_size, input_size, mlp_hidden=None,
+                     bottleneck_dim=None, in_channels=3, frequency_size=256, **_):
+    """Multiply-adds of one image's forward pass through a PMF (its keywords; mlp_hidden and
+    bottleneck_dim default as PMF's do): the patch embedding, the four timestep embedders' MLPs
+    (h, omega, t_min, t_max), every block over the 20 prefix and the patch tokens (q/k/v, the
+    attention scores and values, out_proj, SwiGLU's w13 and w2) and the final Linear on the
+    patch tokens."""
+    D = hidden_size
+    hidden = mlp_hidden or official_mlp_hidden(D)
+    bottleneck = bottleneck_dim or default_bottleneck(D)
+    patches = (input_size // patch_size) ** 2
+    patch_dim = in_channels * patch_size ** 2
+    n = patches + sum(count for _, count in TOKENS)
+    macs = patches * (patch_dim * bottleneck + bottleneck * D)
+    macs += 4 * (frequency_size * D + D * D)
+    macs += depth * (n * (3 * D * D + D * D + 2 * D * hidden + hidden * D) + 2 * n * n * D)
+    return macs + patches * D * patch_dim
+
+
+def pmf_forward_flops(config):
+    """FLOPs of one image's forward pass through a PMF of keywords `config` (input_size
+    included)."""
+    return 2 * pmf_forward_macs(**config)
 
 
 def peak_tflops(device_name):

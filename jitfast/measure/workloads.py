@@ -1,9 +1,13 @@
 """The workloads that the benchmarks time and ``python -m jitfast.bench profile`` profiles: a
 training step and a sampling run of a fresh preset model, in each of their variants, built the
-way ``python -m jitfast.train`` and ``Denoiser.generate`` run them."""
+way ``python -m jitfast.train`` and ``Denoiser.generate`` run them; and pMF's few-step sampling
+run, the way ``PMFSampler.generate`` runs it."""
 import torch
 
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.pmf_sampler import PMFSampler
+from jitfast.network.pmf import PMF
+from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build
 from jitfast.training.ema import EMA
 from jitfast.training.step import GraphedTrainStep, make_optimizer, train_step
@@ -23,6 +27,11 @@ TRAIN_VARIANTS = {
 CUDA_ONLY_WORDS = ("triton", "graph")  # variants naming these run on CUDA only
 # sampling variant -> replay the whole trajectory from a CUDA graph; the first is the baseline
 SAMPLE_VARIANTS = {"eager": False, "graphs": True}
+# pMF configurations that are no preset of the official port, for the CPU's benchmarks: "pMF-T/8"
+# is JiT-T/8's width, depth, heads and bottleneck (64 px, patch 8) with pMF's blocks, half of
+# them the u-head's as in every pMF preset (8 of 16 for B)
+PMF_CUSTOM = {"pMF-T/8": dict(patch_size=8, hidden_size=192, depth=6, num_heads=3, head_depth=3,
+                              bottleneck_dim=32)}
 
 
 def cuda_only(variant):
@@ -74,3 +83,27 @@ def sampler(preset, image, steps, batch, variant, device, cfg, interval, method=
     z0 = torch.randn(batch, 3, image, image, device=device)
     return lambda: denoiser.generate(y, steps, method, cfg, interval, z0,
                                      cuda_graphs=SAMPLE_VARIANTS[variant], schedule=schedule)
+
+
+def pmf_config(name, image):
+    """The PMF keywords of a pMF preset or of a PMF_CUSTOM configuration at `image` px."""
+    config = PMF_CUSTOM[name] if name in PMF_CUSTOM else pmf_preset_config(name)
+    return {**config, "input_size": image, "num_classes": NUM_CLASSES}
+
+
+def pmf_sampler(name, image, steps, batch, variant, device, dtype=None, backend="auto",
+                **overrides):
+    """A closure sampling `batch` images of a fresh PMF (a preset, or PMF_CUSTOM's; `overrides`:
+    PMF keywords that replace its own) in `steps` evaluations with the preset's guidance
+    settings (the official README's; a custom network: the sampler's defaults), as
+    ``PMFSampler.generate`` runs it; the network in `dtype`, by default bf16 on CUDA and float32
+    elsewhere. The model is built on `device` (the H/16 weights are initialised there, not on
+    the host)."""
+    torch.manual_seed(0)
+    with device:
+        net = PMF(**{**pmf_config(name, image), **overrides}, backend=backend)
+    net = net.to(dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32))
+    pmf = PMFSampler(net)
+    y = torch.randint(NUM_CLASSES, (batch,), device=device)
+    z0 = torch.randn(batch, 3, image, image, device=device)
+    return lambda: pmf.generate(y, steps, z0=z0, cuda_graphs=SAMPLE_VARIANTS[variant])

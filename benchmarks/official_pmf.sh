@@ -12,20 +12,4 @@ SRC="${1:-/work/.mirror/Lyy-iiis+pMF/repo}"
 COMMIT=990e81a84249dbd68a128accef67eb95621d10b1
 FILES=(pmf.py models/pmfDiT.py models/embedder.py models/torch_models.py)
 
-full=$(git -C "$SRC" rev-parse --verify -q "$COMMIT^{commit}" 2>/dev/null) || {
-  echo "error: cannot read commit $COMMIT (pMF's PyTorch port, branch torch) in '$SRC';" \
-       "pass a git directory that holds it: benchmarks/official_pmf.sh GIT_DIR" >&2
-  exit 1
-}
-tmp=$(mktemp -d .official-pmf.XXXXXX)
-trap 'rm -rf "$tmp"' EXIT
-for f in "${FILES[@]}"; do
-  mkdir -p "$tmp/$(dirname "$f")"
-  git -C "$SRC" show "$full:$f" >"$tmp/$f" 2>/dev/null \
-    || { echo "error: commit $full of '$SRC' has no $f" >&2; exit 1; }
-done
-echo "$full" >"$tmp/COMMIT"
-rm -rf .official-pmf
-mv "$tmp" .official-pmf
-trap - EXIT
-echo "wrote ${FILES[*]} of $full into .official-pmf/"
+exec benchmarks/copy_official.sh "$SRC" "$COMMIT" .official-pmf "${FILES[@]}"

@@ -18,9 +18,8 @@ import os
 import torch
 
 from jitfast.diffusion.denoiser import SPACES
-from jitfast.diffusion.from_checkpoint import sampler_settings
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.diffusion.pmf_sampler import PMFSampler
-from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint
 from jitfast.network.pmf import PMF
 
 # of the metadata below; jitfast-sample reads this version and 1 (JiT packages from before the
@@ -138,16 +137,12 @@ def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dty
         inductor_configs={"aot_inductor.metadata": metadata})
 
 
-def network_from_checkpoint(path, weights=None):
-    """The network of the checkpoint at `path` (on the PyTorch ops) and its sampler settings:
-    a JiT's from its training args (``sampler_settings``), a PMF's its ``PMFSampler``'s."""
-    ckpt = read_checkpoint(path)
-    net = model_from_checkpoint(ckpt, weights, backend="torch")
-    if isinstance(net, PMF):
-        sampler = PMFSampler(net)
-        return net, dict(noise_scale=sampler.noise_scale, omega=sampler.omega,
-                         interval=sampler.interval)
-    return net, sampler_settings(ckpt.get("args"), net.input_size)
+def settings_of(sampler):
+    """The ``export`` keywords of a checkpoint's sampler (``denoiser_from_checkpoint``'s)."""
+    if isinstance(sampler, PMFSampler):
+        return dict(noise_scale=sampler.noise_scale, omega=sampler.omega,
+                    interval=sampler.interval)
+    return dict(noise_scale=sampler.noise_scale, t_eps=sampler.t_eps, pred=sampler.pred)
 
 
 def parse_args(argv=None):
@@ -171,7 +166,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        net, settings = network_from_checkpoint(args.ckpt, args.weights)
+        sampler = denoiser_from_checkpoint(args.ckpt, args.weights, backend="torch")
+        net, settings = sampler.net, settings_of(sampler)
         export(net, args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
                **settings)
     except (ValueError, FileNotFoundError) as err:

@@ -128,6 +128,7 @@ def test_save_pretrained_round_trip_and_family_checks(tmp_path):
     f = OFFICIAL["forward"]
     args = (f["z"], f["t"], f["h"], f["omega"], f["t_min"], f["t_max"], f["y"])
     assert torch.equal(again(*args), net(*args))
+    assert rel_err(again(*args), f["expected"]) < 1e-5  # the official port's u
     with pytest.raises(CheckpointError, match="not a JiT network"):
         JiT.from_pretrained(tmp_path / "folder")
     jit = JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,

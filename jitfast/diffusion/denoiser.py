@@ -15,6 +15,12 @@ from jitfast.network.backend import head_kernels
 SPACES = ("x", "e", "v")
 
 
+def default_noise_scale(input_size):
+    """The noise std where nothing records one: 1.0, and 2.0 from 512 px (the official README's
+    setting for 512 px)."""
+    return 2.0 if input_size >= 512 else 1.0
+
+
 def convert(u, src, dst, z, t, t_eps):
     """Read `u` as a quantity of space `src` at state z, time t (broadcastable); express it in
     `dst`."""

@@ -7,18 +7,12 @@ checkpoint samples the same way whoever reads it.
 import os
 from functools import partial
 
-from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.denoiser import Denoiser, default_noise_scale
 from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
 from jitfast.network.pmf import PMF
 
 T_EPS, PRED = 0.05, "x"  # the official t_eps; JiT's prediction target
-
-
-def default_noise_scale(input_size):
-    """The noise std when the training args do not record one: 1.0, and 2.0 from 512 px (the
-    official README's setting for 512 px)."""
-    return 2.0 if input_size >= 512 else 1.0
 
 
 def sampler_settings(training_args, input_size, noise_scale=None, t_eps=None):

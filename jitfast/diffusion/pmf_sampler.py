@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from jitfast.diffusion.sampling import GraphCache
+from jitfast.diffusion.denoiser import default_noise_scale
+from jitfast.diffusion.sampling import GraphCache, check_labels
 from jitfast.network.backend import head_kernels
 from jitfast.network.pmf import U_T_MIN
 from jitfast.network.pmf_presets import PMF_SAMPLING, pmf_preset_of
@@ -61,9 +62,8 @@ class PMFSampler:
 
     def __init__(self, net, noise_scale=None, omega=None, interval=None, max_graphs=8):
         preset = pmf_preset_of(net.config)
-        default_scale = 2.0 if net.input_size >= 512 else 1.0
         scale, default_omega, default_interval = PMF_SAMPLING.get(
-            preset, (default_scale, 1.0, (0.0, 1.0)))
+            preset, (default_noise_scale(net.input_size), 1.0, (0.0, 1.0)))
         self.net, self.preset = net, preset
         self.noise_scale = scale if noise_scale is None else noise_scale
         self.omega = default_omega if omega is None else omega
@@ -122,21 +122,26 @@ class PMFSampler:
         net.eval()
         net.check_values = False  # checked above: no host sync per evaluation
         try:
-            grid = PMFTimeGrid.make(steps, y.device)
-            guidance = [torch.full((1,), v, dtype=torch.float32, device=y.device)
-                        for v in (omega, *interval)]
             with torch.no_grad():
                 if not cuda_graphs:
-                    return integrate_pmf(net, y, z, grid, guidance)
+                    return integrate_pmf(net, y, z, *run_tensors(steps, omega, interval, y.device))
                 first = next(net.parameters())
                 key = (y.shape[0], steps, omega, interval, first.data_ptr(), first.dtype,
                        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-                graph = self.graph_cache.get(key, lambda: CapturedRun(
-                    partial(captured_pmf, net, grid, guidance), y, z))
+                graph = self.graph_cache.get(key, lambda: CapturedRun(partial(
+                    captured_pmf, net, *run_tensors(steps, omega, interval, y.device)), y, z))
                 return graph(y, z)
         finally:
             net.train(was_training)
             net.check_values = checks
+
+
+def run_tensors(steps, omega, interval, device):
+    """The time grid and the guidance (omega, t_min, t_max) of a run, on the device (made once
+    per capture: a replay reads the captured ones)."""
+    guidance = [torch.full((1,), v, dtype=torch.float32, device=device)
+                for v in (omega, *interval)]
+    return PMFTimeGrid.make(steps, device), guidance
 
 
 def captured_pmf(net, grid, guidance, y, z):
@@ -160,11 +165,3 @@ def check_guidance(omega, interval):
         raise ValueError(f"the guidance interval must satisfy 0 <= t_min <= t_max <= 1 (pMF's "
                          f"time: t = 1 is noise), got ({lo}, {hi})")
 
-
-def check_labels(y, num_classes):
-    if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
-        raise ValueError(f"y must be a 1-D integer tensor of class labels, got "
-                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-    if y.numel() and not bool(((y >= 0) & (y <= num_classes)).all()):
-        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (or {num_classes}, "
-                         f"the null class), got [{y.min().item()}, {y.max().item()}]")

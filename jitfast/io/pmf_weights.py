@@ -23,7 +23,6 @@ UNUSED = re.compile(r"(v_heads\.\d+|v_final_layer)\.|rope_freqs$")  # training-o
 FUSED = {".attn.qkv.": (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj."),
          ".mlp.w13.": (".mlp.w1.", ".mlp.w3.")}
 MARKERS = ("class_tokens", "u_final_layer.", "shared_blocks.", "u_heads.")
-BLOCK_GROUPS = ("shared_blocks", "u_heads")
 
 
 def is_pmf_state(state):

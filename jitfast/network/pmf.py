@@ -13,7 +13,7 @@ The ops are JiT's (``jitfast.network.backend``): the patch embedding's first bia
 the second (exact up to rounding), the per-channel gates are JiT's per-sample gates with a
 stride-0 batch dimension and the unmodulated norms its modulated ones with zero shift and scale;
 q, k, v and SwiGLU's two input projections are each one matmul (the published files' separate
-weights are concatenated on loading, ``jitfast.io.pmf_layout``).
+weights are concatenated on loading, ``jitfast.io.pmf_weights``).
 """
 import math
 

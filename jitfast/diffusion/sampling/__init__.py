@@ -15,10 +15,10 @@ from jitfast.diffusion.sampling.multistep import EXPONENTIAL_METHODS, MultistepT
 from jitfast.diffusion.sampling.official import TimeGrid, guidance_weights
 from jitfast.diffusion.sampling.schedules import SCHEDULES
 from jitfast.diffusion.sampling.trajectory import (METHODS, OFFICIAL_METHODS, CapturedTrajectory,
-                                                   GraphCache, check_settings, generate, integrate,
-                                                   invert, make_time_grid)
+                                                   GraphCache, check_labels, check_settings,
+                                                   generate, integrate, invert, make_time_grid)
 
 __all__ = ["CONDITIONING_BUDGET", "EXPONENTIAL_METHODS", "METHODS", "OFFICIAL_METHODS",
            "SCHEDULES", "CapturedTrajectory", "GraphCache", "MultistepTimeGrid", "TimeGrid",
-           "check_settings", "generate", "guidance_weights", "integrate", "invert",
+           "check_labels", "check_settings", "generate", "guidance_weights", "integrate", "invert",
            "make_time_grid", "network_step", "trajectory_conditioning"]

@@ -38,17 +38,21 @@ def unconditional_labels(denoiser, y, cfg, count):
     return torch.full((count,), denoiser.num_classes, dtype=torch.long, device=device)
 
 
-def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0, name="z0"):
-    if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point():
+def check_labels(y, num_classes):
+    """Raise a ValueError unless y is a 1-D integer tensor of labels in [0, num_classes]."""
+    if not torch.is_tensor(y) or y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"y must be a 1-D integer tensor of class labels, got "
                          f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-    if y.numel() and not bool(((y >= 0) & (y <= denoiser.num_classes)).all()):
-        if denoiser.num_classes == 0:
+    if y.numel() and not bool(((y >= 0) & (y <= num_classes)).all()):
+        if num_classes == 0:
             raise ValueError("the model is unconditional (num_classes 0): its one label is 0, "
                              "the null class; sample it with y=None")
-        raise ValueError(f"class labels must lie in [0, {denoiser.num_classes - 1}] (or "
-                         f"{denoiser.num_classes}, the null class), got "
-                         f"[{y.min().item()}, {y.max().item()}]")
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}] (or {num_classes}, "
+                         f"the null class), got [{y.min().item()}, {y.max().item()}]")
+
+
+def check_sampling_args(denoiser, y, steps, method, cfg, interval, schedule, z0, name="z0"):
+    check_labels(y, denoiser.num_classes)
     check_settings(steps, method, cfg, interval, schedule)
     net = denoiser.net
     shape = (y.shape[0], net.in_channels, net.input_size, net.input_size)

@@ -1,7 +1,8 @@
 """``python -m jitfast.bench report results.json``: the README's table from the JSON written by
 ``pytest benchmarks/ --benchmark-only --benchmark-json results.json`` (jitfast.measure.report);
 ``python -m jitfast.bench profile``: where a training step's and a sampling run's time goes
-(jitfast.measure.profiling)."""
+(jitfast.measure.profiling); ``python -m jitfast.bench trace``: the same priced on a GPU's
+roofline from a dispatch trace, on any machine (jitfast.measure.trace)."""
 import argparse
 import json
 import sys
@@ -62,6 +63,58 @@ def profile_report(args):
     return failed
 
 
+def trace_report(args):
+    """`python -m jitfast.bench trace`: the trace's table (and JSON), and with --calibrate the
+    comparison with a profile of the GPU, group by group, and the roofline fitted to it."""
+    from jitfast.measure import traced
+    from jitfast.measure.roofline import compare, fit
+
+    set_cpu_threads(None, 1)
+    if args.work == "train":
+        from jitfast.train import parse_args
+        train_args = parse_args(["--model", args.preset or "JiT-B/16", "--image-size",
+                                 str(args.image_size or 256), "--batch-size",
+                                 str(args.batch or 128), "--backend", args.backend])
+        trace = traced.training_step(train_args)
+    elif args.work == "sample":
+        trace = traced.sampling(args.preset or "JiT-B/16", args.image_size or 256,
+                                args.batch or 1, args.method, args.steps or 50, args.cfg,
+                                tuple(args.interval), args.schedule, args.backend)
+    else:
+        trace = traced.pmf_sampling(args.preset or "pMF-B/16", args.image_size or 256,
+                                    args.batch or 1, args.steps or 1, args.backend)
+    text = trace.table(args.top)
+    if "evaluations" in trace.notes:
+        evals = trace.notes["evaluations"]
+        total = trace.total()
+        text += (f"\n\n{evals} network evaluations: {total['ms'] / max(evals, 1):.3f} ms and "
+                 f"{total['kernels'] / max(evals, 1):.0f} kernels per evaluation")
+    result = trace.as_dict()
+    if args.calibrate:
+        with open(args.calibrate) as f:
+            profiles = {p["name"]: p["groups"] for p in json.load(f)["profiles"]}
+        if args.profile not in profiles:
+            sys.exit(f"error: {args.calibrate} has no profile named {args.profile!r}; it has "
+                     f"{sorted(profiles)}")
+        measured = profiles[args.profile]
+        rows = compare(trace.groups(), measured)
+        fitted = fit(trace.groups(), measured, trace.roofline)
+        text += ("\n\n### against the profile\n\n| group | measured ms | modelled ms | error |"
+                 " modelled |\n|---|---|---|---|---|\n" + "\n".join(
+                     f"| {g} | {m:.3f} | {p:.3f} | {e:+.1%} | {'yes' if mod else 'rate measured' if g in ('attention', 'jitfast output_head_fwd') else 'no'} |"
+                     for g, m, p, e, mod in rows))
+        text += (f"\n\nfitted: bandwidth {fitted.bandwidth / 1e12:.2f} TB/s, matmul "
+                 f"{fitted.matmul / 1e12:.0f} TFLOP/s, attention {fitted.attention / 1e12:.0f} "
+                 f"TFLOP/s, Triton matmul kernels {fitted.triton_dot / 1e12:.0f} TFLOP/s "
+                 f"(in use: {trace.roofline})")
+        result["calibration"] = [dict(group=g, measured_ms=m, modelled_ms=p, error=e,
+                                      modelled=mod) for g, m, p, e, mod in rows]
+    print(text)
+    write_text(args.out, text + "\n")
+    if args.json:
+        atomic_write_json(args.json, result)
+
+
 def write_text(path, text, append=False):
     if path:
         with open(path, "a" if append else "w") as f:
@@ -88,7 +141,31 @@ def main(argv=None):
     prof.add_argument("--device", help="default: cuda when available")
     prof.add_argument("--json", help="also write the profiles as JSON to this file")
     prof.add_argument("--out", help="also write the markdown to this file")
+    trace = sub.add_parser("trace", help="a training step or sampling run traced on fake tensors "
+                                         "and priced on the H200's roofline (no GPU needed)")
+    trace.add_argument("work", nargs="?", default="train", choices=("train", "sample", "pmf"))
+    trace.add_argument("--preset", help="default: JiT-B/16 (train, sample), pMF-B/16 (pmf)")
+    trace.add_argument("--image-size", type=int, help="default: 256")
+    trace.add_argument("--batch", type=int, help="default: 128 (train), 1 (sample, pmf)")
+    trace.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                       help="the model's ops; auto: as on CUDA, the Triton kernels")
+    trace.add_argument("--method", default="heun", help="sampler (sample)")
+    trace.add_argument("--steps", type=int, help="sampler steps; default: 50 (sample), 1 (pmf)")
+    trace.add_argument("--schedule", default="linear", help="sampler time grid (sample)")
+    trace.add_argument("--cfg", type=float, default=2.9, help="guidance scale (sample)")
+    trace.add_argument("--interval", type=float, nargs=2, default=(0.1, 1.0),
+                       help="guidance interval (sample)")
+    trace.add_argument("--top", type=int, default=25, help="rows of the per-op table")
+    trace.add_argument("--calibrate", metavar="PROFILE_JSON",
+                       help="compare with a profile's groups (python -m jitfast.bench profile "
+                            "--json) and fit the roofline to it")
+    trace.add_argument("--profile", default="train step JiT-B/16 256px batch 128 (triton+graph)",
+                       help="the profile of --calibrate to compare with")
+    trace.add_argument("--json", help="also write the trace as JSON to this file")
+    trace.add_argument("--out", help="also write the markdown to this file")
     args = p.parse_args(argv)
+    if args.command == "trace":
+        return trace_report(args)
     if args.command == "profile":
         refused = [v for v in args.variant or () if cuda_only(v)]
         if refused and not torch.cuda.is_available():

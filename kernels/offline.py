@@ -1,14 +1,20 @@
 """Triton on a machine without a GPU: compile the kernels for a GPU target, or record which
 variants a piece of work would launch, without touching a device. The CPU test suite uses it
 (every variant compiles for sm_90; nothing captured in a CUDA graph meets a variant for the first
-time), and so does sizing a GPU run before it starts (benchmarks/precompile.py).
+time), and so do sizing a GPU run before it starts (benchmarks/precompile.py) and the dispatch
+trace of a step (``jitfast.measure.trace``).
 
 Relies on Triton 3 internals: the active driver, ``JITFunction.run`` and its binder,
-``Autotuner.run``.
+``InterpretedFunction.run``, ``Autotuner.run``.
 """
+from contextlib import contextmanager
+
 import triton
 from triton.runtime.autotuner import Autotuner
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, compute_cache_key
+
+from . import _common
 
 
 class CompileOnlyDriver:
@@ -45,13 +51,12 @@ def tuning_key(tuner, args, kwargs):
             tuple(str(a.dtype) for a in named.values() if hasattr(a, "dtype")))
 
 
-def intercept(arch, on_launch, on_tune=None, every_config=False):
-    """Make every Triton launch call ``on_launch(kernel, args, kwargs)`` instead of running
-    (``compile_variant`` compiles it), with a compile-only driver for sm_`arch`. An autotuned
-    kernel launches its first config, or each of them with every_config, after
+def _patch(on_launch, on_tune=None, every_config=False):
+    """Route every Triton launch, compiled or interpreted, to ``on_launch(kernel, args, kwargs)``;
+    an autotuned kernel launches its first config, or each of them with every_config, after
     ``on_tune(tuning_key)``; nothing is timed."""
-    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: on_launch(self, args, kwargs)
+    def launch(self, *args, grid, warmup, **kwargs):
+        return on_launch(self, args, kwargs)
 
     def tune(self, *args, **kwargs):
         if on_tune is not None:
@@ -59,7 +64,34 @@ def intercept(arch, on_launch, on_tune=None, every_config=False):
         for config in self.configs if every_config else self.configs[:1]:
             self.fn.run(*args, **kwargs, **config.all_kwargs())
 
+    JITFunction.run = launch
+    InterpretedFunction.run = launch
     Autotuner.run = tune
+
+
+def intercept(arch, on_launch, on_tune=None, every_config=False):
+    """Make every Triton launch call ``on_launch(kernel, args, kwargs)`` instead of running
+    (``compile_variant`` compiles it), with a compile-only driver for sm_`arch`, for the rest of
+    the process. An autotuned kernel launches its first config, or each of them with
+    every_config, after ``on_tune(tuning_key)``; nothing is timed."""
+    triton.runtime.driver.set_active(CompileOnlyDriver(arch))
+    _patch(on_launch, on_tune, every_config)
+
+
+@contextmanager
+def recording(on_launch, sms):
+    """Within the block, the kernels take tensors of any device (fake ones included) and every
+    launch calls ``on_launch(kernel, args, kwargs)`` instead of running; partial-sum kernels size
+    their grids for a GPU of `sms` SMs. Everything is put back after."""
+    saved = (JITFunction.run, InterpretedFunction.run, Autotuner.run, _common.INTERPRET,
+             _common.RECORDED_SMS)
+    _patch(on_launch)
+    _common.INTERPRET, _common.RECORDED_SMS = True, sms
+    try:
+        yield
+    finally:
+        (JITFunction.run, InterpretedFunction.run, Autotuner.run, _common.INTERPRET,
+         _common.RECORDED_SMS) = saved
 
 
 _run = JITFunction.run

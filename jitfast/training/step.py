@@ -16,15 +16,18 @@ whole-network capture recipe:
 Dropout stays exact: each replay draws from the seed and offset of the CUDA generator at that
 time, as the eager step would.
 """
+from contextlib import nullcontext
+
 import torch
 
 from jitfast.util.cuda_graphs import capture, on_side_stream
 from jitfast.util.markers import phase
 
 
-def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw"):
-    """AdamW with JiT's betas. On CUDA: fused, with the learning rate as a device tensor so the
-    step can be captured in a CUDA graph. kind="apex" gives apex's FusedAdam (never captured)."""
+def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw", fused=None):
+    """AdamW with JiT's betas. On CUDA (or wherever fused asks): fused, with the learning rate as
+    a device tensor so the step can be captured in a CUDA graph. kind="apex" gives apex's
+    FusedAdam (never captured)."""
     if kind == "apex":
         try:
             from apex.optimizers import FusedAdam
@@ -33,7 +36,7 @@ def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw"):
                               "which is not installed; use --optimizer adamw") from None
         return FusedAdam(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                          adam_w_mode=True)
-    if device.type != "cuda":
+    if not (device.type == "cuda" if fused is None else fused):
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                                   fused=True)
@@ -66,17 +69,20 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
-def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0):
+def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0, bf16=None):
     """One optimizer step and EMA update of `denoiser` through `model` (itself, or its DDP
-    wrapper); returns the loss, detached, on the device. No host sync."""
-    with phase("forward"), torch.autocast("cuda", torch.bfloat16, enabled=x.is_cuda,
-                                          cache_enabled=False):
+    wrapper); returns the loss, detached, on the device. No host sync. The forward runs under
+    bf16 autocast on CUDA (bf16=None), or as bf16 says."""
+    enabled = x.is_cuda if bf16 is None else bf16
+    autocast = torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False) if enabled \
+        else nullcontext()
+    with phase("forward"), autocast:
         loss = model(x, y, t, noise)
     with phase("backward"):
         loss.backward()
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
     with phase("optimizer"):
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     with phase("ema"):

@@ -68,9 +68,13 @@ def trace_report(args):
     comparison with a profile of the GPU, group by group, and the roofline fitted to it."""
     from jitfast.measure import traced
     from jitfast.measure.roofline import compare, fit
+    from jitfast.measure.trace import Trace
 
     set_cpu_threads(None, 1)
-    if args.work == "train":
+    if args.from_json:
+        with open(args.from_json) as f:
+            trace = Trace.from_dict(json.load(f))
+    elif args.work == "train":
         from jitfast.train import parse_args
         train_args = parse_args(["--model", args.preset or "JiT-B/16", "--image-size",
                                  str(args.image_size or 256), "--batch-size",
@@ -89,7 +93,7 @@ def trace_report(args):
         total = trace.total()
         text += (f"\n\n{evals} network evaluations: {total['ms'] / max(evals, 1):.3f} ms and "
                  f"{total['kernels'] / max(evals, 1):.0f} kernels per evaluation")
-    result = trace.as_dict()
+    result = trace.as_dict(launches=args.launches)
     if args.calibrate:
         with open(args.calibrate) as f:
             profiles = {p["name"]: p["groups"] for p in json.load(f)["profiles"]}
@@ -98,21 +102,35 @@ def trace_report(args):
                      f"{sorted(profiles)}")
         measured = profiles[args.profile]
         rows = compare(trace.groups(), measured)
-        fitted = fit(trace.groups(), measured, trace.roofline)
         text += ("\n\n### against the profile\n\n| group | measured ms | modelled ms | error |"
                  " modelled |\n|---|---|---|---|---|\n" + "\n".join(
-                     f"| {g} | {m:.3f} | {p:.3f} | {e:+.1%} | {'yes' if mod else 'rate measured' if g in ('attention', 'jitfast output_head_fwd') else 'no'} |"
+                     f"| {g} | {m:.3f} | {p:.3f} | {e:+.1%} | {how_priced(g, mod)} |"
                      for g, m, p, e, mod in rows))
-        text += (f"\n\nfitted: bandwidth {fitted.bandwidth / 1e12:.2f} TB/s, matmul "
-                 f"{fitted.matmul / 1e12:.0f} TFLOP/s, attention {fitted.attention / 1e12:.0f} "
-                 f"TFLOP/s, Triton matmul kernels {fitted.triton_dot / 1e12:.0f} TFLOP/s "
-                 f"(in use: {trace.roofline})")
+        try:
+            fitted = fit(trace.groups(), measured, trace.roofline)
+        except KeyError as err:
+            text += (f"\n\nno fit: this trace has no group {err} of the profile's (the code "
+                     f"changed since the profile; fit the trace of the profiled code, "
+                     f"--from-json tests/fixtures/trace_jit_b16_step_e8a6fb2.json)")
+        else:
+            text += (f"\n\nfitted: bandwidth {fitted.bandwidth / 1e12:.2f} TB/s, matmul "
+                     f"{fitted.matmul / 1e12:.0f} TFLOP/s, attention "
+                     f"{fitted.attention / 1e12:.0f} TFLOP/s, Triton matmul kernels "
+                     f"{fitted.triton_dot / 1e12:.0f} TFLOP/s (in use: {trace.roofline})")
         result["calibration"] = [dict(group=g, measured_ms=m, modelled_ms=p, error=e,
                                       modelled=mod) for g, m, p, e, mod in rows]
     print(text)
     write_text(args.out, text + "\n")
     if args.json:
         atomic_write_json(args.json, result)
+
+
+def how_priced(group, modelled):
+    """The comparison table's last column: the roofline models the group, takes its rate from
+    the profile, or cannot model it."""
+    if modelled:
+        return "yes"
+    return "rate measured" if group in ("attention", "jitfast output_head_fwd") else "no"
 
 
 def write_text(path, text, append=False):
@@ -161,6 +179,11 @@ def main(argv=None):
                             "--json) and fit the roofline to it")
     trace.add_argument("--profile", default="train step JiT-B/16 256px batch 128 (triton+graph)",
                        help="the profile of --calibrate to compare with")
+    trace.add_argument("--from-json", metavar="TRACE_JSON",
+                       help="price a trace written by --json --launches (e.g. the fixture of the "
+                            "profiled step) instead of tracing")
+    trace.add_argument("--launches", action="store_true",
+                       help="with --json: every launch too, for --from-json")
     trace.add_argument("--json", help="also write the trace as JSON to this file")
     trace.add_argument("--out", help="also write the markdown to this file")
     args = p.parse_args(argv)

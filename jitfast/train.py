@@ -23,7 +23,7 @@ from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.io.weight_files import save_training_weights
 from jitfast.network.presets import JiT_models
 from jitfast.network.transfer import TransferError
-from jitfast.training.build import build
+from jitfast.training.build import build, build_optimizer
 from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
                                    open_dataset, to_model_input)
 from jitfast.training.draws import StepDraws, seed_of
@@ -34,8 +34,8 @@ from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, QUICK_START, tr
 from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
                                         latest_checkpoint)
 from jitfast.training.schedule import lr_at
-from jitfast.training.step import (GraphedTrainStep, lr_on_device, make_optimizer, optimizer_state,
-                                   set_lr, train_step)
+from jitfast.training.step import (GraphedTrainStep, lr_on_device, optimizer_state, set_lr,
+                                   train_step)
 from jitfast.util.files import WriteError, report_size_limit_as_error
 from jitfast.util.markers import phase
 from jitfast.util.threads import set_cpu_threads
@@ -303,11 +303,14 @@ def sample_grid(denoiser, ema, args, num_classes, device):
         y = classes.long().repeat_interleave(args.samples_per_class).to(device)
         cfg, count = args.sample_cfg, None
     gen = torch.Generator(device).manual_seed(args.seed)
-    with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
-                                        enabled=device.type == "cuda"):
-        images = denoiser.generate(y, steps=args.sample_steps, method=args.sample_method,
-                                   cfg=cfg, generator=gen, schedule=args.sample_schedule,
-                                   num_samples=count)
+    settings = dict(steps=args.sample_steps, method=args.sample_method, cfg=cfg, generator=gen,
+                    schedule=args.sample_schedule, num_samples=count)
+    if device.type == "cuda" and not args.fsdp:  # a bf16 copy of EMA 1: no per-evaluation casts
+        images = denoiser.around(ema.network(denoiser.net)).generate(y, **settings)
+    else:  # the CPU's float32, or FSDP's shards (each rank samples, inside the forward)
+        with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
+                                            enabled=device.type == "cuda"):
+            images = denoiser.generate(y, **settings)
     return image_grid(to_uint8(images), columns=args.samples_per_class)
 
 
@@ -342,8 +345,7 @@ def run_training(args, rank, world, device, folder):
     ema = EMA(denoiser, args.ema_decays)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     try:
-        optimizer = make_optimizer(denoiser.parameters(), base_lr, device, args.weight_decay,
-                                   args.optimizer)
+        optimizer = build_optimizer(args, denoiser, ema, base_lr, device, world)
     except ImportError as err:
         raise TrainingError(str(err)) from None
     start = 0

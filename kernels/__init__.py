@@ -3,16 +3,20 @@
 Installed as ``jitfast.kernels``. Every op is a torch.library custom op with a fake (meta)
 implementation and a registered backward, so ``torch.compile(fullgraph=True)`` traces through
 it; CPU tensors fall back to the PyTorch reference unless ``TRITON_INTERPRET=1``.
-Beyond ``jitfast.functional.ops``: ``output_head_v_loss``, ``output_head_velocity`` and
-``output_head_step``, the head with JiT's v-loss, the sampler's (guided) velocity, or that
-velocity and the sampler's Euler/Heun update of the ODE state in its epilogue.
+Beyond ``jitfast.functional.ops``: ``output_head_v_loss`` (kernels/v_loss.py), the head with
+JiT's v-loss in its epilogue, and ``output_head_velocity`` and ``output_head_step``, the head
+with the sampler's (guided) velocity, or that velocity and the sampler's Euler/Heun update of
+the ODE state; ``adamw_ema_`` (kernels/adamw_ema.py), the training optimizer's one-pass update
+of a weight.
 """
+from .adamw_ema import adamw_ema_
 from .norm import gated_residual, gated_residual_rms_norm_modulate, rms_norm, rms_norm_modulate
-from .output_head import output_head, output_head_step, output_head_v_loss, output_head_velocity
+from .output_head import output_head, output_head_step, output_head_velocity
 from .patch_embed import patch_embed
 from .qk_norm_rope import qk_norm_rope
 from .swiglu import swiglu
+from .v_loss import output_head_v_loss
 
-__all__ = ["gated_residual", "gated_residual_rms_norm_modulate", "output_head",
+__all__ = ["adamw_ema_", "gated_residual", "gated_residual_rms_norm_modulate", "output_head",
            "output_head_step", "output_head_v_loss", "output_head_velocity", "patch_embed",
            "qk_norm_rope", "rms_norm", "rms_norm_modulate", "swiglu"]

@@ -69,14 +69,18 @@ def weight_grad(a, b, dtype):
     return a.to(dtype) @ b.to(dtype)
 
 
+def autocast_dtype(device_type):
+    """Autocast's dtype where it is enabled for this device type, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def autocast_operands(*tensors):
     """The matmul operands as autocast would pass them to a matmul (cast to its dtype) when it is
     enabled for their device, so a fused op computes in the dtype the reference would."""
-    device = tensors[0].device.type
-    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in tensors)
+    dtype = autocast_dtype(tensors[0].device.type)
+    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
 
 
 def tile_grid(**extents):
@@ -145,28 +149,6 @@ def patch_offsets(tok, j, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w,
         dy = (j // p) % p
         dx = j % p
     return b.to(tl.int64) * s_b + c * s_c + (row0 + dy) * s_h + (col0 + dx) * s_w
-
-
-@triton.jit
-def gather_matmul(IMG, W, tok, n_rows, out, n_out, n_cols, s_wj, s_wo,
-                  n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, CHANNEL_LAST: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """acc[m, o] = sum_j patch(tok[m])[j] · W[j·s_wj + out[o]·s_wo], accumulated in float32.
-
-    The patch vectors (n_cols long) are gathered straight from the NCHW image; tok (BLOCK_M, 1)
-    is valid below n_rows, out (1, BLOCK_O) below n_out.
-    """
-    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    for j0 in range(0, n_cols, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        img = tl.load(IMG + patch_offsets(tok, j[None, :], n_tok, grid_w, p, channels,
-                                          s_b, s_c, s_h, s_w, CHANNEL_LAST),
-                      mask=(tok < n_rows) & (j[None, :] < n_cols), other=0.0)
-        w = tl.load(W + j[:, None] * s_wj + out * s_wo,
-                    mask=(j[:, None] < n_cols) & (out < n_out), other=0.0)
-        acc += tl.dot(img.to(W.dtype.element_ty), w, input_precision=PRECISION)
-    return acc
 
 
 def image_geometry(image, p):

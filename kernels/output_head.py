@@ -1,10 +1,11 @@
 """Output head: the final Linear (D → p²·C) with the unpatchify scatter in its epilogue, writing
 the NCHW image directly (a patch's output vector is laid out (p, q, c)).
 
-Velocity epilogues replace the store of x̂ by (x̂ - ref)/max(1 - t, t_eps): with the clean image
-as ref, the velocity error of JiT's v-loss (``output_head_v_loss``); with the ODE state, the
-sampler's velocity, classifier-free guided in the same pass (``output_head_velocity``), and with
-the sampler's Euler or Heun update of the float32 state in the same pass (``output_head_step``).
+Velocity epilogues replace the store of x̂ by (x̂ - ref)/max(1 - t, t_eps) of the ODE state ref:
+the sampler's velocity, classifier-free guided in the same pass (``output_head_velocity``), and
+with the sampler's Euler or Heun update of the float32 state in the same pass
+(``output_head_step``). (Training's v-loss, over a whole batch, runs cuBLAS's matmul and an
+epilogue of its own: ``v_loss``.)
 
 The backward kernel gathers dout's patch vectors straight from NCHW for du = dout·W; the weight
 and bias grads, reductions over all tokens, go to cuBLAS on the gathered (M, p²·C) matrix.
@@ -18,8 +19,8 @@ import triton.language as tl
 from jitfast.functional import ops as ref_ops
 from jitfast.functional.ode import ode_update
 
-from ._common import (autocast_operands, autotune, dot_precision, empty, gather_matmul,
-                      image_geometry, patch_offsets, row_bucket, tile_grid, use_kernel, weight_grad)
+from ._common import (autocast_operands, autotune, dot_precision, empty, image_geometry,
+                      patch_offsets, row_bucket, tile_grid, use_kernel, weight_grad)
 
 # The sampler's one-element time, guidance and step tensors: slices of a run's time grid, 16-byte
 # aligned only at every fourth index. Specialising on their alignment would compile new variants
@@ -27,6 +28,28 @@ from ._common import (autocast_operands, autotune, dot_precision, empty, gather_
 SCALARS = ("T", "CFG", "DT")
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": 32, "BLOCK_N": n}, num_warps=w)
            for m, n, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8))]
+
+
+@triton.jit
+def gather_matmul(IMG, W, tok, n_rows, out, n_out, n_cols, s_wj, s_wo,
+                  n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, CHANNEL_LAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """acc[m, o] = sum_j patch(tok[m])[j] · W[j·s_wj + out[o]·s_wo], accumulated in float32.
+
+    The patch vectors (n_cols long) are gathered straight from the NCHW image; tok (BLOCK_M, 1)
+    is valid below n_rows, out (1, BLOCK_O) below n_out.
+    """
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    for j0 in range(0, n_cols, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        img = tl.load(IMG + patch_offsets(tok, j[None, :], n_tok, grid_w, p, channels,
+                                          s_b, s_c, s_h, s_w, CHANNEL_LAST),
+                      mask=(tok < n_rows) & (j[None, :] < n_cols), other=0.0)
+        w = tl.load(W + j[:, None] * s_wj + out * s_wo,
+                    mask=(j[:, None] < n_cols) & (out < n_out), other=0.0)
+        acc += tl.dot(img.to(W.dtype.element_ty), w, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -266,13 +289,6 @@ def output_head_step(u, weight, bias, z, t, dt, p, t_eps=0.05, cfg=None, v_prev=
         return ode_update(v, z, dt, v_prev, base)
     u, weight, bias = autocast_operands(u, weight, bias)
     return output_head_step_op(u, weight, bias, z, t, cfg, dt, v_prev, base, p, t_eps)
-
-
-def output_head_v_loss(u, weight, bias, x, t, p, t_eps=0.05):
-    """JiT's training loss fused into the head: mean((v̂ - v)²) for the x-prediction
-    x̂ = head(u) of clean images x (B, C, H, W) at times t (B,), where
-    v̂ - v = (x̂ - x)/max(1 - t, t_eps) (the noisy state cancels). x̂ is never written."""
-    return output_head_velocity(u, weight, bias, x, t, p, t_eps).square().mean()
 
 
 def _velocity_reference(u, weight, bias, ref, t, p, t_eps, cfg):

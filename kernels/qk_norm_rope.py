@@ -1,29 +1,35 @@
-"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D) to q, k, v as (B, H, N, hd)
-tensors laid out (B, N, H, hd) in memory ("BSHD", see ``bshd_empty``). The kernels see q (and k,
-v) as B·N·H rows of hd lanes, one per (token, head) in qkv's order — the order of the outputs'
-memory too — and work on 2-D tiles of BLOCK_M such rows (a tile may span tokens and samples:
-nothing is per sample). Each row is normalised, then RoPE rotates its
-interleaved pairs, split apart and joined back in registers:
+"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D), plus that Linear's bias when
+given (the Linear then runs without it), to q, k, v as (B, H, N, hd) tensors laid out
+(B, N, H, hd) in memory ("BSHD", see ``bshd_empty``). The kernels see q (and k, v) as B·N·H rows
+of hd lanes, one per (token, head) in qkv's order — the order of the outputs' memory too — and
+work on 2-D tiles of such rows (a tile may span tokens and samples: nothing is per sample). Each
+row is normalised, then RoPE rotates its interleaved pairs, split apart and joined back in
+registers:
 
     out[2i]   = y[2i]·cos[2i]     - y[2i+1]·sin[2i],
     out[2i+1] = y[2i+1]·cos[2i+1] + y[2i]·sin[2i+1],
 
 with y = w·x·rstd, all in float32. q and k are written in qkv's dtype (the reference promotes
-them to the tables' dtype; attention casts them back anyway). The backward recomputes rstd from
-qkv; each program takes a contiguous run of tiles (program_tiles) and reduces the q/k norm weight
-grads over each tile's rows into one partial row per program, summed afterwards. The tile's size
-in elements is autotuned (TILE); BLOCK_M follows from it (tile_rows). The head dim is a constexpr
+them to the tables' dtype; attention casts them back anyway). The forward's tiles are BLOCK_M
+rows; the backward's are BLOCK_T whole tokens, each token's heads padded to H_PAD rows (a power of
+two), so that a tile's rows fold into (BLOCK_T, H_PAD, hd) and sum over its tokens into the
+bias grad of each (head, lane). The backward recomputes rstd from qkv; each program takes a
+contiguous run of tiles (program_tiles) and reduces the q/k norm weight grads and the bias grad
+over each tile into one partial row per program, summed afterwards. The tile's size in elements
+is autotuned (TILE); BLOCK_M and BLOCK_T follow from it. The head dim is a constexpr
 (HD): row offsets are then known multiples of it, so loads and stores vectorise even where hd is
 not a multiple of 16 (JiT-G's 104, in 128 lanes).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from jitfast.functional import ops as ref
 
-from ._common import (autotune, block, program_tiles, reduction_programs, row_bucket, tile_rows,
-                      use_kernel)
+from ._common import (autotune, block, empty, program_tiles, reduction_programs, row_bucket,
+                      tile_rows, use_kernel)
 
 # (TILE, num_warps): 8 to 32 elements of a tile per thread (the backward keeps about twice as many
 # tiles live, hence half the sizes). At hd = 64 a forward tile has 32 to 128 rows (2.7 to 10.7
@@ -38,13 +44,26 @@ BWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
 def _qk_tile(tile, n_rows, n_tok, H, HD: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_HD: tl.constexpr):
     """Tile `tile` of the (token, head) rows: each row's offset into qkv's q part and into a
-    BSHD q (k, v), and its token's index within its sample, all (BLOCK_M, 1); then the lanes
-    (1, BLOCK_HD) and the tile's mask."""
+    BSHD q (k, v), its token's index within its sample and its head, all (BLOCK_M, 1); then the
+    lanes (1, BLOCK_HD) and the tile's mask."""
     r = (tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]).to(tl.int64)
     token, head = r // H, r % H
     src = token * 3 * H * HD + head * HD
     lanes = tl.arange(0, BLOCK_HD)[None, :]
-    return src, r * HD, token % n_tok, lanes, (r < n_rows) & (lanes < HD)
+    return src, r * HD, token % n_tok, head, lanes, (r < n_rows) & (lanes < HD)
+
+
+@triton.jit
+def _token_tile(tile, n_tokens, n_tok, H, HD: tl.constexpr, BLOCK_T: tl.constexpr,
+                H_PAD: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """_qk_tile's values for tile `tile` of whole tokens: row i is head i % H_PAD of token
+    tile·BLOCK_T + i // H_PAD (heads from H on are masked)."""
+    i = tl.arange(0, BLOCK_T * H_PAD)[:, None]
+    token = (tile * BLOCK_T + i // H_PAD).to(tl.int64)
+    head = i % H_PAD
+    lanes = tl.arange(0, BLOCK_HD)[None, :]
+    mask = (token < n_tokens) & (head < H) & (lanes < HD)
+    return token * 3 * H * HD + head * HD, (token * H + head) * HD, token % n_tok, head, lanes, mask
 
 
 @triton.jit
@@ -60,11 +79,20 @@ def _interleaved(even, odd):
 
 
 @triton.jit
-def _normalized(SRC, mask, HD, eps):
-    """(x̂, rstd) of the tile of rows at SRC."""
-    x = tl.load(SRC, mask=mask, other=0.0).to(tl.float32)
+def _normalized(x, HD, eps):
+    """(x̂, rstd) of a tile of rows."""
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / HD + eps)[:, None]
     return x * rstd, rstd
+
+
+@triton.jit
+def _rows(QKV, src, part, BIAS, head, lanes, mask, HD, D, HAS_BIAS: tl.constexpr):
+    """The tile of rows of qkv's q, k or v part (0, 1, 2) at offsets src, in float32, plus the
+    bias of their heads and lanes."""
+    x = tl.load(QKV + src + part * D, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        x += tl.load(BIAS + part * D + head * HD + lanes, mask=mask, other=0.0).to(tl.float32)
+    return x
 
 
 @triton.jit
@@ -74,9 +102,9 @@ def _weight(W, lanes, HD):
 
 
 @triton.jit
-def _norm_rope(SRC, W, OUT, lanes, mask, cos, sin, HD, eps):
-    """Normalise and rotate the tile of q (or k) rows at SRC into OUT."""
-    x_hat, _ = _normalized(SRC, mask, HD, eps)
+def _norm_rope(x, W, OUT, lanes, mask, cos, sin, HD, eps):
+    """Normalise and rotate a tile of q (or k) rows into OUT."""
+    x_hat, _ = _normalized(x, HD, eps)
     y_even, y_odd = _pairs(x_hat * _weight(W, lanes, HD))
     cos_even, cos_odd = _pairs(cos)
     sin_even, sin_odd = _pairs(sin)
@@ -85,10 +113,10 @@ def _norm_rope(SRC, W, OUT, lanes, mask, cos, sin, HD, eps):
 
 
 @triton.jit
-def _norm_rope_backward(SRC, W, DOUT, DSRC, lanes, mask, cos, sin, HD, eps):
-    """Write the grad of the tile of q (or k) rows at SRC to DSRC; return its norm weight grad
+def _norm_rope_backward(x, W, DOUT, DSRC, lanes, mask, cos, sin, HD, eps):
+    """Write the grad of a tile of q (or k) rows x to DSRC; return it, and its norm weight grad
     summed over the tile's rows."""
-    x_hat, rstd = _normalized(SRC, mask, HD, eps)
+    x_hat, rstd = _normalized(x, HD, eps)
     dout_even, dout_odd = _pairs(tl.load(DOUT, mask=mask, other=0.0).to(tl.float32))
     cos_even, cos_odd = _pairs(cos)
     sin_even, sin_odd = _pairs(sin)
@@ -97,7 +125,13 @@ def _norm_rope_backward(SRC, W, DOUT, DSRC, lanes, mask, cos, sin, HD, eps):
     dx_hat = dy * _weight(W, lanes, HD)
     dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / HD)[:, None])
     tl.store(DSRC, dx, mask=mask)
-    return tl.sum(dy * x_hat, axis=0)
+    return dx, tl.sum(dy * x_hat, axis=0)
+
+
+@triton.jit
+def _per_head(tile, BLOCK_T: tl.constexpr, H_PAD: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """A token tile's rows summed over its tokens: (H_PAD, BLOCK_HD)."""
+    return tl.sum(tl.reshape(tile, [BLOCK_T, H_PAD, BLOCK_HD]), axis=0)
 
 
 @triton.jit
@@ -110,47 +144,68 @@ def _tables(COS, SIN, t, lanes, mask, HD):
 @autotune(FWD_CONFIGS, key=["H", "HD"])
 @tile_rows("BLOCK_HD")
 @triton.jit
-def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.constexpr, eps,
-                      ROW_BUCKET, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+def _qk_norm_rope_fwd(QKV, BIAS, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.constexpr,
+                      eps, ROW_BUCKET, HAS_BIAS: tl.constexpr, BLOCK_HD: tl.constexpr,
+                      TILE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M)."""
-    src, dst, t, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
-                                         BLOCK_HD)
+    src, dst, t, head, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
+                                              BLOCK_HD)
     cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
-    src = QKV + src + lanes
+    src = src + lanes
     dst = dst + lanes
     D = H * HD
-    _norm_rope(src, WQ, Q + dst, lanes, mask, cos, sin, HD, eps)
-    _norm_rope(src + D, WK, K + dst, lanes, mask, cos, sin, HD, eps)
-    tl.store(V + dst, tl.load(src + 2 * D, mask=mask), mask=mask)
+    _norm_rope(_rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS), WQ, Q + dst, lanes,
+               mask, cos, sin, HD, eps)
+    _norm_rope(_rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS), WK, K + dst, lanes,
+               mask, cos, sin, HD, eps)
+    tl.store(V + dst, _rows(QKV, src, 2, BIAS, head, lanes, mask, HD, D, HAS_BIAS), mask=mask)
 
 
 @autotune(BWD_CONFIGS, key=["H", "HD"])
-@tile_rows("BLOCK_HD")
+@triton.heuristics({"BLOCK_T": lambda a: max(1, a["TILE"] // (a["BLOCK_HD"] * a["H_PAD"]))})
 @triton.jit
-def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, n_rows, n_tok, H,
-                      HD: tl.constexpr, eps, ROW_BUCKET, BLOCK_HD: tl.constexpr,
-                      TILE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program p handles a run of tiles and writes its partial sums of the q and k norm weight
-    grads to DW_PART[0 or 1, p]."""
-    first, last = program_tiles(n_rows, BLOCK_M)
+def _qk_norm_rope_bwd(DQ, DK, DV, QKV, BIAS, WQ, WK, COS, SIN, DQKV, DW_PART, DB_PART, n_tokens,
+                      n_tok, H, HD: tl.constexpr, eps, ROW_BUCKET, HAS_BIAS: tl.constexpr,
+                      H_PAD: tl.constexpr, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    """Program p handles a run of token tiles and writes its partial sums of the q and k norm
+    weight grads to DW_PART[0 or 1, p], and of the bias grad to DB_PART[p] (3, H, hd)."""
+    first, last = program_tiles(n_tokens, BLOCK_T)
     D = H * HD
     dw_q = tl.zeros([BLOCK_HD], dtype=tl.float32)
     dw_k = tl.zeros([BLOCK_HD], dtype=tl.float32)
+    db_q = tl.zeros([H_PAD, BLOCK_HD], dtype=tl.float32)
+    db_k = tl.zeros([H_PAD, BLOCK_HD], dtype=tl.float32)
+    db_v = tl.zeros([H_PAD, BLOCK_HD], dtype=tl.float32)
     for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
-        src, dst, t, lanes, mask = _qk_tile(tile, n_rows, n_tok, H, HD, BLOCK_M, BLOCK_HD)
+        src, dst, t, head, lanes, mask = _token_tile(tile, n_tokens, n_tok, H, HD, BLOCK_T, H_PAD,
+                                                     BLOCK_HD)
         cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
         src = src + lanes
         dst = dst + lanes
-        dw_q += _norm_rope_backward(QKV + src, WQ, DQ + dst, DQKV + src, lanes, mask, cos, sin,
-                                    HD, eps)
-        dw_k += _norm_rope_backward(QKV + src + D, WK, DK + dst, DQKV + src + D, lanes, mask,
-                                    cos, sin, HD, eps)
-        tl.store(DQKV + src + 2 * D, tl.load(DV + dst, mask=mask), mask=mask)
+        dq, dw = _norm_rope_backward(_rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS),
+                                     WQ, DQ + dst, DQKV + src, lanes, mask, cos, sin, HD, eps)
+        dw_q += dw
+        dk, dw = _norm_rope_backward(_rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS),
+                                     WK, DK + dst, DQKV + src + D, lanes, mask, cos, sin, HD, eps)
+        dw_k += dw
+        dv = tl.load(DV + dst, mask=mask)
+        tl.store(DQKV + src + 2 * D, dv, mask=mask)
+        if HAS_BIAS:
+            db_q += _per_head(dq, BLOCK_T, H_PAD, BLOCK_HD)
+            db_k += _per_head(dk, BLOCK_T, H_PAD, BLOCK_HD)
+            db_v += _per_head(dv.to(tl.float32), BLOCK_T, H_PAD, BLOCK_HD)
     lane = tl.arange(0, BLOCK_HD)
     part = tl.program_id(0) * HD + lane
     tl.store(DW_PART + part, dw_q, mask=lane < HD)
     tl.store(DW_PART + tl.num_programs(0) * HD + part, dw_k, mask=lane < HD)
+    if HAS_BIAS:
+        heads = tl.arange(0, H_PAD)[:, None]
+        offs = tl.program_id(0).to(tl.int64) * 3 * D + heads * HD + lane[None, :]
+        mask = (heads < H) & (lane[None, :] < HD)
+        tl.store(DB_PART + offs, db_q, mask=mask)
+        tl.store(DB_PART + offs + D, db_k, mask=mask)
+        tl.store(DB_PART + offs + 2 * D, db_v, mask=mask)
 
 
 def bshd_empty(qkv, num_heads):
@@ -168,8 +223,9 @@ def bshd(grad):
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope", mutates_args=())
-def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
-                    k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+def qk_norm_rope_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                    q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     B, N, D3 = qkv.shape
@@ -177,57 +233,65 @@ def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
     q, k, v = (bshd_empty(qkv, num_heads) for _ in range(3))
     n_rows = B * N * num_heads
     _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
-        qkv, q_weight, k_weight, cos, sin, q, k, v, n_rows, N, num_heads, hd, eps,
-        ROW_BUCKET=row_bucket(n_rows), BLOCK_HD=block(hd, 2))
+        qkv, bias, q_weight, k_weight, cos, sin, q, k, v, n_rows, N, num_heads, hd, eps,
+        ROW_BUCKET=row_bucket(n_rows), HAS_BIAS=bias is not None, BLOCK_HD=block(hd, 2))
     return q, k, v
 
 
 @qk_norm_rope_op.register_fake
-def _(qkv, num_heads, q_weight, k_weight, cos, sin, eps):
+def _(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps):
     return tuple(bshd_empty(qkv, num_heads) for _ in range(3))
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope_backward", mutates_args=())
 def qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                          qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, eps: float
+                          qkv: torch.Tensor, bias: Optional[torch.Tensor],
+                          q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, eps: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grads (dqkv, dq_weight, dk_weight)."""
+    """Grads (dqkv, d(q_weight, k_weight) as one (2, hd) tensor, dbias); dbias empty without a
+    bias."""
     B, H, N, hd = dq.shape
     dq, dk, dv, qkv = bshd(dq), bshd(dk), bshd(dv), qkv.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
-    n_rows = B * N * H
-    programs = reduction_programs(1, n_rows, qkv.device)
-    part = qkv.new_empty(2, programs, hd, dtype=torch.float32)
+    n_tokens = B * N
+    programs = reduction_programs(1, n_tokens, qkv.device)
+    dw_part = qkv.new_empty(2, programs, hd, dtype=torch.float32)
+    db_part = qkv.new_empty(programs, 3 * H * hd, dtype=torch.float32) if bias is not None \
+        else empty(qkv)
     dqkv = torch.empty_like(qkv)
-    _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv, q_weight, k_weight, cos, sin, dqkv, part,
-                                   n_rows, N, H, hd, eps, ROW_BUCKET=row_bucket(n_rows),
-                                   BLOCK_HD=block(hd, 2))
-    return dqkv, part[0].sum(0).to(q_weight.dtype), part[1].sum(0).to(k_weight.dtype)
+    _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, dqkv,
+                                   dw_part, db_part, n_tokens, N, H, hd, eps,
+                                   ROW_BUCKET=row_bucket(n_tokens * H), HAS_BIAS=bias is not None,
+                                   H_PAD=triton.next_power_of_2(H), BLOCK_HD=block(hd, 2))
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else empty(qkv)
+    return dqkv, dw_part.sum(1).to(q_weight.dtype), dbias
 
 
 @qk_norm_rope_backward.register_fake
-def _(dq, dk, dv, qkv, q_weight, k_weight, cos, sin, eps):
-    return torch.empty_like(qkv), torch.empty_like(q_weight), torch.empty_like(k_weight)
+def _(dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, eps):
+    dbias = empty(qkv) if bias is None else torch.empty_like(bias)
+    return torch.empty_like(qkv), q_weight.new_empty(2, q_weight.shape[0]), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, _, q_weight, k_weight, cos, sin, eps = inputs
+    qkv, bias, _, q_weight, k_weight, cos, sin, eps = inputs
     ctx.eps = eps
-    ctx.save_for_backward(qkv, q_weight, k_weight, cos, sin)
+    ctx.save_for_backward(qkv, bias, q_weight, k_weight, cos, sin)
 
 
 def _backward_fn(ctx, dq, dk, dv):
-    qkv, q_weight, k_weight, cos, sin = ctx.saved_tensors
-    dqkv, dq_weight, dk_weight = qk_norm_rope_backward(dq, dk, dv, qkv, q_weight, k_weight,
-                                                       cos, sin, ctx.eps)
-    return dqkv, None, dq_weight, dk_weight, None, None, None
+    qkv, bias, q_weight, k_weight, cos, sin = ctx.saved_tensors
+    dqkv, dweights, dbias = qk_norm_rope_backward(dq, dk, dv, qkv, bias, q_weight, k_weight, cos,
+                                                  sin, ctx.eps)
+    return (dqkv, None if bias is None else dbias, None, dweights[0], dweights[1], None, None,
+            None)
 
 
 qk_norm_rope_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=ref.RMS_EPS):
+def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=ref.RMS_EPS, bias=None):
     if not use_kernel(qkv):
-        return ref.qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps)
-    return qk_norm_rope_op(qkv, num_heads, q_weight, k_weight, cos, sin, eps)
+        return ref.qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps, bias)
+    return qk_norm_rope_op(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)

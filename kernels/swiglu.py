@@ -1,83 +1,141 @@
-"""SwiGLU activation silu(a)·b on the halves (a, b) of the fused w12 output, in float32."""
+"""SwiGLU activation silu(a)·b on the halves (a, b) of the fused w12 output, plus that Linear's
+bias when given (the Linear then runs without it), in float32.
+
+The forward runs one program per (row, block of columns). The backward works on 2-D tiles of
+BLOCK_R rows by BLOCK_F columns: program (columns, chunk) takes a contiguous run of the row tiles
+(program_tiles) and sums the grad of x12 over its rows into one partial row of the bias grad,
+summed afterwards, so the bias grad costs no pass over the (tokens × 2F) grad of its own.
+"""
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from jitfast.functional import ops as ref
 
-from ._common import use_kernel
+from ._common import autotune, empty, program_tiles, reduction_programs, row_bucket, use_kernel
 
 BLOCK = 1024
+# (BLOCK_R, BLOCK_F, num_warps): 8 to 32 elements of each of the five tiles per thread
+BWD_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_F": f}, num_warps=w)
+               for r, f, w in ((4, 512, 4), (8, 512, 8), (16, 256, 8), (8, 256, 4))]
 
 
 @triton.jit
-def _swiglu_fwd(X12, OUT, F, BLOCK: tl.constexpr):
+def _halves(X12, B12, rows, cols, mask, F, HAS_BIAS: tl.constexpr):
+    """(a, b): the two halves of x12 at rows × cols, plus the bias, in float32."""
+    a = tl.load(X12 + rows * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(X12 + rows * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        a += tl.load(B12 + cols, mask=cols < F, other=0.0).to(tl.float32)
+        b += tl.load(B12 + F + cols, mask=cols < F, other=0.0).to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _swiglu_fwd(X12, B12, OUT, F, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
-    a = tl.load(X12 + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(X12 + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
+    a, b = _halves(X12, B12, row, cols, mask, F, HAS_BIAS)
     tl.store(OUT + row * F + cols, a * tl.sigmoid(a) * b, mask=mask)
 
 
+@autotune(BWD_CONFIGS, key=["F", "HAS_BIAS"])
 @triton.jit
-def _swiglu_bwd(DOUT, X12, DX12, F, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < F
-    a = tl.load(X12 + row * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(X12 + row * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
-    dout = tl.load(DOUT + row * F + cols, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(a)
-    tl.store(DX12 + row * 2 * F + cols, dout * b * sig * (1.0 + a * (1.0 - sig)), mask=mask)
-    tl.store(DX12 + row * 2 * F + F + cols, dout * a * sig, mask=mask)
+def _swiglu_bwd(DOUT, X12, B12, DX12, DB_PART, n_rows, F, ROW_BUCKET, HAS_BIAS: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Program (columns, chunk) handles a run of row tiles and writes its partial sums of the
+    bias grad to DB_PART[chunk]."""
+    cols = (tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F))[None, :]
+    first, last = _chunk_tiles(n_rows, BLOCK_R)
+    db_a = tl.zeros([BLOCK_F], dtype=tl.float32)
+    db_b = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
+        rows = (tile * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
+        mask = (rows < n_rows) & (cols < F)
+        a, b = _halves(X12, B12, rows, cols, mask, F, HAS_BIAS)
+        dout = tl.load(DOUT + rows * F + cols, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        da = dout * b * sig * (1.0 + a * (1.0 - sig))
+        db = dout * a * sig
+        tl.store(DX12 + rows * 2 * F + cols, da, mask=mask)
+        tl.store(DX12 + rows * 2 * F + F + cols, db, mask=mask)
+        if HAS_BIAS:
+            db_a += tl.sum(da, axis=0)
+            db_b += tl.sum(db, axis=0)
+    if HAS_BIAS:
+        part = DB_PART + tl.program_id(1).to(tl.int64) * 2 * F + tl.reshape(cols, [BLOCK_F])
+        lanes = tl.reshape(cols < F, [BLOCK_F])
+        tl.store(part, db_a, mask=lanes)
+        tl.store(part + F, db_b, mask=lanes)
 
 
-def _grid(x12):
+@triton.jit
+def _chunk_tiles(n, BLOCK: tl.constexpr):
+    """program_tiles over grid axis 1 (the chunks of rows), axis 0 being the column blocks."""
+    tiles = tl.cdiv(n, BLOCK)
+    chunk = tl.program_id(1).to(tl.int64)
+    chunks = tl.num_programs(1)
+    return chunk * tiles // chunks, (chunk + 1) * tiles // chunks
+
+
+def _rows_and_width(x12):
     F = x12.shape[-1] // 2
-    return (x12.numel() // (2 * F), triton.cdiv(F, BLOCK)), F
+    return x12.numel() // (2 * F), F
 
 
 @torch.library.custom_op("jitfast::swiglu", mutates_args=())
-def swiglu_op(x12: torch.Tensor) -> torch.Tensor:
+def swiglu_op(x12: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x12 = x12.contiguous()
-    grid, F = _grid(x12)
+    rows, F = _rows_and_width(x12)
     out = x12.new_empty(*x12.shape[:-1], F)
-    _swiglu_fwd[grid](x12, out, F, BLOCK=BLOCK)
+    _swiglu_fwd[(rows, triton.cdiv(F, BLOCK))](x12, bias, out, F, HAS_BIAS=bias is not None,
+                                               BLOCK=BLOCK)
     return out
 
 
 @swiglu_op.register_fake
-def _(x12):
+def _(x12, bias):
     return x12.new_empty(*x12.shape[:-1], x12.shape[-1] // 2)
 
 
 @torch.library.custom_op("jitfast::swiglu_backward", mutates_args=())
-def swiglu_backward(dout: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
+def swiglu_backward(dout: torch.Tensor, x12: torch.Tensor, bias: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grads (dx12, dbias); dbias empty without a bias."""
     dout, x12 = dout.contiguous(), x12.contiguous()
-    grid, F = _grid(x12)
+    rows, F = _rows_and_width(x12)
     dx12 = torch.empty_like(x12)
-    _swiglu_bwd[grid](dout, x12, dx12, F, BLOCK=BLOCK)
-    return dx12
+    chunks = reduction_programs(triton.cdiv(F, BWD_CONFIGS[0].kwargs["BLOCK_F"]), rows,
+                                x12.device)
+    part = x12.new_empty(chunks, 2 * F, dtype=torch.float32) if bias is not None else empty(x12)
+    _swiglu_bwd[lambda meta: (triton.cdiv(F, meta["BLOCK_F"]), chunks)](
+        dout, x12, bias, dx12, part, rows, F, ROW_BUCKET=row_bucket(rows),
+        HAS_BIAS=bias is not None)
+    return dx12, part.sum(0).to(bias.dtype) if bias is not None else empty(x12)
 
 
 @swiglu_backward.register_fake
-def _(dout, x12):
-    return torch.empty_like(x12)
+def _(dout, x12, bias):
+    return torch.empty_like(x12), empty(x12) if bias is None else torch.empty_like(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*inputs)
 
 
 def _backward_fn(ctx, dout):
-    return swiglu_backward(dout, ctx.saved_tensors[0])
+    x12, bias = ctx.saved_tensors
+    dx12, dbias = swiglu_backward(dout, x12, bias)
+    return dx12, None if bias is None else dbias
 
 
 swiglu_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
-def swiglu(x12):
+def swiglu(x12, bias=None):
     if not use_kernel(x12):
-        return ref.swiglu(x12)
-    return swiglu_op(x12)
+        return ref.swiglu(x12, bias)
+    return swiglu_op(x12, bias)

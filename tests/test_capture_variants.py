@@ -158,6 +158,7 @@ def run_pmf(steps, batch, dtype):
 def run_scenario(what, batch, dtype):
     from jitfast.diffusion.sampling import CapturedTrajectory, make_time_grid
     from jitfast.training.ema import EMA
+    from jitfast.training.optimizer import AdamWEMA
     from jitfast.training.step import GraphedTrainStep
 
     if what.startswith("pmf-"):
@@ -168,9 +169,10 @@ def run_scenario(what, batch, dtype):
     if what == "train step":
         # bf16 as on the GPU: fp32 weights, the kernels' operands cast by autocast
         autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16")
-        optimizer = torch.optim.AdamW(denoiser.parameters(), lr=1e-4, betas=(0.9, 0.95),
-                                      fused=True)
-        step = GraphedTrainStep(denoiser, denoiser, optimizer, EMA(denoiser))
+        ema = EMA(denoiser)
+        # the trainer's optimizer on one GPU: AdamW, the EMAs and the bf16 compute copies
+        optimizer = AdamWEMA(denoiser, 1e-4, ema, copies=dtype == "bfloat16")
+        step = GraphedTrainStep(denoiser, denoiser, optimizer, ema)
         t = torch.rand(batch)
         with autocast:
             for _ in range(step.warmup + 2):  # the warm-up steps, the capture, a replay

@@ -60,3 +60,28 @@ def test_state_dict_round_trip():
 def test_bad_decay():
     with pytest.raises(ValueError, match="decays"):
         EMA(make_model(), decays=(1.5,))
+
+
+def test_network_copy_holds_the_ema_weights_in_bf16():
+    """The training grid's sampler: a new network of the same architecture with EMA set 2's
+    weights in bf16; the model keeps its own weights and the EMA its own."""
+    from jitfast import Denoiser, JiT
+    torch.manual_seed(0)
+    net = JiT(input_size=16, patch_size=4, hidden_size=24, depth=2, num_heads=2,
+              bottleneck_dim=8, num_classes=5, in_context_len=3, in_context_start=1)
+    denoiser = Denoiser(net)
+    ema = EMA(denoiser, decays=(0.9, 0.5))
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            p.add_(1.0)
+    ema.update()
+    own = {k: v.clone() for k, v in net.state_dict().items()}
+    copy = ema.network(net, which=2)
+    assert type(copy) is JiT and copy.config == net.config and copy is not net
+    for name, value in copy.state_dict().items():
+        want = ema.state_dict(2)[f"net.{name}"]
+        assert value.dtype == torch.bfloat16 and torch.equal(value, want.to(torch.bfloat16)), name
+        assert torch.equal(net.state_dict()[name], own[name])
+    sampler = denoiser.around(copy)
+    assert (sampler.net is copy and sampler.noise_scale == denoiser.noise_scale
+            and sampler.t_eps == denoiser.t_eps and sampler.pred == denoiser.pred)

@@ -43,8 +43,31 @@ def norm_case(name, B, N, D):
     return pytest.param(name, lambda r: (inputs(r), identity_call), id=f"{name}-{B}x{N}x{D}")
 
 
+def h_bias_case(name, B, N, D, skip=0):
+    """The block's residual updates with the bias of the Linear that made h (that Linear runs
+    without it), and the final layer's form: u of the tokens from `skip` on."""
+    def make(r):
+        if name == "gated_residual":
+            return [r(B, N, D), r(B, N, D), r(B, D), r(D)], identity_call
+
+        def call(f, x, h, gate, w, shift, scale, bias):
+            return f(x, h, gate, w, shift, scale, h_bias=bias, skip=skip)
+        return [r(B, N, D), r(B, N, D), r(B, D), r(D), r(B, D), r(B, D), r(D)], call
+    return pytest.param(name, make, id=f"{name}-bias-skip{skip}-{B}x{N}x{D}")
+
+
+def final_norm_case(B, N, D, skip):
+    """The final layer: only u is used (x_new gets no grad), from token `skip` on."""
+    def make(r):
+        def call(f, x, h, gate, w, shift, scale, bias):
+            return f(x, h, gate, w, shift, scale, h_bias=bias, skip=skip)[1]
+        return [r(B, N, D), r(B, N, D), r(B, D), r(D), r(B, D), r(B, D), r(D)], call
+    return pytest.param("gated_residual_rms_norm_modulate", make,
+                        id=f"final-norm-skip{skip}-{B}x{N}x{D}")
+
+
 def strided_case():
-    """The final layer normalises a slice that drops the in-context tokens."""
+    """A norm of a slice that drops the in-context tokens (pMF's final layer)."""
     def make(r):
         x = r(2, 9, 40)[:, 4:]
         assert not x.is_contiguous()
@@ -62,13 +85,18 @@ def modulation_case(B, N, D):
                         id=f"gated_residual_rms_norm_modulate-chunks-{B}x{N}x{D}")
 
 
-def swiglu_case(*shape):
-    return pytest.param("swiglu", lambda r: ([r(*shape)], identity_call),
-                        id="swiglu-" + "x".join(map(str, shape)))
+def swiglu_case(*shape, bias=False):
+    if not bias:
+        return pytest.param("swiglu", lambda r: ([r(*shape)], identity_call),
+                            id="swiglu-" + "x".join(map(str, shape)))
+    return pytest.param("swiglu", lambda r: ([r(*shape), r(shape[-1])],
+                                             lambda f, x12, b: f(x12, bias=b)),
+                        id="swiglu-bias-" + "x".join(map(str, shape)))
 
 
-def qk_case(B, grid, prefix, H, hd, real_tables):
-    """RoPE tables from positions.rope_2d (kept float32, as the model's buffers) or random."""
+def qk_case(B, grid, prefix, H, hd, real_tables, bias=False):
+    """RoPE tables from positions.rope_2d (kept float32, as the model's buffers) or random; with
+    the qkv Linear's bias (3D,) added by the op."""
     N = prefix + grid * grid
 
     def make(r):
@@ -76,17 +104,28 @@ def qk_case(B, grid, prefix, H, hd, real_tables):
             cos, sin = (t.to(DEVICE) for t in rope_2d(hd, grid, prefix))
         else:
             cos, sin = r(N, hd), r(N, hd)
-        return ([r(B, N, 3 * H * hd), r(hd), r(hd)],
-                lambda f, qkv, wq, wk: f(qkv, H, wq, wk, cos, sin))
-    return pytest.param("qk_norm_rope", make, id=f"qk_norm_rope-{B}x{N}x{H}x{hd}")
+        inputs = [r(B, N, 3 * H * hd), r(hd), r(hd)]
+        if bias:
+            return (inputs + [r(3 * H * hd)],
+                    lambda f, qkv, wq, wk, b: f(qkv, H, wq, wk, cos, sin, bias=b))
+        return inputs, lambda f, qkv, wq, wk: f(qkv, H, wq, wk, cos, sin)
+    return pytest.param("qk_norm_rope", make,
+                        id=f"qk_norm_rope-{'bias-' if bias else ''}{B}x{N}x{H}x{hd}")
 
 
-def patch_embed_case(B, C, H, W, p, K, D):
+def patch_embed_case(B, C, H, W, p, K, D, noisy=False):
+    """With noisy, the training objective's input z = t·x + (1 - t)·s·noise formed inside: the
+    grads of x and of the noise too."""
     def make(r):
         pos = r(1, (H // p) * (W // p), D)
-        return ([r(B, C, H, W), r(K, C, p, p), r(D, K, 1, 1), r(D)],
-                lambda f, x, w1, w2, b2: f(x, w1, w2, b2, pos))
-    return pytest.param("patch_embed", make, id=f"patch_embed-{B}x{C}x{H}x{W}-p{p}-{K}-{D}")
+        inputs = [r(B, C, H, W), r(K, C, p, p), r(D, K, 1, 1), r(D)]
+        if not noisy:
+            return inputs, lambda f, x, w1, w2, b2: f(x, w1, w2, b2, pos)
+        t = torch.linspace(0.1, 0.9, B, device=DEVICE)
+        return (inputs + [r(B, C, H, W)],
+                lambda f, x, w1, w2, b2, noise: f(x, w1, w2, b2, pos, noise, t, 1.7))
+    return pytest.param("patch_embed", make, id=f"patch_embed-{'noisy-' if noisy else ''}"
+                                                f"{B}x{C}x{H}x{W}-p{p}-{K}-{D}")
 
 
 def output_head_case(B, grid, p, C, D):
@@ -102,22 +141,32 @@ NORM_OPS = ["rms_norm", "rms_norm_modulate", "gated_residual", "gated_residual_r
 # and JiT-G's (1664 of 2048: a row of more lanes than some tiles' budget, BLOCK_M = 1).
 TILED_NORM_CASES = [*(norm_case(name, 3, 37, 72) for name in NORM_OPS),
                     norm_case("gated_residual_rms_norm_modulate", 2, 9, 768),
-                    norm_case("gated_residual_rms_norm_modulate", 1, 5, 1664)]
+                    norm_case("gated_residual_rms_norm_modulate", 1, 5, 1664),
+                    h_bias_case("gated_residual_rms_norm_modulate", 3, 37, 72, skip=5),
+                    final_norm_case(3, 37, 72, 11)]
 # (token, head) row tiles spanning tokens and samples (252 and 312 rows), JiT-B's heads
 # (12 × 64) and JiT-G's head dim (104 of 128 lanes).
 TILED_QK_CASES = [qk_case(3, 4, 5, 4, 20, True), qk_case(2, 3, 4, 12, 64, True),
-                  qk_case(1, 2, 1, 2, 104, True)]
+                  qk_case(1, 2, 1, 2, 104, True), qk_case(2, 3, 4, 12, 64, True, bias=True)]
 CASES = [
     *(norm_case(name, *shape) for name in NORM_OPS
       for shape in [(1, 7, 40), (3, 5, 72), (2, 33, 40)]),
     *TILED_NORM_CASES,
     strided_case(), modulation_case(3, 5, 40),
+    h_bias_case("gated_residual", 3, 5, 40),
+    h_bias_case("gated_residual_rms_norm_modulate", 2, 9, 72), final_norm_case(2, 9, 40, 4),
     swiglu_case(3, 7, 2 * 40), swiglu_case(2, 5, 2 * 72), swiglu_case(11, 2 * 36),
+    # the bias grad's row chunks: rows spread over several programs and column blocks
+    swiglu_case(3, 7, 2 * 40, bias=True), swiglu_case(37, 2 * 600, bias=True),
     qk_case(1, 2, 3, 5, 8, True), qk_case(3, 3, 0, 2, 12, False), qk_case(2, 2, 1, 3, 20, True),
     *TILED_QK_CASES,
+    # the bias grad per (head, lane): 5 heads padded to 8 rows a token (JiT-B's 12 to 16 above)
+    qk_case(3, 4, 5, 5, 20, True, bias=True),
     # odd token counts, a non-square image, and C·p² = 108 spanning two 64-wide gather blocks
     patch_embed_case(1, 3, 8, 8, 4, 10, 40), patch_embed_case(3, 3, 12, 12, 4, 16, 72),
     patch_embed_case(2, 1, 18, 30, 6, 20, 40), patch_embed_case(2, 3, 12, 12, 6, 12, 40),
+    patch_embed_case(3, 3, 12, 12, 4, 16, 72, noisy=True),
+    patch_embed_case(2, 1, 18, 30, 6, 20, 40, noisy=True),
     output_head_case(1, 2, 4, 3, 40), output_head_case(3, 3, 4, 3, 72),
     output_head_case(2, 5, 2, 1, 40),
 ]
@@ -151,15 +200,16 @@ def test_kernel_matches_reference(name, make):
 
 
 TILE_MODULES = {"qk_norm_rope": importlib.import_module("jitfast.kernels.qk_norm_rope"),
+                "swiglu": importlib.import_module("jitfast.kernels.swiglu"),
                 **dict.fromkeys(NORM_OPS, importlib.import_module("jitfast.kernels.norm"))}
 TILE_CONFIGS = max(len(configs) for m in TILE_MODULES.values()
-                   for configs in (m.FWD_CONFIGS, m.BWD_CONFIGS))
+                   for configs in (getattr(m, "FWD_CONFIGS", ()), m.BWD_CONFIGS))
 
 
 @pytest.mark.parametrize("config", range(TILE_CONFIGS))
 @pytest.mark.parametrize("name,make", [*(norm_case(name, 1, 7, 40) for name in NORM_OPS),
                                        *TILED_NORM_CASES, qk_case(1, 2, 3, 5, 8, True),
-                                       *TILED_QK_CASES])
+                                       *TILED_QK_CASES, swiglu_case(37, 2 * 600, bias=True)])
 def test_every_tile_config_matches_reference(monkeypatch, name, make, config):
     """test_kernel_matches_reference with the row-tile kernels pinned to their config-th autotune
     config (forward and backward), not only the first that the interpreter's autotune keeps:
@@ -335,24 +385,35 @@ def opcheck_cases():
     qkv, cos, sin, dq = randn(B, N, 3 * H * hd), randn(N, hd), randn(N, hd), randn(B, H, N, hd)
     img, w1, w2, b2 = randn(B, C, 8, 12), randn(K, C, p, p), randn(D, K, 1, 1), randn(D)
     wo, bo, u = randn(p * p * C, D), randn(p * p * C), randn(B, 4, D)
+    noise, t, bias = randn(B, C, 8, 12), torch.rand(B, device=DEVICE), randn(D)
     jf = torch.ops.jitfast
     return [
-        (jf.residual_norm, (x, None, None, w, None, None, 1e-6)),
-        (jf.residual_norm, (x, None, None, w, shift, scale, 1e-6)),
-        (jf.residual_norm, (x, h, gate, None, None, None, 1e-6)),
-        (jf.residual_norm, (x, h, gate, w, shift, scale, 1e-6)),
-        (jf.residual_norm_backward, (dx, du, x, h, gate, w, shift, scale, rstd.abs())),
-        (jf.residual_norm_backward, (x.new_empty(0), du, x, None, None, w, None, None,
-                                     rstd.abs())),
-        (jf.swiglu, (randn(B, N, 2 * D),)),
-        (jf.swiglu_backward, (x, randn(B, N, 2 * D))),
-        (jf.qk_norm_rope, (qkv, H, randn(hd), randn(hd), cos, sin, 1e-6)),
-        (jf.qk_norm_rope_backward, (dq, dq * 2, dq * 3, qkv, randn(hd), randn(hd), cos, sin,
-                                    1e-6)),
-        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D))),
-        (jf.patch_embed_backward, (randn(B, 6, D), img, w1, w2, True)),
-        (jf.patch_embed_backward, (randn(B, 6, D), img, w1, w2, False)),
+        (jf.residual_norm, (x, None, None, None, w, None, None, 1e-6, 0, None)),
+        (jf.residual_norm, (x, None, None, None, w, shift, scale, 1e-6, 0, torch.bfloat16)),
+        (jf.residual_norm, (x, h, gate, None, None, None, None, 1e-6, 0, None)),
+        (jf.residual_norm, (x, h, gate, bias, w, shift, scale, 1e-6, 2, None)),
+        (jf.residual_norm_backward, (dx, du, x, h, gate, None, w, shift, scale, rstd.abs(), 0)),
+        (jf.residual_norm_backward, (None, du[:, 2:], x, h, gate, bias, w, shift, scale,
+                                     rstd[:, 2:].abs(), 2)),
+        (jf.residual_norm_backward, (None, du, x, None, None, None, w, None, None, rstd.abs(),
+                                     0)),
+        (jf.swiglu, (randn(B, N, 2 * D), None)),
+        (jf.swiglu, (randn(B, N, 2 * D), randn(2 * D))),
+        (jf.swiglu_backward, (x, randn(B, N, 2 * D), randn(2 * D))),
+        (jf.qk_norm_rope, (qkv, None, H, randn(hd), randn(hd), cos, sin, 1e-6)),
+        (jf.qk_norm_rope, (qkv, randn(3 * H * hd), H, randn(hd), randn(hd), cos, sin, 1e-6)),
+        (jf.qk_norm_rope_backward, (dq, dq * 2, dq * 3, qkv, randn(3 * H * hd), randn(hd),
+                                    randn(hd), cos, sin, 1e-6)),
+        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), None, None, 1.0)),
+        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), noise, t, 2.0)),
+        (jf.patch_embed_backward, (randn(B, 6, D), img, None, None, 1.0, w1, w2, True)),
+        (jf.patch_embed_backward, (randn(B, 6, D), img, noise, t, 2.0, w1, w2, True)),
+        (jf.patch_embed_backward, (randn(B, 6, D), img, None, None, 1.0, w1, w2, False)),
         (jf.output_head, (u, wo, bo, p, C)),
+        (jf.output_head_v_loss, (randn(B, 4, D), wo, bo, randn(B, C, 8, 8), t, p, 0.05)),
+        (jf.adamw_ema_, (x, dx, randn(B, N, D), randn(B, N, D).abs(),
+                         torch.tensor([1e-3, 10.0, 3.0], device=DEVICE), 0.9, 0.95, 1e-8, 0.1,
+                         randn(B, N, D), 0.99, None, 0.0, x.to(torch.bfloat16))),
         (jf.output_head_backward, (randn(B, C, 8, 8), u, wo, p)),
         (jf.output_head_velocity, (u, wo, bo, randn(B, C, 8, 8), torch.rand(B, device=DEVICE),
                                    None, p, 0.05)),
@@ -373,9 +434,9 @@ OPCHECK_IDS = [f"{op.__name__}-{i}" for i, (op, _) in enumerate(opcheck_cases())
 def test_opcheck(case):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes) checks; the
     forward ops get inputs that require grad, so their backward is exercised too (all but the
-    sampler's step, which is inference only)."""
+    sampler's step, which is inference only, and the optimizer's in-place update)."""
     op, args = opcheck_cases()[case]
-    if not op.__name__.endswith("_backward") and op.__name__ != "output_head_step":
+    if not op.__name__.endswith(("_backward", "_")) and op.__name__ != "output_head_step":
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)
 
@@ -386,7 +447,8 @@ def test_every_kernel_has_its_own_name():
     import triton
 
     found = {}
-    for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu", "noise"):
+    for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu", "v_loss",
+                   "adamw_ema"):
         try:
             mod = importlib.import_module(f"jitfast.kernels.{module}")
         except ModuleNotFoundError:
@@ -436,3 +498,32 @@ def test_modulation_chunks_are_read_in_place():
         torch.autograd.backward([x_new, u], [randn(2, 5, 40), randn(2, 5, 40)])
     assert modulation.grad is not None
     assert [e.name for e in prof.events() if e.name == "aten::clone"] == []
+
+
+@pytest.mark.parametrize("emas,copy,grad_dtype", [(2, True, torch.bfloat16),
+                                                  (1, False, torch.float32),
+                                                  (0, True, torch.float32)])
+def test_adamw_ema_matches_reference(emas, copy, grad_dtype):
+    """The optimizer's one-pass update (AdamW, the EMA sets, the compute copy) against its
+    PyTorch reference, over 3 steps of a weight whose size is not a multiple of the block."""
+    torch.manual_seed(0)
+    n = 2 * kernels.adamw_ema.BLOCK + 37
+    start = [randn(n) for _ in range(3 + emas)]
+    start[2] = start[2].abs()  # exp_avg_sq
+    states = [[t.clone() for t in start] for _ in range(2)]
+    copies = [torch.empty(n, dtype=torch.bfloat16, device=DEVICE) if copy else None
+              for _ in range(2)]
+    for step in range(1, 4):
+        grad = randn(n).to(grad_dtype)
+        scalars = torch.tensor([1e-2, 1 / (1 - 0.9 ** step), (1 - 0.95 ** step) ** -0.5],
+                               device=DEVICE)
+        for module, state, c in zip((ref, kernels.adamw_ema), states, copies):
+            param, exp_avg, exp_avg_sq, *ema = state
+            module.adamw_ema_(param, grad, exp_avg, exp_avg_sq, scalars, (0.9, 0.95), 1e-8, 0.1,
+                              ema, (0.99, 0.9)[:emas], c)
+    for i, (got, want) in enumerate(zip(states[1], states[0])):
+        assert rel_err(got, want) < 1e-6, f"tensor {i}: {rel_err(got, want):.2e}"
+    if copy:  # rounded to nearest even on the GPU; the CPU's interpreter truncates
+        want = states[1][0].to(torch.bfloat16) if DEVICE == "cuda" else \
+            (states[1][0].view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+        assert torch.equal(copies[1], want)

@@ -68,6 +68,12 @@ class Denoiser(nn.Module):
         self.num_classes = net.num_classes
         self.graph_cache = GraphCache(max_graphs)  # see jitfast.diffusion.sampling.trajectory
 
+    def around(self, net):
+        """A Denoiser with this one's objective and sampler settings around another network (the
+        same architecture: a copy in another dtype, of other weights)."""
+        return Denoiser(net, self.pred, self.loss_space, self.P_mean, self.P_std,
+                        self.noise_scale, self.t_eps, self.label_drop_prob, self.max_graphs)
+
     @property
     def max_graphs(self):
         return self.graph_cache.size
@@ -116,14 +122,16 @@ class Denoiser(nn.Module):
                              f"got {tuple(noise.shape)}")
         if self.training and self.label_drop_prob > 0:
             y = self.drop_labels(y)
+        kernels = head_kernels(self.net, x.device)
+        if kernels is not None and (self.pred, self.loss_space) == ("x", "v"):
+            # z = t·x + (1 - t)·e formed in the patch embedding's gather, v̂ - v = (x̂ - x)/
+            # max(1 - t, t_eps) in the head's epilogue: neither z nor x̂ reaches memory
+            return self.net(x, t, y, head=lambda u, weight, bias: kernels.output_head_v_loss(
+                u, weight, bias, x, t, self.net.patch_size, self.t_eps), noise=noise,
+                noise_scale=self.noise_scale)
         t_b = t.view(-1, 1, 1, 1).to(x.dtype)
         e = noise * self.noise_scale
         z = t_b * x + (1 - t_b) * e
-        kernels = head_kernels(self.net, x.device)
-        if kernels is not None and (self.pred, self.loss_space) == ("x", "v"):
-            # v̂ - v = (x̂ - x)/max(1 - t, t_eps) in the head's epilogue: x̂ never reaches memory
-            return self.net(z, t, y, head=lambda u, weight, bias: kernels.output_head_v_loss(
-                u, weight, bias, x, t, self.net.patch_size, self.t_eps))
         truth = {"x": x, "e": e, "v": x - e}[self.pred]
         out = self.net(z, t, y)
         target = convert(truth, self.pred, self.loss_space, z, t_b, self.t_eps)

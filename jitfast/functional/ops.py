@@ -27,15 +27,20 @@ def rms_norm_modulate(x, weight, shift, scale, eps=RMS_EPS):
     return modulate(rms_norm(x, weight, eps), shift, scale)
 
 
-def gated_residual(x, h, gate):
-    """x + gate * h with a per-sample gate (B, D)."""
+def gated_residual(x, h, gate, h_bias=None):
+    """x + gate·(h + h_bias) with a per-sample gate (B, D); h_bias (D,), the bias of the Linear
+    that made h, or None."""
+    if h_bias is not None:
+        h = h + h_bias
     return x + gate.unsqueeze(1) * h
 
 
-def gated_residual_rms_norm_modulate(x, h, gate, weight, shift, scale, eps=RMS_EPS):
-    """x_new = x + gate·h and u = mod(RMSNorm(x_new)); returns (x_new, u)."""
-    x = gated_residual(x, h, gate)
-    return x, rms_norm_modulate(x, weight, shift, scale, eps)
+def gated_residual_rms_norm_modulate(x, h, gate, weight, shift, scale, eps=RMS_EPS, h_bias=None,
+                                     skip=0):
+    """x_new = x + gate·(h + h_bias) and u = mod(RMSNorm(x_new)) of the tokens from `skip` on
+    (the final layer drops the in-context tokens); returns (x_new, u)."""
+    x = gated_residual(x, h, gate, h_bias)
+    return x, rms_norm_modulate(x[:, skip:], weight, shift, scale, eps)
 
 
 def patchify(x, p):
@@ -53,12 +58,16 @@ def unpatchify(x, p, channels):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, h * p)
 
 
-def patch_embed(x, w1, w2, b2, pos):
+def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0):
     """Bottleneck patch embedding: two matmuls on the (c, p, q) patch vector, bias, position table.
 
     w1: (bottleneck, C, p, p) conv weight without bias; w2: (D, bottleneck, 1, 1); b2: (D,);
-    pos: (1, N, D). Returns (B, N, D).
+    pos: (1, N, D). Returns (B, N, D). With noise (shaped like x) and times t (B,), the embedding
+    of the noisy images z = t·x + (1 - t)·noise_scale·noise (the training objective's input).
     """
+    if noise is not None:
+        t = t.view(-1, 1, 1, 1).to(x.dtype)
+        x = t * x + (1 - t) * (noise * noise_scale)
     p = w1.shape[-1]
     h = patchify(x, p) @ w1.reshape(w1.shape[0], -1).t()
     return h @ w2.reshape(w2.shape[0], -1).t() + b2 + pos
@@ -80,8 +89,11 @@ def rope(x, cos, sin):
     return x * cos + rotate_pairs(x) * sin
 
 
-def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=RMS_EPS):
-    """qkv Linear output (B, N, 3D) -> q, k, v as (B, H, N, hd) with q/k RMSNorm and RoPE."""
+def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=RMS_EPS, bias=None):
+    """qkv Linear output (B, N, 3D), plus its bias (3D,) if given -> q, k, v as (B, H, N, hd)
+    with q/k RMSNorm and RoPE."""
+    if bias is not None:
+        qkv = qkv + bias
     B, N, _ = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q = rope(rms_norm(q, q_weight, eps), cos, sin)
@@ -89,7 +101,30 @@ def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=RMS_EPS):
     return q, k, v
 
 
-def swiglu(x12):
-    """SwiGLU activation on the fused w12 output: silu(a) * b for (a, b) = halves of x12."""
+def swiglu(x12, bias=None):
+    """SwiGLU activation on the fused w12 output plus its bias (2F,) if given: silu(a) * b for
+    (a, b) = halves of x12."""
+    if bias is not None:
+        x12 = x12 + bias
     a, b = x12.chunk(2, dim=-1)
     return F.silu(a) * b
+
+
+@torch.no_grad()
+def adamw_ema_(param, grad, exp_avg, exp_avg_sq, scalars, betas, eps, weight_decay, emas=(),
+               decays=(), copy=None):
+    """In place: one AdamW step of `param` (torch's math: decoupled weight decay, then the
+    bias-corrected moments), each EMA of `emas` toward the new weight with its decay
+    (ema + (1 - decay)·(weight - ema)), and `copy` (the weight's compute copy) from it. scalars:
+    (lr, 1/(1 - β1^step), 1/sqrt(1 - β2^step)) as a tensor."""
+    lr, correction1, correction2 = scalars
+    beta1, beta2 = betas
+    grad = grad.float()
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    param.sub_(lr * correction1 * exp_avg / (exp_avg_sq.sqrt() * correction2 + eps))
+    for ema, decay in zip(emas, decays):
+        ema.lerp_(param, 1 - decay)
+    if copy is not None:
+        copy.copy_(param)

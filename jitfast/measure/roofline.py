@@ -54,7 +54,8 @@ def work_seconds(group, measured_ms, roofline):
 def fit(trace_groups, profile_groups, roofline):
     """`roofline` with bandwidth, matmul, attention and triton_dot fitted to a profile: the
     bandwidth from the bytes and time of the memory-bound groups, each rate from its group's
-    FLOPs and time (the output head's forward for the Triton matmuls)."""
+    FLOPs and time (the output head's forward for the Triton matmuls). KeyError for a group the
+    trace or the profile lacks (a trace of code other than the profiled)."""
     def seconds(name):
         return work_seconds(trace_groups[name], profile_groups[name]["ms"], roofline)
 

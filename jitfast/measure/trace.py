@@ -90,6 +90,10 @@ TRITON_FLOPS = {
 }
 
 
+# Triton kernels that update tensors in place: these arguments are read and written
+TRITON_IN_PLACE = {"_adamw_ema_step": ("P", "M", "V", "E1", "E2")}
+
+
 def matmul_flops(name, tensors):
     """FLOPs (2 per multiply-add) of an aten matmul or attention op, 0 for anything else."""
     if name in ("mm", "addmm", "bmm", "baddbmm"):
@@ -151,8 +155,9 @@ class Trace:
                  "", "| group | kernels | GB | TFLOP | modelled ms |", "|---|---|---|---|---|"]
         lines += [f"| {g} | {r['kernels']} | {r['GB']:.3f} | {r['TFLOP']:.3f} | {r['ms']:.3f} |"
                   for g, r in self.groups().items()]
-        lines += ["", f"| op | called from | line | kernels | GB | TFLOP | modelled ms |",
-                  "|---|---|---|---|---|---|---|"]
+        if top:
+            lines += ["", "| op | called from | line | kernels | GB | TFLOP | modelled ms |",
+                      "|---|---|---|---|---|---|---|"]
         for (op, origin, site), r in list(self.ops().items())[:top]:
             lines.append(f"| {op} | {origin} | {site} | {r['kernels']} | {r['GB']:.3f} | "
                          f"{r['TFLOP']:.3f} | {r['ms']:.3f} |")
@@ -343,9 +348,10 @@ class TraceMode(TorchDispatchMode):
         name = kernel.fn.__name__
         named = dict(zip(arg_names(kernel.fn), args), **kwargs)
         tensors = [t for t in named.values() if isinstance(t, torch.Tensor)]
+        twice = [named[k] for k in TRITON_IN_PLACE.get(name, ()) if named.get(k) is not None]
         flops = TRITON_FLOPS[name](named) if name in TRITON_FLOPS else 0
         phase = current_phase()
-        self.add(name, group_of(name, phase), 1, sum(map(footprint, tensors)), flops,
+        self.add(name, group_of(name, phase), 1, sum(map(footprint, tensors + twice)), flops,
                  "triton_dot" if flops else "memory")
 
 

@@ -19,8 +19,9 @@ from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build as build_network
 from jitfast.training.build import build as build_training
+from jitfast.training.build import build_optimizer
 from jitfast.training.ema import EMA
-from jitfast.training.step import make_optimizer, train_step
+from jitfast.training.step import train_step
 
 META = torch.device("meta")
 HOST = torch.device("cpu")  # the fake tensors' device (autograd runs fake CUDA tensors nowhere)
@@ -34,9 +35,9 @@ def on_cuda(backend):
 
 def training_step(args, num_classes=NUM_CLASSES, roofline=H200):
     """Trace of one step of the run `args` (``jitfast.train.parse_args``'s namespace: --model,
-    --image-size, --batch-size as one process's batch, the recipe's EMA decays, clipping and
-    weight decay): the objective, backward, fused AdamW and both EMAs, as ``train_step`` runs
-    them in the CUDA graph. The step traced is the second: the first makes the optimizer's
+    --image-size, --batch-size as one process's batch, the recipe's EMA decays, clipping,
+    weight decay and optimizer): the objective, backward, the optimizer and both EMAs, as
+    ``train_step`` runs them in one CUDA process's graph. The step traced is the second: the first makes the optimizer's
     state. torch.compile, FSDP and DDP are not traced (the step is the eager one, as graphed)."""
     args = copy(args)
     args.backend, args.compile, args.fsdp = on_cuda(args.backend), False, False
@@ -46,8 +47,7 @@ def training_step(args, num_classes=NUM_CLASSES, roofline=H200):
     with fake_tensors():
         faked(denoiser)
         ema = EMA(denoiser, args.ema_decays)
-        optimizer = make_optimizer(denoiser.parameters(), 1e-4, HOST, args.weight_decay,
-                                   fused=True)
+        optimizer = build_optimizer(args, denoiser, ema, 1e-4, HOST, world=1, cuda=True)
         x, noise = (torch.empty(batch, 3, size, size) for _ in range(2))
         y, t = torch.zeros(batch, dtype=torch.long), torch.empty(batch)
 

@@ -2,6 +2,8 @@
 training step and a sampling run of a fresh preset model, in each of their variants, built the
 way ``python -m jitfast.train`` and ``Denoiser.generate`` run them; and pMF's few-step sampling
 run, the way ``PMFSampler.generate`` runs it."""
+from types import SimpleNamespace
+
 import torch
 
 from jitfast.diffusion.denoiser import Denoiser
@@ -9,10 +11,13 @@ from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build
+from jitfast.training.build import build_optimizer
 from jitfast.training.ema import EMA
-from jitfast.training.step import GraphedTrainStep, make_optimizer, train_step
+from jitfast.training.step import GraphedTrainStep, train_step
 
 NUM_CLASSES = 1000
+# the trainer's settings that choose its optimizer: one process, AdamW (on CUDA: AdamWEMA)
+ONE_PROCESS = SimpleNamespace(fsdp=False, optimizer="adamw", weight_decay=0.0)
 # training variant -> (op backend, torch.compile mode or None, whole step in one CUDA graph);
 # the first is the baseline. "+graphs" is torch.compile's own CUDA graphs of the model alone.
 TRAIN_VARIANTS = {
@@ -60,7 +65,7 @@ def training_step(preset, image, batch, variant, device):
     if mode:
         denoiser.compile(mode=None if mode == "default" else mode)
     ema = EMA(denoiser)
-    optimizer = make_optimizer(denoiser.parameters(), 1e-4, device)
+    optimizer = build_optimizer(ONE_PROCESS, denoiser, ema, 1e-4, device, world=1)
     inputs = random_batch(batch, image, device)
     if not graphed:
         return lambda: train_step(denoiser, denoiser, optimizer, ema, *inputs)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d, sincos_2d
 from jitfast.network.attention import attention
@@ -63,6 +64,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
+def deferred_bias(linear, x, dropout=None):
+    """(x·Wᵀ, b): `linear` without its bias, which the fused op consuming its output adds (its
+    gradient then comes from that op's backward, not from a pass over the Linear's output
+    gradient); with an active `dropout` after the Linear, that dropout of the biased output and
+    None."""
+    if dropout is not None and dropout.p > 0 and dropout.training:
+        return dropout(linear(x)), None
+    return F.linear(x, linear.weight), linear.bias
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, attn_drop=0.0, proj_drop=0.0, scores_fp32=False):
         super().__init__()
@@ -76,12 +87,14 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, rope, ops):
+        """The attention update and the bias still to add to it (``deferred_bias``)."""
         B, N, D = x.shape
-        q, k, v = ops.qk_norm_rope(self.qkv(x), self.num_heads, self.q_norm.weight,
-                                   self.k_norm.weight, *rope)
+        q, k, v = ops.qk_norm_rope(F.linear(x, self.qkv.weight), self.num_heads,
+                                   self.q_norm.weight, self.k_norm.weight, *rope,
+                                   bias=self.qkv.bias)
         dropout_p = self.attn_drop if self.training else 0.0
         out = attention(q, k, v, dropout_p, self.scores_fp32).transpose(1, 2).reshape(B, N, D)
-        return self.proj_drop(self.proj(out))
+        return deferred_bias(self.proj, out, self.proj_drop)
 
 
 class SwiGLUFFN(nn.Module):
@@ -93,7 +106,9 @@ class SwiGLUFFN(nn.Module):
         self.ffn_dropout = nn.Dropout(drop)
 
     def forward(self, x, ops):
-        return self.w3(self.ffn_dropout(ops.swiglu(self.w12(x))))
+        """The MLP update and the bias still to add to it (``deferred_bias``)."""
+        hidden = ops.swiglu(F.linear(x, self.w12.weight), bias=self.w12.bias)
+        return deferred_bias(self.w3, self.ffn_dropout(hidden))
 
 
 def adaln(hidden_size, chunks):
@@ -102,7 +117,12 @@ def adaln(hidden_size, chunks):
 
 class JiTBlock(nn.Module):
     """x += g1·Attn(mod(RMSNorm(x))); x += g2·SwiGLU(mod(RMSNorm(x))), with the six adaLN
-    vectors (B, 6D) = ``adaLN_modulation(c)``, or given precomputed (``JiT.conditioning``)."""
+    vectors (B, 6D) = ``adaLN_modulation(c)``, or given precomputed (``JiT.conditioning``).
+
+    Each residual update is added in one pass with the norm that reads its result, so that the
+    residual stream feeds one op and its gradient is summed inside that op's backward, not by a
+    separate add: the MLP's update, when the block returns it as `pending` (h, gate, bias),
+    is added by the next block's first norm (or the final layer's)."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0,
                  scores_fp32=False):
@@ -113,16 +133,27 @@ class JiTBlock(nn.Module):
         self.mlp = SwiGLUFFN(hidden_size, int(hidden_size * mlp_ratio), proj_drop)
         self.adaLN_modulation = adaln(hidden_size, 6)
 
-    def forward(self, x, c, rope, ops, modulation=None):
+    def forward(self, x, c, rope, ops, modulation=None, pending=None, defer=False):
         """c: the conditioning (B, D); modulation: adaLN_modulation(c), if the caller has it.
-        (Computed here, inside forward, where FSDP has gathered this block's weights.)"""
+        (Computed here, inside forward, where FSDP has gathered this block's weights.)
+        pending: the previous block's MLP update (h, gate, bias), not yet added to x. Returns
+        (x, pending): with defer, this block's MLP update is left pending, else added (None)."""
         if modulation is None:
             modulation = self.adaLN_modulation(c)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
-        u = ops.rms_norm_modulate(x, self.norm1.weight, shift1, scale1)
-        x, u = ops.gated_residual_rms_norm_modulate(x, self.attn(u, rope, ops), gate1,
-                                                    self.norm2.weight, shift2, scale2)
-        return ops.gated_residual(x, self.mlp(u, ops), gate2)
+        if pending is None:
+            u = ops.rms_norm_modulate(x, self.norm1.weight, shift1, scale1)
+        else:
+            h, gate, bias = pending
+            x, u = ops.gated_residual_rms_norm_modulate(x, h, gate, self.norm1.weight, shift1,
+                                                        scale1, h_bias=bias)
+        h, bias = self.attn(u, rope, ops)
+        x, u = ops.gated_residual_rms_norm_modulate(x, h, gate1, self.norm2.weight, shift2,
+                                                    scale2, h_bias=bias)
+        h, bias = self.mlp(u, ops)
+        if defer:
+            return x, (h, gate2, bias)
+        return ops.gated_residual(x, h, gate2, bias), None
 
 
 class FinalLayer(nn.Module):
@@ -134,14 +165,20 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = adaln(hidden_size, 2)
 
-    def forward(self, x, c, ops, head=None, modulation=None):
+    def forward(self, x, c, ops, head=None, modulation=None, pending=None, skip=0):
         """RMSNorm and modulation (shift, scale = adaLN_modulation(c), or `modulation` (B, 2D)
-        when given) of the tokens x, then the Linear and the unpatchify to NCHW, or
+        when given) of the tokens of x from `skip` on (after the last block's pending update
+        (h, gate, bias), if any), then the Linear and the unpatchify to NCHW, or
         head(u, weight, bias) of the modulated tokens u and the Linear's parameters."""
         if modulation is None:
             modulation = self.adaLN_modulation(c)
         shift, scale = modulation.chunk(2, dim=-1)
-        u = ops.rms_norm_modulate(x, self.norm_final.weight, shift, scale)
+        if pending is None:
+            u = ops.rms_norm_modulate(x[:, skip:], self.norm_final.weight, shift, scale)
+        else:
+            h, gate, bias = pending
+            _, u = ops.gated_residual_rms_norm_modulate(x, h, gate, self.norm_final.weight,
+                                                        shift, scale, h_bias=bias, skip=skip)
         if head is not None:
             return head(u, self.linear.weight, self.linear.bias)
         return ops.output_head(u, self.linear.weight, self.linear.bias, self.patch_size,
@@ -149,12 +186,13 @@ class FinalLayer(nn.Module):
 
 
 class Conditioning(NamedTuple):
-    """What the network computes from (t, y) alone, row i for example i: the label embeddings
-    (B, D), which the in-context tokens start from, c = t_emb + y_emb (B, D), and each block's
-    six adaLN vectors (B, 6D) and the final layer's two (B, 2D) — or None for those, which the
-    blocks then compute from c. A sampler whose times and labels are known in advance computes
-    it all once per trajectory and passes rows of it to every evaluation."""
-    labels: torch.Tensor
+    """What the network computes from (t, y) alone, row i for example i: the in-context tokens
+    (B, in_context_len, D: the label embedding plus their position table; None without them),
+    c = t_emb + y_emb (B, D), and each block's six adaLN vectors (B, 6D) and the final layer's
+    two (B, 2D) — or None for those, which the blocks then compute from c. A sampler whose times
+    and labels are known in advance computes it all once per trajectory and passes rows of it to
+    every evaluation."""
+    context: torch.Tensor
     c: torch.Tensor
     blocks: tuple = None
     final: torch.Tensor = None
@@ -162,7 +200,7 @@ class Conditioning(NamedTuple):
     def rows(self, index):
         """The conditioning of rows `index` (an int, a slice, ...) of every tensor."""
         pick = (lambda x: None if x is None else x[index])
-        return Conditioning(self.labels[index], self.c[index],
+        return Conditioning(pick(self.context), self.c[index],
                             None if self.blocks is None else tuple(map(pick, self.blocks)),
                             pick(self.final))
 
@@ -225,7 +263,10 @@ class JiT(nn.Module):
     Beyond the official keywords: ``backend`` ("torch" | "triton" | "auto") selects the op
     implementations, ``attn_scores_fp32`` computes attention scores in float32 as the official
     code does, and ``check_values`` (attribute, default True) enables the t/label range checks,
-    which cost a host sync per call (they are skipped inside torch.compile and graph capture).
+    which cost a host sync per call (they are skipped inside torch.compile and graph capture);
+    ``residual_across_blocks`` (attribute, default True) leaves each block's last residual
+    update to the next block's first fused op (see ``JiTBlock``): FSDP2, which frees a block's
+    gathered weights after its forward, needs it off (``jitfast.training.build`` sets it).
     """
 
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24,
@@ -254,6 +295,7 @@ class JiT(nn.Module):
         self.in_context_len = in_context_len
         self.in_context_start = in_context_start
         self.check_values = True
+        self.residual_across_blocks = True
         grid = input_size // patch_size
 
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -321,14 +363,18 @@ class JiT(nn.Module):
         sharded block's weights there, and only there)."""
         y_emb = self.y_embedder(y)
         c = self.t_embedder(t) + y_emb
+        context = y_emb.unsqueeze(1) + self.in_context_posemb if self.in_context_len else None
         if not modulations:
-            return Conditioning(y_emb, c)
-        return Conditioning(y_emb, c, tuple(block.adaLN_modulation(c) for block in self.blocks),
+            return Conditioning(context, c)
+        return Conditioning(context, c,
+                            tuple(block.adaLN_modulation(c) for block in self.blocks),
                             self.final_layer.adaLN_modulation(c))
 
-    def forward(self, x, t, y=None, head=None, cond=None):
+    def forward(self, x, t, y=None, head=None, cond=None, noise=None, noise_scale=1.0):
         """y=None: the null class (unconditional). ``cond``: ``conditioning(t, y)``, when the
-        caller has it already."""
+        caller has it already. With `noise` (a standard-normal draw shaped like x), x is the
+        clean images and the network's input is z = t·x + (1 - t)·noise_scale·noise, formed
+        inside the patch embedding (the training objective's; z never reaches memory)."""
         self.check_inputs(x, t, y)
         ops = ops_for(self.backend, x.device)
         if cond is None:
@@ -337,13 +383,20 @@ class JiT(nn.Module):
             cond = self.conditioning(t, y, modulations=False)
         modulations = cond.blocks or (None,) * len(self.blocks)
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
-                            self.x_embedder.proj2.bias, self.pos_embed)
+                            self.x_embedder.proj2.bias, self.pos_embed, noise,
+                            None if noise is None else t, noise_scale)
+        pending = None  # the last block's MLP update, added by the next fused norm
         for i, (block, modulation) in enumerate(zip(self.blocks, modulations)):
             if self.in_context_len > 0 and i == self.in_context_start:
-                x = torch.cat([cond.labels.unsqueeze(1) + self.in_context_posemb, x], dim=1)
+                if pending is not None:
+                    x = ops.gated_residual(x, *pending)
+                    pending = None
+                x = torch.cat([cond.context, x], dim=1)
             if i < self.in_context_start:
                 rope = (self.rope_cos, self.rope_sin)
             else:
                 rope = (self.rope_in_context_cos, self.rope_in_context_sin)
-            x = block(x, cond.c, rope, ops, modulation)
-        return self.final_layer(x[:, self.in_context_len:], cond.c, ops, head, cond.final)
+            x, pending = block(x, cond.c, rope, ops, modulation, pending,
+                               defer=self.residual_across_blocks)
+        return self.final_layer(x, cond.c, ops, head, cond.final, pending,
+                                skip=self.in_context_len)

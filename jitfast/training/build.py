@@ -1,19 +1,22 @@
 """The trained objects of a run as ``python -m jitfast.train`` builds them from its arguments:
 the Denoiser and the module the step calls (itself, or its DDP wrapper), with activation
-checkpointing, FSDP2 sharding and torch.compile as asked. ``jitfast.measure.trace`` builds the
-step it prices the same way."""
+checkpointing, FSDP2 sharding and torch.compile as asked, and the optimizer.
+``jitfast.measure.traced`` builds the step it prices the same way."""
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from jitfast.diffusion.denoiser import Denoiser
 from jitfast.diffusion.from_checkpoint import sampler_settings
 from jitfast.network.presets import JiT_models
+from jitfast.training.optimizer import AdamWEMA
+from jitfast.training.step import lr_on_device, make_optimizer
 
 
 def checkpointed(block):
     """Recompute `block` in the backward pass; state-dict keys stay unchanged."""
     forward = block.forward
-    block.forward = lambda *a: torch.utils.checkpoint.checkpoint(forward, *a, use_reentrant=False)
+    block.forward = lambda *a, **k: torch.utils.checkpoint.checkpoint(forward, *a,
+                                                                      use_reentrant=False, **k)
 
 
 def build(args, num_classes, device, world, net=None):
@@ -31,6 +34,7 @@ def build(args, num_classes, device, world, net=None):
             checkpointed(block)
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
+        net.residual_across_blocks = False  # a block's weights are freed after its forward
         for block in net.blocks:
             fully_shard(block)
         fully_shard(net)  # not the Denoiser: sampling calls the net directly
@@ -40,3 +44,18 @@ def build(args, num_classes, device, world, net=None):
         ids = [device.index] if device.type == "cuda" else None
         return denoiser, DistributedDataParallel(denoiser, device_ids=ids)
     return denoiser, denoiser
+
+
+def build_optimizer(args, denoiser, ema, lr, device, world, cuda=None):
+    """The run's optimizer: on one CUDA process without FSDP, ``AdamWEMA`` (AdamW, the EMA `ema`
+    and bf16 compute copies of the weights in one pass per weight); else ``make_optimizer``'s
+    (torch's fused AdamW on CUDA, AdamW elsewhere, or apex's with --optimizer apex), the EMA
+    then updated by the step. cuda: whether the run is on CUDA (default: `device`'s type; the
+    trace prices a CUDA run on fake CPU tensors)."""
+    cuda = device.type == "cuda" if cuda is None else cuda
+    if cuda and world == 1 and not args.fsdp and args.optimizer == "adamw":
+        optimizer = AdamWEMA(denoiser, lr, ema, weight_decay=args.weight_decay)
+        lr_on_device(optimizer, device)
+        return optimizer
+    return make_optimizer(denoiser.parameters(), lr, device, args.weight_decay, args.optimizer,
+                          fused=cuda)

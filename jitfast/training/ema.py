@@ -63,6 +63,22 @@ class EMA:
         return state
 
     @torch.no_grad()
+    def network(self, net, which=1, dtype=torch.bfloat16):
+        """A new network like `net` (a JiT or PMF inside the EMA's model, with its ``config``
+        and ``backend``) holding EMA set `which`'s weights in `dtype`, on their device: a sampler
+        of it runs in that dtype with no weight cast in any of its evaluations (the training
+        grid), and leaves the model and the EMA untouched."""
+        prefix = next((name + "." for name, module in self.model.named_modules()
+                       if module is net and name), "")
+        state = {k[len(prefix):]: v for k, v in self.state_dict(which).items()
+                 if k.startswith(prefix)}
+        device = self.shadows[self._index(which)][0].device
+        with torch.device(device):
+            copy = type(net)(**net.config, backend=net.backend)
+        copy.load_state_dict(state)
+        return copy.to(dtype)
+
+    @torch.no_grad()
     def load_state_dict(self, state, which=1):
         """Set EMA set `which` from a state dict with the model's parameter names."""
         missing = [name for name in self.names if name not in state]

@@ -7,10 +7,13 @@ whole-network capture recipe:
 - its first calls are ordinary steps on a side stream (they compile, autotune and allocate; they
   train, so nothing is wasted or perturbed); the next call captures the step over static copies
   of its inputs and replays it, and every later call copies its batch in and replays;
-- the optimizer is fused AdamW (``make_optimizer`` on CUDA), which reads the step count and the
-  learning rate from device tensors; the lr is set with ``set_lr`` outside the graph (a python
-  float would be baked into the capture). Its groups are marked capturable at the capture, the
-  flag torch checks there (for the fused kernel it changes nothing else);
+- the optimizer is fused AdamW (``make_optimizer`` on CUDA), or on one GPU ``AdamWEMA``
+  (jitfast.training.optimizer: AdamW, the EMAs and bf16 compute copies of the weights in one
+  pass), which read the step count and the learning rate from device tensors; the lr is set
+  with ``set_lr`` outside the graph (a python float would be baked into the capture). Its groups
+  are marked capturable at the capture, the flag torch checks there (for the fused kernel it
+  changes nothing else); compute copies made stale from outside (a checkpoint loaded) are
+  refreshed before each replay, outside the graph;
 - gradients are None when capture begins, so the backward allocates them in the graph's pool;
 - autocast runs without its weight-cast cache, which would hold tensors across the capture.
 Dropout stays exact: each replay draws from the seed and offset of the CUDA generator at that
@@ -20,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
+from jitfast.training.optimizer import compute_weights, refresh_compute_weights
 from jitfast.util.cuda_graphs import capture, on_side_stream
 from jitfast.util.markers import phase
 
@@ -72,21 +76,25 @@ def set_lr(optimizer, lr):
 def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0, bf16=None):
     """One optimizer step and EMA update of `denoiser` through `model` (itself, or its DDP
     wrapper); returns the loss, detached, on the device. No host sync. The forward runs under
-    bf16 autocast on CUDA (bf16=None), or as bf16 says."""
+    bf16 autocast on CUDA (bf16=None), or as bf16 says; with an ``AdamWEMA`` optimizer, on its
+    compute copies of the weights, and the optimizer steps the EMA it holds."""
     enabled = x.is_cuda if bf16 is None else bf16
     autocast = torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False) if enabled \
         else nullcontext()
-    with phase("forward"), autocast:
-        loss = model(x, y, t, noise)
-    with phase("backward"):
-        loss.backward()
+    with compute_weights(optimizer):
+        with phase("forward"), autocast:
+            loss = model(x, y, t, noise)
+        with phase("backward"):
+            loss.backward()
+        if clip_grad > 0:  # the grads are the compute copies' where the weights are swapped
+            with phase("optimizer"):
+                torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
     with phase("optimizer"):
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    with phase("ema"):
-        ema.update()
+    if getattr(optimizer, "ema", None) is not ema:
+        with phase("ema"):
+            ema.update()
     return loss.detach()
 
 
@@ -98,7 +106,7 @@ class GraphedTrainStep:
     def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
         if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
             raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
-                             f"CUDA), got {type(optimizer).__name__}")
+                             f"CUDA, or AdamWEMA), got {type(optimizer).__name__}")
         self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, clip_grad)
         self.optimizer, self.warmup = optimizer, warmup
         self.side = torch.cuda.Stream() if warmup > 0 else None
@@ -114,6 +122,7 @@ class GraphedTrainStep:
             return on_side_stream(self.side, lambda: self.step(*batch))
         for static, value in zip(self.inputs, batch):
             static.copy_(value, non_blocking=True)
+        refresh_compute_weights(self.optimizer)  # outside the graph: it replays the step alone
         if self.graph is None:
             for group in self.optimizer.param_groups:
                 group["capturable"] = True

@@ -6,12 +6,17 @@ from jitfast.functional.ode import ode_update
 from jitfast.network.backend import head_kernels
 
 
-def network_inputs(denoiser, y, z, t, guided):
+def network_inputs(denoiser, y, z, t, guided, cond=None):
     """The network's (z, t, y) for an evaluation at float32 state z, time t (a (1,) tensor): the
-    batch, or when guided the conditional batch then its unconditional (null-class) copy."""
+    batch, or when guided the conditional batch then its unconditional (null-class) copy. With
+    the run's conditioning rows `cond` the network reads no labels (y is None): their rows were
+    made once for the whole trajectory."""
     if guided:
-        z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, denoiser.num_classes)])
-    return z.to(next(denoiser.net.parameters()).dtype), t.expand(z.shape[0]), y
+        z = torch.cat([z, z])
+        if cond is None:
+            y = torch.cat([y, torch.full_like(y, denoiser.num_classes)])
+    return (z.to(next(denoiser.net.parameters()).dtype), t.expand(z.shape[0]),
+            None if cond is not None else y)
 
 
 def network_velocity(denoiser, y, z, t, w, guided, cond=None):
@@ -21,7 +26,7 @@ def network_velocity(denoiser, y, z, t, w, guided, cond=None):
     v_u + w·(v_c - v_u).
     """
     extra = {} if cond is None else {"cond": cond}
-    out = denoiser.net(*network_inputs(denoiser, y, z, t, guided), **extra).float()
+    out = denoiser.net(*network_inputs(denoiser, y, z, t, guided, cond), **extra).float()
     t = t.expand(z.shape[0])
     if not guided:
         return denoiser.velocity(out, z, t)
@@ -47,7 +52,7 @@ def network_step(denoiser, y, z, t, w, guided, dt, v_prev=None, base=None, cond=
     def head(u, weight, bias):
         return kernels.output_head_step(u, weight, bias, z, t, dt, net.patch_size,
                                         denoiser.t_eps, w if guided else None, v_prev, base)
-    return net(*network_inputs(denoiser, y, z, t, guided), head=head, cond=cond)
+    return net(*network_inputs(denoiser, y, z, t, guided, cond), head=head, cond=cond)
 
 
 CONDITIONING_BUDGET = 256 * 2**20  # bytes of conditioning precomputed for a whole trajectory
@@ -67,7 +72,8 @@ def trajectory_conditioning(denoiser, y, time_grid):
     times = len(time_grid.t) - 1  # the grid's last time is never evaluated
     if not hasattr(net, "conditioning") or sharded(net):
         return lambda k, guided: None
-    width = net.hidden_size * (1 + 6 * len(net.blocks) + 2)
+    # per row: the in-context tokens, c, each block's six adaLN vectors and the final layer's two
+    width = net.hidden_size * (net.in_context_len + 1 + 6 * len(net.blocks) + 2)
     if times * len(labels) * width * next(net.parameters()).element_size() > CONDITIONING_BUDGET:
         return lambda k, guided: None
     cond = net.conditioning(time_grid.t[:times].repeat_interleave(len(labels)),

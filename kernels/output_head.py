@@ -26,8 +26,13 @@ from ._common import (autocast_operands, autotune, dot_precision, empty, image_g
 # aligned only at every fourth index. Specialising on their alignment would compile new variants
 # mid-trajectory, inside a CUDA-graph capture, where compiling is not allowed.
 SCALARS = ("T", "CFG", "DT")
-CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": 32, "BLOCK_N": n}, num_warps=w)
-           for m, n, w in ((32, 64, 4), (64, 64, 4), (64, 128, 8))]
+# (BLOCK_M, BLOCK_K, BLOCK_N, num_warps). The sampler's evaluations at batch 1 (256 token rows,
+# each with its unconditional twin when guided, by P = 768 columns) fill few programs with the
+# larger tiles (96 at 32 × 64): the smaller, K-deeper ones give 192 programs and half or a
+# quarter of the K loop's steps. The autotune key's row bucket picks per batch size.
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w)
+           for m, k, n, w in ((32, 32, 64, 4), (64, 32, 64, 4), (64, 32, 128, 8),
+                              (16, 64, 64, 4), (16, 128, 64, 4), (32, 64, 32, 4))]
 
 
 @triton.jit

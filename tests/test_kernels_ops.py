@@ -201,15 +201,28 @@ def test_kernel_matches_reference(name, make):
 
 TILE_MODULES = {"qk_norm_rope": importlib.import_module("jitfast.kernels.qk_norm_rope"),
                 "swiglu": importlib.import_module("jitfast.kernels.swiglu"),
+                "output_head": importlib.import_module("jitfast.kernels.output_head"),
                 **dict.fromkeys(NORM_OPS, importlib.import_module("jitfast.kernels.norm"))}
+
+
+def tile_configs(module, kernel_name):
+    """The autotune configs of one of the module's kernels: its forward's or backward's, or
+    the module's one list."""
+    if hasattr(module, "CONFIGS"):
+        return module.CONFIGS
+    return module.FWD_CONFIGS if kernel_name.endswith("_fwd") else module.BWD_CONFIGS
+
+
 TILE_CONFIGS = max(len(configs) for m in TILE_MODULES.values()
-                   for configs in (getattr(m, "FWD_CONFIGS", ()), m.BWD_CONFIGS))
+                   for configs in (getattr(m, "FWD_CONFIGS", ()), getattr(m, "BWD_CONFIGS", ()),
+                                   getattr(m, "CONFIGS", ())))
 
 
 @pytest.mark.parametrize("config", range(TILE_CONFIGS))
 @pytest.mark.parametrize("name,make", [*(norm_case(name, 1, 7, 40) for name in NORM_OPS),
                                        *TILED_NORM_CASES, qk_case(1, 2, 3, 5, 8, True),
-                                       *TILED_QK_CASES, swiglu_case(37, 2 * 600, bias=True)])
+                                       *TILED_QK_CASES, swiglu_case(37, 2 * 600, bias=True),
+                                       output_head_case(3, 3, 4, 3, 72)])
 def test_every_tile_config_matches_reference(monkeypatch, name, make, config):
     """test_kernel_matches_reference with the row-tile kernels pinned to their config-th autotune
     config (forward and backward), not only the first that the interpreter's autotune keeps:
@@ -219,8 +232,7 @@ def test_every_tile_config_matches_reference(monkeypatch, name, make, config):
     module = TILE_MODULES[name]
     for kernel in vars(module).values():
         if isinstance(kernel, triton.runtime.Autotuner):
-            configs = module.FWD_CONFIGS if kernel.base_fn.__name__.endswith("_fwd") \
-                else module.BWD_CONFIGS
+            configs = tile_configs(module, kernel.base_fn.__name__)
             monkeypatch.setattr(kernel, "configs", [configs[config % len(configs)]])
     test_kernel_matches_reference(name, make)
 

@@ -53,10 +53,11 @@ def random_batch(batch, image, device, seed=0):
     return x, y, t, torch.randn(x.shape, device=device, generator=g)
 
 
-def training_step(preset, image, batch, variant, device):
+def training_step(preset, image, batch, variant, device, cuda=None):
     """A closure running one training step (forward, backward, AdamW, both EMAs) of a fresh
-    model on a fixed random batch. A graphed variant is captured here, so that every call of the
-    closure is a replay."""
+    model on a fixed random batch, with the optimizer one CUDA process of the trainer uses (or,
+    cuda=True, uses on CUDA whatever the device: the kernels' compile-ahead). A graphed variant
+    is captured here, so that every call of the closure is a replay."""
     backend, mode, graphed = TRAIN_VARIANTS[variant]
     torch.manual_seed(0)
     net = build(preset, input_size=image, num_classes=NUM_CLASSES, backend=backend)
@@ -65,7 +66,7 @@ def training_step(preset, image, batch, variant, device):
     if mode:
         denoiser.compile(mode=None if mode == "default" else mode)
     ema = EMA(denoiser)
-    optimizer = build_optimizer(ONE_PROCESS, denoiser, ema, 1e-4, device, world=1)
+    optimizer = build_optimizer(ONE_PROCESS, denoiser, ema, 1e-4, device, world=1, cuda=cuda)
     inputs = random_batch(batch, image, device)
     if not graphed:
         return lambda: train_step(denoiser, denoiser, optimizer, ema, *inputs)

@@ -77,34 +77,51 @@ def _h_plus_bias(H, HB, offs, mask, D, HAS_H_BIAS: tl.constexpr, BLOCK_D: tl.con
     return h
 
 
-@autotune(FWD_CONFIGS, key=KEY)
+@autotune(FWD_CONFIGS, key=[*KEY, "TANGENT"])
 @tile_rows("BLOCK_D")
 @triton.jit
-def _residual_norm_fwd(X, H, HB, G, W, SH, SC, XN, U, RSTD, n_tok, skip, D, s_g, s_sh, s_sc,
-                       eps, ROW_BUCKET, HAS_GATE: tl.constexpr, HAS_H_BIAS: tl.constexpr,
-                       HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_D: tl.constexpr,
-                       TILE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program (tile, sample) handles BLOCK_M rows of one sample (TILE only sets BLOCK_M)."""
+def _residual_norm_fwd(X, H, HB, G, W, SH, SC, XN, U, RSTD, TX, TH, TXN, TU, n_tok, skip, D, s_g,
+                       s_sh, s_sc, eps, ROW_BUCKET, HAS_GATE: tl.constexpr,
+                       HAS_H_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, HAS_MOD: tl.constexpr,
+                       TANGENT: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                       BLOCK_M: tl.constexpr):
+    """Program (tile, sample) handles BLOCK_M rows of one sample (TILE only sets BLOCK_M). With
+    TANGENT it also carries the tangents TX, TH of x and h to those of x' (TXN) and u (TU)."""
     sample = tl.program_id(1).to(tl.int64)
     t, rows, row_mask, offs, mask = _norm_tile(sample, tl.program_id(0), n_tok, D, BLOCK_M,
                                                BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if TANGENT:
+        tx = tl.load(TX + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
+        g = _vector(G + sample * s_g, D, BLOCK_D)
         h = _h_plus_bias(H, HB, offs, mask, D, HAS_H_BIAS, BLOCK_D)
-        x_new = (x + _vector(G + sample * s_g, D, BLOCK_D) * h).to(XN.dtype.element_ty)
+        x_new = (x + g * h).to(XN.dtype.element_ty)
         tl.store(XN + offs, x_new, mask=mask)
         x = x_new.to(tl.float32)  # normalise what was stored, as the reference does
+        if TANGENT:
+            tx += g * tl.load(TH + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(TXN + offs, tx, mask=mask)
     if HAS_NORM:
         rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        u = x * rstd[:, None] * _vector(W, D, BLOCK_D)
+        w = _vector(W, D, BLOCK_D)
+        u = x * rstd[:, None] * w
+        if TANGENT:
+            x_hat = x * rstd[:, None]
+            tu = w * rstd[:, None] * (tx - x_hat * (tl.sum(x_hat * tx, axis=1) / D)[:, None])
         if HAS_MOD:
             scale = _vector(SC + sample * s_sc, D, BLOCK_D)
             u = u * (1.0 + scale) + _vector(SH + sample * s_sh, D, BLOCK_D)
+            if TANGENT:
+                tu = tu * (1.0 + scale)
         normed = row_mask & (t >= skip)
         out_rows = sample * (n_tok - skip) + t - skip
         cols = tl.arange(0, BLOCK_D)[None, :]
-        tl.store(U + out_rows[:, None] * D + cols, u, mask=normed[:, None] & (cols < D))
+        out = out_rows[:, None] * D + cols
+        tl.store(U + out, u, mask=normed[:, None] & (cols < D))
         tl.store(RSTD + out_rows, rstd, mask=normed)
+        if TANGENT:
+            tl.store(TU + out, tu, mask=normed[:, None] & (cols < D))
 
 
 @autotune(BWD_CONFIGS, key=KEY)
@@ -257,6 +274,29 @@ def _outputs(x, h, gate, h_bias, weight, shift, scale, skip, u_dtype):
     return x_new, u, x.new_empty(shape[:-1], dtype=torch.float32)
 
 
+def _forward(x, h, gate, h_bias, weight, shift, scale, eps, skip, u_dtype, tx=None, th=None):
+    """(x_new, u, rstd), and with the tangent tx (and th) of x (and h) also theirs of x_new and
+    u (float32; u's in u's dtype); empty where the form lacks them."""
+    x, h, h_bias, weight, tx, th = _contiguous(x, h, h_bias, weight, tx, th)
+    (gate, shift, scale), strides = _per_sample(gate, shift, scale)
+    groups, n_tok, D, flags = _launch_args(x, h, h_bias, weight, shift)
+    x_new, u, rstd = _outputs(x, h, gate, h_bias, weight, shift, scale, skip, u_dtype)
+    tangents = ()
+    if tx is not None:
+        tangents = _tangents(x, h, u, tx, th)
+    _residual_norm_fwd[lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), groups)](
+        x, h, h_bias, gate, weight, shift, scale, x_new, u, rstd, tx, th,
+        *(tangents or (None, None)), n_tok, skip, D, *strides, eps, TANGENT=tx is not None,
+        **flags)
+    return (x_new, u, rstd, *tangents)
+
+
+def _tangents(x, h, u, tx, th):
+    """Empty tangents of (x_new, u): float32, and u's dtype; empty(0) where the form lacks it."""
+    tx_new = torch.empty_like(tx, dtype=torch.float32) if h is not None else empty(x)
+    return tx_new, torch.empty_like(u) if u.numel() else empty(x)
+
+
 @torch.library.custom_op("jitfast::residual_norm", mutates_args=())
 def residual_norm(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[torch.Tensor],
                   h_bias: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -265,14 +305,27 @@ def residual_norm(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[tor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (x_new, u, rstd); the ones the form does not produce are empty. u and rstd cover
     the tokens from `skip` on."""
-    x, h, h_bias, weight = _contiguous(x, h, h_bias, weight)
-    (gate, shift, scale), strides = _per_sample(gate, shift, scale)
-    groups, n_tok, D, flags = _launch_args(x, h, h_bias, weight, shift)
+    return _forward(x, h, gate, h_bias, weight, shift, scale, eps, skip, u_dtype)
+
+
+@torch.library.custom_op("jitfast::residual_norm_dual", mutates_args=())
+def residual_norm_dual(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                       h_bias: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                       shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float,
+                       skip: int, u_dtype: Optional[torch.dtype], tx: torch.Tensor,
+                       th: Optional[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor]:
+    """``residual_norm`` with the tangents tx, th of x and h carried in the same pass: returns
+    (x_new, u, rstd, tx_new, tu). Gradients flow through x_new and u only (the tangents are
+    stop-gradient where pMF uses them)."""
+    return _forward(x, h, gate, h_bias, weight, shift, scale, eps, skip, u_dtype, tx, th)
+
+
+@residual_norm_dual.register_fake
+def _(x, h, gate, h_bias, weight, shift, scale, eps, skip, u_dtype, tx, th):
     x_new, u, rstd = _outputs(x, h, gate, h_bias, weight, shift, scale, skip, u_dtype)
-    _residual_norm_fwd[lambda meta: (triton.cdiv(n_tok, meta["BLOCK_M"]), groups)](
-        x, h, h_bias, gate, weight, shift, scale, x_new, u, rstd, n_tok, skip, D, *strides, eps,
-        **flags)
-    return x_new, u, rstd
+    return (x_new, u, rstd, *_tangents(x, h, u, tx, th))
 
 
 @residual_norm.register_fake
@@ -328,9 +381,11 @@ def _(dx_new, du, x_normed, h, gate, h_bias, weight, shift, scale, rstd, skip):
 
 
 def _setup_context(ctx, inputs, output):
-    x, h, gate, h_bias, weight, shift, scale, _, skip, _ = inputs
-    x_new, _, rstd = output
+    x, h, gate, h_bias, weight, shift, scale, _, skip, _ = inputs[:10]
+    x_new, _, rstd = output[:3]
     ctx.skip = skip
+    if len(output) > 3:
+        ctx.mark_non_differentiable(*output[3:])
     ctx.set_materialize_grads(False)  # no zero-filled grads for outputs nothing used
     ctx.save_for_backward(x_new if h is not None else x, h, gate, h_bias, weight, shift, scale,
                           rstd)
@@ -348,6 +403,13 @@ def _backward_fn(ctx, dx_new, du, _):
 
 
 residual_norm.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def _dual_backward_fn(ctx, dx_new, du, _, _tx_new, _tu):
+    return *_backward_fn(ctx, dx_new, du, None), None, None
+
+
+residual_norm_dual.register_autograd(_dual_backward_fn, setup_context=_setup_context)
 
 
 def _u_dtype(x):
@@ -380,3 +442,29 @@ def gated_residual_rms_norm_modulate(x, h, gate, weight, shift, scale, eps=ref.R
                                                     skip)
     x_new, u, _ = residual_norm(x, h, gate, h_bias, weight, shift, scale, eps, skip, _u_dtype(x))
     return x_new, u
+
+
+def rms_norm_modulate_dual(x, weight, shift, scale, tx, eps=ref.RMS_EPS):
+    if not use_kernel(x):
+        return ref.rms_norm_modulate_dual(x, weight, shift, scale, tx, eps)
+    _, u, _, _, tu = residual_norm_dual(x, None, None, None, weight, shift, scale, eps, 0,
+                                        _u_dtype(x), tx, None)
+    return u, tu
+
+
+def gated_residual_dual(x, h, gate, tx, th, h_bias=None):
+    if not use_kernel(x):
+        return ref.gated_residual_dual(x, h, gate, tx, th, h_bias)
+    x_new, _, _, tx_new, _ = residual_norm_dual(x, h, gate, h_bias, None, None, None,
+                                                ref.RMS_EPS, 0, None, tx, th)
+    return x_new, tx_new
+
+
+def gated_residual_rms_norm_modulate_dual(x, h, gate, weight, shift, scale, tx, th,
+                                          eps=ref.RMS_EPS, h_bias=None, skip=0):
+    if not use_kernel(x):
+        return ref.gated_residual_rms_norm_modulate_dual(x, h, gate, weight, shift, scale, tx, th,
+                                                         eps, h_bias, skip)
+    x_new, u, _, tx_new, tu = residual_norm_dual(x, h, gate, h_bias, weight, shift, scale, eps,
+                                                 skip, _u_dtype(x), tx, th)
+    return x_new, u, tx_new, tu

@@ -63,18 +63,26 @@ def _bottleneck(X, NOISE, T, noise_scale, W1, Z, tok, kk, M, n_cols, K, n_tok, g
     return acc
 
 
-@autotune(CONFIGS, key=["n_cols", "K", "D", "NOISY"])
+@autotune(CONFIGS, key=["n_cols", "K", "D", "NOISY", "TANGENT"])
 @triton.jit
-def _patch_embed_fwd(X, NOISE, T, noise_scale, W1, W2, B2, POS, OUT, M, n_cols, K, D,
+def _patch_embed_fwd(X, NOISE, T, noise_scale, W1, W2, B2, POS, OUT, TX, TOUT, M, n_cols, K, D,
                      n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET,
-                     NOISY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+                     NOISY: tl.constexpr, TANGENT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """With TANGENT also the embedding's tangent along the image TX (laid out as X): the same
+    two matmuls, without bias or positions."""
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     kk = tl.arange(0, BLOCK_K)[None, :]
     h = _bottleneck(X, NOISE, T, noise_scale, W1, W1, tok, kk, M, n_cols, K, n_tok, grid_w, p,
                     channels, s_b, s_c, s_h, s_w, NOISY, False, PRECISION, BLOCK_M, BLOCK_K,
                     BLOCK_J)
     h = h.to(W2.dtype.element_ty)
+    if TANGENT:
+        th = _bottleneck(TX, TX, T, 0.0, W1, W1, tok, kk, M, n_cols, K, n_tok, grid_w, p,
+                         channels, s_b, s_c, s_h, s_w, False, False, PRECISION, BLOCK_M,
+                         BLOCK_K, BLOCK_J)
+        th = th.to(W2.dtype.element_ty)
     k_col = tl.trans(kk)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)[None, :]
@@ -84,6 +92,9 @@ def _patch_embed_fwd(X, NOISE, T, noise_scale, W1, W2, B2, POS, OUT, M, n_cols, 
         mask = (tok < M) & (dd < D)
         out += tl.load(POS + (tok % n_tok) * D + dd, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + tok.to(tl.int64) * D + dd, out, mask=mask)
+        if TANGENT:
+            tl.store(TOUT + tok.to(tl.int64) * D + dd, tl.dot(th, w2, input_precision=PRECISION),
+                     mask=mask)
 
 
 @autotune(CONFIGS, key=["n_cols", "K", "D", "NOISY"])
@@ -142,22 +153,46 @@ def _noisy_args(noise, t, noise_scale):
     return (noise, t, noise_scale), noise is not None
 
 
+def _forward(x, w1, w2, b2, pos, noise, t, noise_scale, tx=None):
+    """[out] of the embedding, and with the image's tangent tx [out, tout]."""
+    x, w1, w2, b2, pos, noise, t, tx = (None if v is None else v.contiguous()
+                                        for v in (x, w1, w2, b2, pos, noise, t, tx))
+    M, n_cols, K, p = _shapes(x, w1)
+    D = w2.shape[0]
+    outputs = [x.new_empty(x.shape[0], M // x.shape[0], D, dtype=_out_dtype(x, b2, pos))
+               for _ in range(1 if tx is None else 2)]
+    noisy, noisy_flag = _noisy_args(noise, t, noise_scale)
+    _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, *noisy, w1, w2, b2, pos, outputs[0], tx,
+                                           outputs[-1], M, n_cols, K, D, *image_geometry(x, p),
+                                           ROW_BUCKET=row_bucket(M), NOISY=noisy_flag,
+                                           TANGENT=tx is not None,
+                                           PRECISION=dot_precision(w1.dtype), BLOCK_K=block(K))
+    return outputs
+
+
 @torch.library.custom_op("jitfast::patch_embed", mutates_args=())
 def patch_embed_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                    pos: torch.Tensor, noise: Optional[torch.Tensor], t: Optional[torch.Tensor],
                    noise_scale: float) -> torch.Tensor:
     """The embedding of x, or with noise and t of z = t·x + (1 - t)·noise_scale·noise."""
-    x, w1, w2, b2, pos, noise, t = (None if v is None else v.contiguous()
-                                    for v in (x, w1, w2, b2, pos, noise, t))
-    M, n_cols, K, p = _shapes(x, w1)
-    D = w2.shape[0]
-    out = x.new_empty(x.shape[0], M // x.shape[0], D, dtype=_out_dtype(x, b2, pos))
-    noisy, noisy_flag = _noisy_args(noise, t, noise_scale)
-    _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, *noisy, w1, w2, b2, pos, out, M, n_cols, K, D,
-                                           *image_geometry(x, p), ROW_BUCKET=row_bucket(M),
-                                           NOISY=noisy_flag, PRECISION=dot_precision(w1.dtype),
-                                           BLOCK_K=block(K))
-    return out
+    return _forward(x, w1, w2, b2, pos, noise, t, noise_scale)[0]
+
+
+@torch.library.custom_op("jitfast::patch_embed_dual", mutates_args=())
+def patch_embed_dual_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                        pos: torch.Tensor, tx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, tout): the embedding of x and its tangent along tx (an image like x), one pass;
+    gradients through out only."""
+    out, tout = _forward(x, w1, w2, b2, pos, None, None, 1.0, tx)
+    return out, tout
+
+
+@patch_embed_dual_op.register_fake
+def _(x, w1, w2, b2, pos, tx):
+    M, _, _, _ = _shapes(x, w1)
+    shape = (x.shape[0], M // x.shape[0], w2.shape[0])
+    return (x.new_empty(shape, dtype=_out_dtype(x, b2, pos)),
+            x.new_empty(shape, dtype=_out_dtype(x, b2, pos)))
 
 
 @patch_embed_op.register_fake
@@ -211,9 +246,20 @@ def _(dout, x, noise, t, noise_scale, w1, w2, needs_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, b2, _, noise, t, noise_scale = inputs
-    ctx.b2_dtype, ctx.noise_scale = b2.dtype, noise_scale
+    x, w1, w2, b2, pos, noise, t, noise_scale = inputs
+    ctx.b2_dtype, ctx.pos_dtype, ctx.noise_scale = b2.dtype, pos.dtype, noise_scale
     ctx.save_for_backward(x, noise, t, w1, w2)
+
+
+def _dual_setup_context(ctx, inputs, output):
+    x, w1, w2, b2, pos, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    _setup_context(ctx, (x, w1, w2, b2, pos, None, None, 1.0), output[0])
+
+
+def _dual_backward_fn(ctx, dout, _):
+    dx, dw1, dw2, db2, dpos, *_ = _backward_fn(ctx, dout)
+    return dx, dw1, dw2, db2, dpos, None
 
 
 def _backward_fn(ctx, dout):
@@ -223,12 +269,15 @@ def _backward_fn(ctx, dout):
     dx, dnoise, dw1, dw2 = patch_embed_backward(dout, x, noise, t, ctx.noise_scale, w1, w2,
                                                 needs_dx)
     db2 = dout.sum((0, 1), dtype=torch.float32).to(ctx.b2_dtype)
+    # pMF learns its position table; JiT's is fixed
+    dpos = dout.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype) if needs[4] else None
     # t gets no grad: the objective's draw, not a parameter (as the head's velocity ops' t)
-    return (dx if needs[0] else None, dw1, dw2, db2, None, dnoise if needs[5] else None, None,
+    return (dx if needs[0] else None, dw1, dw2, db2, dpos, dnoise if needs[5] else None, None,
             None)
 
 
 patch_embed_op.register_autograd(_backward_fn, setup_context=_setup_context)
+patch_embed_dual_op.register_autograd(_dual_backward_fn, setup_context=_dual_setup_context)
 
 
 def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0):
@@ -242,3 +291,11 @@ def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0):
     else:
         w1, w2 = autocast_operands(w1, w2)
     return patch_embed_op(x, w1, w2, b2, pos, noise, t, float(noise_scale))
+
+
+def patch_embed_dual(x, w1, w2, b2, pos, tx):
+    """``patch_embed`` and its tangent along the image tx; under autocast both in its dtype."""
+    if not use_kernel(x):
+        return ref.patch_embed_dual(x, w1, w2, b2, pos, tx)
+    x, w1, w2, tx = autocast_operands(x, w1, w2, tx)
+    return patch_embed_dual_op(x, w1, w2, b2, pos, tx)

@@ -102,14 +102,27 @@ def _weight(W, lanes, HD):
 
 
 @triton.jit
+def _rope(y, cos, sin):
+    """RoPE's rotation of the interleaved pairs of a tile."""
+    y_even, y_odd = _pairs(y)
+    cos_even, cos_odd = _pairs(cos)
+    sin_even, sin_odd = _pairs(sin)
+    return _interleaved(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd)
+
+
+@triton.jit
 def _norm_rope(x, W, OUT, lanes, mask, cos, sin, HD, eps):
     """Normalise and rotate a tile of q (or k) rows into OUT."""
     x_hat, _ = _normalized(x, HD, eps)
-    y_even, y_odd = _pairs(x_hat * _weight(W, lanes, HD))
-    cos_even, cos_odd = _pairs(cos)
-    sin_even, sin_odd = _pairs(sin)
-    out = _interleaved(y_even * cos_even - y_odd * sin_even, y_odd * cos_odd + y_even * sin_odd)
-    tl.store(OUT, out, mask=mask)
+    tl.store(OUT, _rope(x_hat * _weight(W, lanes, HD), cos, sin), mask=mask)
+
+
+@triton.jit
+def _norm_rope_tangent(x, tx, W, TOUT, lanes, mask, cos, sin, HD, eps):
+    """The tangent of _norm_rope along tx, into TOUT: RoPE of w·rstd·(ṫx - x̂·mean(x̂·ṫx))."""
+    x_hat, rstd = _normalized(x, HD, eps)
+    t_hat = rstd * (tx - x_hat * (tl.sum(x_hat * tx, axis=1) / HD)[:, None])
+    tl.store(TOUT, _rope(t_hat * _weight(W, lanes, HD), cos, sin), mask=mask)
 
 
 @triton.jit
@@ -141,24 +154,32 @@ def _tables(COS, SIN, t, lanes, mask, HD):
     return cos, tl.load(SIN + t * HD + lanes, mask=mask, other=0.0).to(tl.float32)
 
 
-@autotune(FWD_CONFIGS, key=["H", "HD"])
+@autotune(FWD_CONFIGS, key=["H", "HD", "TANGENT"])
 @tile_rows("BLOCK_HD")
 @triton.jit
-def _qk_norm_rope_fwd(QKV, BIAS, WQ, WK, COS, SIN, Q, K, V, n_rows, n_tok, H, HD: tl.constexpr,
-                      eps, ROW_BUCKET, HAS_BIAS: tl.constexpr, BLOCK_HD: tl.constexpr,
-                      TILE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M)."""
+def _qk_norm_rope_fwd(QKV, BIAS, WQ, WK, COS, SIN, Q, K, V, TQKV, TQ, TK, TV, n_rows, n_tok, H,
+                      HD: tl.constexpr, eps, ROW_BUCKET, HAS_BIAS: tl.constexpr,
+                      TANGENT: tl.constexpr, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M); with TANGENT
+    also their tangents, from TQKV (laid out as qkv) to TQ, TK, TV (as q, k, v)."""
     src, dst, t, head, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
                                               BLOCK_HD)
     cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
     src = src + lanes
     dst = dst + lanes
     D = H * HD
-    _norm_rope(_rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS), WQ, Q + dst, lanes,
-               mask, cos, sin, HD, eps)
-    _norm_rope(_rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS), WK, K + dst, lanes,
-               mask, cos, sin, HD, eps)
+    xq = _rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS)
+    xk = _rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS)
+    _norm_rope(xq, WQ, Q + dst, lanes, mask, cos, sin, HD, eps)
+    _norm_rope(xk, WK, K + dst, lanes, mask, cos, sin, HD, eps)
     tl.store(V + dst, _rows(QKV, src, 2, BIAS, head, lanes, mask, HD, D, HAS_BIAS), mask=mask)
+    if TANGENT:
+        tq = tl.load(TQKV + src, mask=mask, other=0.0).to(tl.float32)
+        tk = tl.load(TQKV + src + D, mask=mask, other=0.0).to(tl.float32)
+        _norm_rope_tangent(xq, tq, WQ, TQ + dst, lanes, mask, cos, sin, HD, eps)
+        _norm_rope_tangent(xk, tk, WK, TK + dst, lanes, mask, cos, sin, HD, eps)
+        tl.store(TV + dst, tl.load(TQKV + src + 2 * D, mask=mask), mask=mask)
 
 
 @autotune(BWD_CONFIGS, key=["H", "HD"])
@@ -222,25 +243,50 @@ def bshd(grad):
     return grad.transpose(1, 2).contiguous()
 
 
+def _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv=None):
+    """(q, k, v), and with the tangent tqkv of qkv theirs too."""
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    B, N, D3 = qkv.shape
+    hd = D3 // 3 // num_heads
+    outputs = [bshd_empty(qkv, num_heads) for _ in range(3 if tqkv is None else 6)]
+    if tqkv is not None:
+        tqkv = tqkv.contiguous()
+    n_rows = B * N * num_heads
+    _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
+        qkv, bias, q_weight, k_weight, cos, sin, *outputs[:3], tqkv,
+        *(outputs[3:] or (None, None, None)), n_rows, N, num_heads, hd, eps,
+        ROW_BUCKET=row_bucket(n_rows), HAS_BIAS=bias is not None, TANGENT=tqkv is not None,
+        BLOCK_HD=block(hd, 2))
+    return tuple(outputs)
+
+
 @torch.library.custom_op("jitfast::qk_norm_rope", mutates_args=())
 def qk_norm_rope_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
                     q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
-    B, N, D3 = qkv.shape
-    hd = D3 // 3 // num_heads
-    q, k, v = (bshd_empty(qkv, num_heads) for _ in range(3))
-    n_rows = B * N * num_heads
-    _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
-        qkv, bias, q_weight, k_weight, cos, sin, q, k, v, n_rows, N, num_heads, hd, eps,
-        ROW_BUCKET=row_bucket(n_rows), HAS_BIAS=bias is not None, BLOCK_HD=block(hd, 2))
-    return q, k, v
+    return _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)
 
 
 @qk_norm_rope_op.register_fake
 def _(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps):
     return tuple(bshd_empty(qkv, num_heads) for _ in range(3))
+
+
+@torch.library.custom_op("jitfast::qk_norm_rope_dual", mutates_args=())
+def qk_norm_rope_dual_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                         q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, eps: float, tqkv: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor]:
+    """(q, k, v, tq, tk, tv): ``qk_norm_rope`` and the tangents along tqkv, one pass. Gradients
+    flow through q, k, v only."""
+    return _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv)
+
+
+@qk_norm_rope_dual_op.register_fake
+def _(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv):
+    return tuple(bshd_empty(qkv, num_heads) for _ in range(6))
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope_backward", mutates_args=())
@@ -275,8 +321,11 @@ def _(dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, bias, _, q_weight, k_weight, cos, sin, eps = inputs
-    ctx.eps = eps
+    qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps = inputs[:8]
+    ctx.eps, ctx.num_heads = eps, num_heads
+    if len(output) > 3:
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)
     ctx.save_for_backward(qkv, bias, q_weight, k_weight, cos, sin)
 
 
@@ -291,7 +340,26 @@ def _backward_fn(ctx, dq, dk, dv):
 qk_norm_rope_op.register_autograd(_backward_fn, setup_context=_setup_context)
 
 
+def _dual_backward_fn(ctx, dq, dk, dv, _tq, _tk, _tv):
+    """The primal's backward; a q, k or v that got no grad counts as a zero one."""
+    if dq is None or dk is None or dv is None:
+        zero = bshd_empty(ctx.saved_tensors[0], ctx.num_heads).zero_()
+        dq, dk, dv = (zero if g is None else g for g in (dq, dk, dv))
+    return *_backward_fn(ctx, dq, dk, dv), None
+
+
+qk_norm_rope_dual_op.register_autograd(_dual_backward_fn, setup_context=_setup_context)
+
+
 def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=ref.RMS_EPS, bias=None):
     if not use_kernel(qkv):
         return ref.qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps, bias)
     return qk_norm_rope_op(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)
+
+
+def qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps=ref.RMS_EPS,
+                      bias=None):
+    if not use_kernel(qkv):
+        return ref.qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps,
+                                     bias)
+    return qk_norm_rope_dual_op(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv)

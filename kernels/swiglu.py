@@ -34,12 +34,20 @@ def _halves(X12, B12, rows, cols, mask, F, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_fwd(X12, B12, OUT, F, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_fwd(X12, B12, OUT, T12, TOUT, F, HAS_BIAS: tl.constexpr, TANGENT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """One row's block of columns; with TANGENT also the tangent along T12 (laid out as x12):
+    silu'(a)·ȧ·b + silu(a)·ḃ."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
     a, b = _halves(X12, B12, row, cols, mask, F, HAS_BIAS)
-    tl.store(OUT + row * F + cols, a * tl.sigmoid(a) * b, mask=mask)
+    sig = tl.sigmoid(a)
+    tl.store(OUT + row * F + cols, a * sig * b, mask=mask)
+    if TANGENT:
+        ta, tb = _halves(T12, T12, row, cols, mask, F, False)
+        tout = sig * (1.0 + a * (1.0 - sig)) * ta * b + a * sig * tb
+        tl.store(TOUT + row * F + cols, tout, mask=mask)
 
 
 @autotune(BWD_CONFIGS, key=["F", "HAS_BIAS"])
@@ -86,19 +94,41 @@ def _rows_and_width(x12):
     return x12.numel() // (2 * F), F
 
 
-@torch.library.custom_op("jitfast::swiglu", mutates_args=())
-def swiglu_op(x12: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _forward(x12, bias, t12=None):
+    """(out,), and with the tangent t12 of x12 (out, tout)."""
     x12 = x12.contiguous()
     rows, F = _rows_and_width(x12)
-    out = x12.new_empty(*x12.shape[:-1], F)
-    _swiglu_fwd[(rows, triton.cdiv(F, BLOCK))](x12, bias, out, F, HAS_BIAS=bias is not None,
-                                               BLOCK=BLOCK)
-    return out
+    outputs = [x12.new_empty(*x12.shape[:-1], F) for _ in range(1 if t12 is None else 2)]
+    if t12 is not None:
+        t12 = t12.contiguous()
+    _swiglu_fwd[(rows, triton.cdiv(F, BLOCK))](x12, bias, outputs[0], t12, outputs[-1], F,
+                                               HAS_BIAS=bias is not None,
+                                               TANGENT=t12 is not None, BLOCK=BLOCK)
+    return outputs
+
+
+@torch.library.custom_op("jitfast::swiglu", mutates_args=())
+def swiglu_op(x12: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(x12, bias)[0]
 
 
 @swiglu_op.register_fake
 def _(x12, bias):
     return x12.new_empty(*x12.shape[:-1], x12.shape[-1] // 2)
+
+
+@torch.library.custom_op("jitfast::swiglu_dual", mutates_args=())
+def swiglu_dual_op(x12: torch.Tensor, bias: Optional[torch.Tensor], t12: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, tout): swiglu and its tangent along t12, one pass; gradients through out only."""
+    out, tout = _forward(x12, bias, t12)
+    return out, tout
+
+
+@swiglu_dual_op.register_fake
+def _(x12, bias, t12):
+    shape = (*x12.shape[:-1], x12.shape[-1] // 2)
+    return x12.new_empty(shape), x12.new_empty(shape)
 
 
 @torch.library.custom_op("jitfast::swiglu_backward", mutates_args=())
@@ -123,7 +153,9 @@ def _(dout, x12, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    if isinstance(output, tuple):  # the dual op: its tangent gets no grad
+        ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*inputs[:2])
 
 
 def _backward_fn(ctx, dout):
@@ -133,9 +165,17 @@ def _backward_fn(ctx, dout):
 
 
 swiglu_op.register_autograd(_backward_fn, setup_context=_setup_context)
+swiglu_dual_op.register_autograd(lambda ctx, dout, _: (*_backward_fn(ctx, dout), None),
+                                 setup_context=_setup_context)
 
 
 def swiglu(x12, bias=None):
     if not use_kernel(x12):
         return ref.swiglu(x12, bias)
     return swiglu_op(x12, bias)
+
+
+def swiglu_dual(x12, t12, bias=None):
+    if not use_kernel(x12):
+        return ref.swiglu_dual(x12, t12, bias)
+    return swiglu_dual_op(x12, bias, t12)

@@ -113,19 +113,21 @@ def qk_case(B, grid, prefix, H, hd, real_tables, bias=False):
                         id=f"qk_norm_rope-{'bias-' if bias else ''}{B}x{N}x{H}x{hd}")
 
 
-def patch_embed_case(B, C, H, W, p, K, D, noisy=False):
+def patch_embed_case(B, C, H, W, p, K, D, noisy=False, learned_pos=False):
     """With noisy, the training objective's input z = t·x + (1 - t)·s·noise formed inside: the
-    grads of x and of the noise too."""
+    grads of x and of the noise too; with learned_pos, the position table's grad (pMF's)."""
     def make(r):
         pos = r(1, (H // p) * (W // p), D)
         inputs = [r(B, C, H, W), r(K, C, p, p), r(D, K, 1, 1), r(D)]
+        if learned_pos:
+            return inputs + [pos], lambda f, x, w1, w2, b2, pos: f(x, w1, w2, b2, pos)
         if not noisy:
             return inputs, lambda f, x, w1, w2, b2: f(x, w1, w2, b2, pos)
         t = torch.linspace(0.1, 0.9, B, device=DEVICE)
         return (inputs + [r(B, C, H, W)],
                 lambda f, x, w1, w2, b2, noise: f(x, w1, w2, b2, pos, noise, t, 1.7))
-    return pytest.param("patch_embed", make, id=f"patch_embed-{'noisy-' if noisy else ''}"
-                                                f"{B}x{C}x{H}x{W}-p{p}-{K}-{D}")
+    kind = "noisy-" if noisy else "pos-" if learned_pos else ""
+    return pytest.param("patch_embed", make, id=f"patch_embed-{kind}{B}x{C}x{H}x{W}-p{p}-{K}-{D}")
 
 
 def output_head_case(B, grid, p, C, D):
@@ -167,6 +169,7 @@ CASES = [
     patch_embed_case(2, 1, 18, 30, 6, 20, 40), patch_embed_case(2, 3, 12, 12, 6, 12, 40),
     patch_embed_case(3, 3, 12, 12, 4, 16, 72, noisy=True),
     patch_embed_case(2, 1, 18, 30, 6, 20, 40, noisy=True),
+    patch_embed_case(2, 3, 12, 12, 4, 16, 40, learned_pos=True),
     output_head_case(1, 2, 4, 3, 40), output_head_case(3, 3, 4, 3, 72),
     output_head_case(2, 5, 2, 1, 40),
 ]
@@ -423,6 +426,15 @@ def opcheck_cases():
         (jf.patch_embed_backward, (randn(B, 6, D), img, None, None, 1.0, w1, w2, False)),
         (jf.output_head, (u, wo, bo, p, C)),
         (jf.output_head_v_loss, (randn(B, 4, D), wo, bo, randn(B, C, 8, 8), t, p, 0.05)),
+        (jf.residual_norm_dual, (x, h, gate, bias, w, shift, scale, 1e-6, 2, None, dx, du)),
+        (jf.residual_norm_dual, (x, None, None, None, w, shift, scale, 1e-6, 0, torch.bfloat16,
+                                 dx, None)),
+        (jf.residual_norm_dual, (x, h, gate, None, None, None, None, 1e-6, 0, None, dx, du)),
+        (jf.qk_norm_rope_dual, (qkv, randn(3 * H * hd), H, randn(hd), randn(hd), cos, sin, 1e-6,
+                                randn(B, N, 3 * H * hd))),
+        (jf.swiglu_dual, (randn(B, N, 2 * D), None, randn(B, N, 2 * D))),
+        (jf.patch_embed_dual, (img, w1, w2, b2, randn(1, 6, D), randn(B, C, 8, 12))),
+        (jf.attention_jvp, (dq, dq * 2, dq * 3, dq * 4, dq * 5, dq * 6)),
         (jf.adamw_ema_, (x, dx, randn(B, N, D), randn(B, N, D).abs(),
                          torch.tensor([1e-3, 10.0, 3.0], device=DEVICE), 0.9, 0.95, 1e-8, 0.1,
                          randn(B, N, D), 0.99, None, 0.0, x.to(torch.bfloat16))),
@@ -446,9 +458,10 @@ OPCHECK_IDS = [f"{op.__name__}-{i}" for i, (op, _) in enumerate(opcheck_cases())
 def test_opcheck(case):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes) checks; the
     forward ops get inputs that require grad, so their backward is exercised too (all but the
-    sampler's step, which is inference only, and the optimizer's in-place update)."""
+    sampler's step, which is inference only, the optimizer's in-place update and attention's
+    tangent, which no gradient goes through)."""
     op, args = opcheck_cases()[case]
-    if not op.__name__.endswith(("_backward", "_")) and op.__name__ != "output_head_step":
+    if not op.__name__.endswith(("_backward", "_", "_jvp")) and op.__name__ != "output_head_step":
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)
 
@@ -460,7 +473,7 @@ def test_every_kernel_has_its_own_name():
 
     found = {}
     for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu", "v_loss",
-                   "adamw_ema"):
+                   "adamw_ema", "attention_jvp"):
         try:
             mod = importlib.import_module(f"jitfast.kernels.{module}")
         except ModuleNotFoundError:

@@ -128,3 +128,92 @@ def adamw_ema_(param, grad, exp_avg, exp_avg_sq, scalars, betas, eps, weight_dec
         ema.lerp_(param, 1 - decay)
     if copy is not None:
         copy.copy_(param)
+
+
+# --- Forward-mode derivatives (JVPs) of the ops: value and tangent -------------------------------
+# pMF's objective differentiates the network forward along (dz, dt, dr); each op's *_dual returns
+# its outputs, then their tangents for the inputs' tangents t* (parameters have none). Written out
+# (tests/test_kernels_dual.py holds each to torch.func.jvp of the op above), they are the torch
+# backend's dual ops and the reference of the fused kernels' dual forms.
+
+def _normalized_tangent(x, tx, eps):
+    """(x̂, rstd, d(x̂) along tx) of an RMSNorm over the last dim, in float32."""
+    x, tx = x.float(), tx.float()
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x_hat = x * rstd
+    return x_hat, rstd, rstd * (tx - x_hat * (x_hat * tx).mean(-1, keepdim=True))
+
+
+def rms_norm_modulate_dual(x, weight, shift, scale, tx, eps=RMS_EPS):
+    """(u, tu): rms_norm_modulate and its tangent along tx."""
+    _, _, t_hat = _normalized_tangent(x, tx, eps)
+    return (rms_norm_modulate(x, weight, shift, scale, eps),
+            (weight * t_hat).to(x.dtype) * (1 + scale.unsqueeze(1)))
+
+
+def gated_residual_dual(x, h, gate, tx, th, h_bias=None):
+    """(x_new, tx_new): gated_residual and its tangent tx + gate·th."""
+    return gated_residual(x, h, gate, h_bias), tx + gate.unsqueeze(1) * th
+
+
+def gated_residual_rms_norm_modulate_dual(x, h, gate, weight, shift, scale, tx, th,
+                                          eps=RMS_EPS, h_bias=None, skip=0):
+    """(x_new, u, tx_new, tu): gated_residual_rms_norm_modulate and its tangents."""
+    x_new, tx_new = gated_residual_dual(x, h, gate, tx, th, h_bias)
+    u, tu = rms_norm_modulate_dual(x_new[:, skip:], weight, shift, scale, tx_new[:, skip:], eps)
+    return x_new, u, tx_new, tu
+
+
+def qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps=RMS_EPS,
+                      bias=None):
+    """(q, k, v, tq, tk, tv): qk_norm_rope and its tangents along tqkv (RoPE is linear)."""
+    q, k, v = qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps, bias)
+    B, N, _ = tqkv.shape
+    tq, tk, tv = tqkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    if bias is not None:
+        qkv = qkv + bias
+    xq, xk, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+    tangents = []
+    for x, t, w in ((xq, tq, q_weight), (xk, tk, k_weight)):
+        tangents.append(rope((w * _normalized_tangent(x, t, eps)[2]).to(x.dtype), cos, sin))
+    return q, k, v, *tangents, tv
+
+
+def swiglu_dual(x12, t12, bias=None):
+    """(out, tout): swiglu and its tangent along t12."""
+    if bias is not None:
+        x12 = x12 + bias
+    a, b = x12.float().chunk(2, dim=-1)
+    ta, tb = t12.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(a)
+    tout = sig * (1 + a * (1 - sig)) * ta * b + a * sig * tb
+    return swiglu(x12), tout.to(x12.dtype)
+
+
+def patch_embed_dual(x, w1, w2, b2, pos, tx):
+    """(out, tout): patch_embed and its tangent along tx (linear: no bias, no position)."""
+    p = w1.shape[-1]
+    tout = patchify(tx, p) @ w1.reshape(w1.shape[0], -1).t() @ w2.reshape(w2.shape[0], -1).t()
+    return patch_embed(x, w1, w2, b2, pos), tout
+
+
+def attention(q, k, v):
+    """softmax(q kᵀ/√hd) v on (B, H, N, hd), in float32 (the math every backend computes)."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / q.shape[-1] ** 0.5
+    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
+
+
+def attention_dual(q, k, v, tq, tk, tv):
+    """(o, to): attention and its tangent, with P = softmax(S), S = q kᵀ/√hd:
+    to = (P ⊙ (Ṡ - rowsum(P ⊙ Ṡ))) v + P ṫv, Ṡ = (ṫq kᵀ + q ṫkᵀ)/√hd."""
+    scale = q.shape[-1] ** -0.5
+    q, k, v, tq, tk, tv = (t.float() for t in (q, k, v, tq, tk, tv))
+    probs = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+    ts = (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) * scale
+    tprobs = probs * (ts - (probs * ts).sum(-1, keepdim=True))
+    return (probs @ v).to(tv.dtype), (tprobs @ v + probs @ tv).to(tv.dtype)
+
+
+def attention_tangent(q, k, v, tq, tk, tv):
+    """The tangent alone of ``attention_dual``."""
+    return attention_dual(q, k, v, tq, tk, tv)[1]

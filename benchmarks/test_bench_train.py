@@ -6,7 +6,8 @@ import pytest
 
 from conftest import DEVICE, ON_CUDA, skip_unless_cuda
 from jitfast.measure.throughput import TRAIN_FACTOR, forward_flops
-from jitfast.measure.workloads import TRAIN_VARIANTS, cuda_only, training_step
+from jitfast.measure.workloads import (TRAIN_VARIANTS, cuda_only, jit_loss_step, pmf_loss_step,
+                                       training_step)
 
 # (preset, image size, batch)
 SIZES = [("JiT-B/16", 256, 128), ("JiT-B/16", 256, 256), ("JiT-L/16", 256, 64),
@@ -23,3 +24,25 @@ def test_train_step(measure, size, variant):
             variant, baseline=variant == next(iter(TRAIN_VARIANTS)), images=batch,
             flops=TRAIN_FACTOR * forward_flops(preset, image) * batch, preset=preset,
             shape=f"{batch}x{image}px")
+
+
+# (JiT preset, pMF configuration of the same width, image size, batch): pMF-B/16 is JiT-B/16's
+# width and heads with 16 + 8 blocks (8 shared, 8 a head) at 276 tokens; pMF-T/8 is JiT-T/8's
+PAIRS = [("JiT-B/16", "pMF-B/16", 256, 64)] if ON_CUDA else [("JiT-T/8", "pMF-T/8", 64, 8)]
+
+
+@pytest.mark.parametrize("family", ["JiT", "pMF"])
+@pytest.mark.parametrize("pair", PAIRS, ids=[f"{p[1]}-b{p[3]}" for p in PAIRS])
+def test_loss_backward(measure, pair, family):
+    """The loss and its backward, no optimizer: JiT's objective (the baseline) beside pMF's
+    (its v-head guidance pass, the JVP pass with tangents through the fused ops, the backward),
+    with the network passes of pMF's step in the row."""
+    jit, pmf, image, batch = pair
+    if family == "JiT":
+        fn, info = jit_loss_step(jit, image, batch, DEVICE), {}
+    else:
+        fn, objective = pmf_loss_step(pmf, image, batch, DEVICE)
+        info = {"passes": objective.passes(batch)}
+    measure(fn, f"loss + backward {pmf} vs {jit} batch {batch}", "train", family,
+            baseline=family == "JiT", images=batch, preset=jit if family == "JiT" else pmf,
+            shape=f"{batch}x{image}px", **info)

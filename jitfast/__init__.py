@@ -15,6 +15,7 @@ from jitfast.diffusion.denoiser import Denoiser
 from jitfast.export import export
 from jitfast.io import pretrained
 from jitfast.io.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from jitfast.diffusion.pmf_objective import PMFDraws, PMFObjective
 from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.network.model import JiT
 from jitfast.network.pmf import PMF
@@ -34,5 +35,6 @@ PMF.save_pretrained = pretrained.save_pretrained
 # runpy warns about that, harmlessly
 warnings.filterwarnings("ignore", r"'jitfast\.export' found in sys\.modules", RuntimeWarning)
 
-__all__ = ["JiT", "JiT_models", "PMF", "PMF_models", "PMFSampler", "Denoiser", "EMA",
-           "load_checkpoint", "read_checkpoint", "save_checkpoint", "CheckpointError", "export", "transfer", "TransferError"]
+__all__ = ["JiT", "JiT_models", "PMF", "PMF_models", "PMFSampler", "PMFObjective", "PMFDraws",
+           "Denoiser", "EMA", "load_checkpoint", "read_checkpoint", "save_checkpoint",
+           "CheckpointError", "export", "transfer", "TransferError"]

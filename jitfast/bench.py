@@ -84,10 +84,16 @@ def trace_report(args):
         trace = traced.sampling(args.preset or "JiT-B/16", args.image_size or 256,
                                 args.batch or 1, args.method, args.steps or 50, args.cfg,
                                 tuple(args.interval), args.schedule, args.backend)
+    elif args.work == "pmf-train":
+        trace = traced.pmf_loss_step(args.preset or "pMF-B/16", args.image_size or 256,
+                                     args.batch or 128, args.backend)
     else:
         trace = traced.pmf_sampling(args.preset or "pMF-B/16", args.image_size or 256,
                                     args.batch or 1, args.steps or 1, args.backend)
     text = trace.table(args.top)
+    if "passes" in trace.notes:
+        text += "\n\nexamples a network pass: " + ", ".join(
+            f"{name} {n}" for name, n in trace.notes["passes"].items())
     if "evaluations" in trace.notes:
         evals = trace.notes["evaluations"]
         total = trace.total()
@@ -161,10 +167,15 @@ def main(argv=None):
     prof.add_argument("--out", help="also write the markdown to this file")
     trace = sub.add_parser("trace", help="a training step or sampling run traced on fake tensors "
                                          "and priced on the H200's roofline (no GPU needed)")
-    trace.add_argument("work", nargs="?", default="train", choices=("train", "sample", "pmf"))
-    trace.add_argument("--preset", help="default: JiT-B/16 (train, sample), pMF-B/16 (pmf)")
+    trace.add_argument("work", nargs="?", default="train",
+                       choices=("train", "sample", "pmf", "pmf-train"),
+                       help="a JiT training step, a JiT sampling run, pMF's sampling, or pMF's "
+                            "objective and backward")
+    trace.add_argument("--preset", help="default: JiT-B/16 (train, sample), pMF-B/16 (pmf, "
+                                        "pmf-train)")
     trace.add_argument("--image-size", type=int, help="default: 256")
-    trace.add_argument("--batch", type=int, help="default: 128 (train), 1 (sample, pmf)")
+    trace.add_argument("--batch", type=int,
+                       help="default: 128 (train, pmf-train), 1 (sample, pmf)")
     trace.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
                        help="the model's ops; auto: as on CUDA, the Triton kernels")
     trace.add_argument("--method", default="heun", help="sampler (sample)")

@@ -3,7 +3,7 @@ model, CPU minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model Ji
 --data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
 
 Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
-are functions of (seed, step, example) (``jitfast.training.draws``), and the global RNG (dropout) is
+are functions of (seed, step, example) (``jitfast.diffusion.draws``), and the global RNG (dropout) is
 re-seeded from (seed, step, rank) every step. So a resumed run repeats an uninterrupted one loss
 for loss, and N processes with global batch B reproduce one process with batch B.
 """
@@ -17,6 +17,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from jitfast.diffusion.draws import seed_of
 from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
 from jitfast.io.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from jitfast.io.images import image_grid, save_png, to_uint8
@@ -26,7 +27,7 @@ from jitfast.network.transfer import TransferError
 from jitfast.training.build import build, build_optimizer
 from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
                                    open_dataset, to_model_input)
-from jitfast.training.draws import StepDraws, seed_of
+from jitfast.training.draws import StepDraws
 from jitfast.training.ema import EMA
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from jitfast.training.draws import StepDraws, generator_noise, seed_of
+from jitfast.diffusion.draws import generator_noise, seed_of
+from jitfast.training.draws import StepDraws
 
 SHAPE = (3, 5, 7)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the kernel under the interpreter

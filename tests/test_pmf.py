@@ -84,12 +84,17 @@ def test_published_layout_of_every_preset_loads(official_name):
     published = entry["keys"]
     assert config == {**pmf_preset_config(name), "in_channels": 3, "num_classes": 1000,
                       "mlp_hidden": published["net.u_heads.0.mlp.w1._flax_linear.weight"][0][0],
-                      "bottleneck_dim": published["net.x_embedder.proj1.weight"][0][0]}
-    with torch.device("meta"):
-        ours = PMF_models[name](num_classes=1000)
-    expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
-    assert sum(v.numel() for v in converted.values()) == sum(p.numel() for p in ours.parameters())
+                      "bottleneck_dim": published["net.x_embedder.proj1.weight"][0][0],
+                      "v_head": False}
+    for v_head in (False, True):  # the published list holds the v-head: kept on request
+        converted = pmf_from_official(state, v_head=v_head)
+        with torch.device("meta"):
+            ours = PMF_models[name](num_classes=1000, v_head=v_head)
+        expected = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+        assert sum(v.numel() for v in converted.values()) == \
+            sum(p.numel() for p in ours.parameters())
+        assert pmf_config_from_state(converted)["v_head"] == v_head
 
 
 def test_official_mlp_width_rule():

@@ -165,7 +165,8 @@ def load_checkpoint(path, weights=None, device="cpu", backend="auto", family=Non
     weights: "ema1" (what the JiT paper samples with), "ema2" or "model"; None (default):
     "ema1" from a training checkpoint, else the file's one weight set. The architecture is
     inferred from the tensor shapes; keyword overrides (e.g. in_context_start) win. family
-    ("JiT" | "pMF"): refuse a file of the other family.
+    ("JiT" | "pMF"): refuse a file of the other family. v_head=True (pMF): load the
+    training-only v-head too (``PMF(..., v_head=True)``), which the file must hold.
     """
     return model_from_checkpoint(read_checkpoint(path), weights, device, backend, family,
                                  **overrides)
@@ -189,6 +190,8 @@ def model_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", fami
                               f"{loader}.from_pretrained or jitfast.load_checkpoint")
     if found == "pMF":
         return pmf_model_from_state(state, ckpt.get("config"), device, backend, **overrides)
+    if "v_head" in overrides:
+        raise CheckpointError("v_head is pMF's training head; the file holds a JiT network")
     model = JiT(**infer_config(state, ckpt, **overrides), backend=backend)
     check_state_dict(model, state)
     model.load_state_dict(state)

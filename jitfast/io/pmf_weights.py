@@ -19,7 +19,8 @@ from jitfast.network.pmf import PMF, TOKENS
 from jitfast.network.pmf_presets import pmf_preset_of
 
 WRAPPERS = ("._flax_linear.", "._flax_embedding.")
-UNUSED = re.compile(r"(v_heads\.\d+|v_final_layer)\.|rope_freqs$")  # training-only, or fixed
+V_HEAD = re.compile(r"(v_heads\.\d+|v_final_layer)\.")  # training only
+FIXED = re.compile(r"rope_freqs$")  # the RoPE table, made by the network
 FUSED = {".attn.qkv.": (".attn.q_proj.", ".attn.k_proj.", ".attn.v_proj."),
          ".mlp.w13.": (".mlp.w1.", ".mlp.w3.")}
 MARKERS = ("class_tokens", "u_final_layer.", "shared_blocks.", "u_heads.")
@@ -30,14 +31,15 @@ def is_pmf_state(state):
     return any(key.startswith(MARKERS) for key in strip_prefixes(state))
 
 
-def pmf_from_official(state):
+def pmf_from_official(state, v_head=False):
     """jitfast's PMF state dict of an official (or already jitfast-layout) one: prefixes and
-    wrappers stripped, the v-head and RoPE table dropped, q/k/v and w1/w3 concatenated."""
+    wrappers stripped, the RoPE table dropped, and the v-head too unless v_head, q/k/v and w1/w3
+    concatenated."""
     out, parts = {}, {}
     for key, value in strip_prefixes(state).items():
         for wrapper in WRAPPERS:
             key = key.replace(wrapper, ".")
-        if UNUSED.match(key):
+        if FIXED.match(key) or (V_HEAD.match(key) and not v_head):
             continue
         for fused, pieces in FUSED.items():
             index = next((i for i, piece in enumerate(pieces) if piece in key), None)
@@ -83,7 +85,8 @@ def pmf_config_from_state(state):
     return dict(input_size=grid * proj1.shape[-1], patch_size=proj1.shape[-1],
                 in_channels=proj1.shape[1], hidden_size=hidden, depth=shared + heads,
                 num_heads=hidden // head_dim, num_classes=classes, head_depth=heads,
-                mlp_hidden=mlp_hidden, bottleneck_dim=proj1.shape[0])
+                mlp_hidden=mlp_hidden, bottleneck_dim=proj1.shape[0],
+                v_head=any(V_HEAD.match(k) for k in state))
 
 
 def describe(config):
@@ -103,10 +106,17 @@ def check_pmf_state(model, state):
                               + " | ".join(problems))
 
 
-def pmf_model_from_state(state, config=None, device="cpu", backend="auto", **overrides):
+def pmf_model_from_state(state, config=None, device="cpu", backend="auto", v_head=False,
+                         **overrides):
     """A ready PMF (eval mode) from a pMF state dict (official or jitfast layout); its config
-    from the shapes unless given (a model folder's config.json); overrides win."""
-    state = pmf_from_official(state)
+    from the shapes unless given (a model folder's config.json); overrides win. v_head: with the
+    training-only v-head, which the file must hold (else it is not loaded)."""
+    state = pmf_from_official(state, v_head)
+    if v_head and not any(V_HEAD.match(k) for k in state):
+        raise CheckpointError("v_head=True, but the pMF weights hold no v-head (v_heads.N.*, "
+                              "v_final_layer.*): the published inference files may lack it; "
+                              "load without v_head, or train one")
+    config = {**(config or {}), "v_head": v_head}
     inferred = pmf_config_from_state(state)
     if config:
         clashes = {k: (v, inferred[k]) for k, v in config.items()

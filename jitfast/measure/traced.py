@@ -11,6 +11,7 @@ from copy import copy
 import torch
 
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.pmf_objective import PMFDraws, PMFObjective
 from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.diffusion.sampling.trajectory import check_settings, integrate, make_time_grid
 from jitfast.measure.roofline import H200
@@ -22,6 +23,7 @@ from jitfast.training.build import build as build_training
 from jitfast.training.build import build_optimizer
 from jitfast.training.ema import EMA
 from jitfast.training.step import train_step
+from jitfast.util.markers import phase
 
 META = torch.device("meta")
 HOST = torch.device("cpu")  # the fake tensors' device (autograd runs fake CUDA tensors nowhere)
@@ -108,4 +110,35 @@ def with_evaluations(trace):
         launch.op == "_output_head_fwd" or (launch.op == "aten::addmm"
                                             and launch.site.endswith(" output_head"))
         for launch in trace.launches)
+    return trace
+
+
+def pmf_loss_step(preset, image_size, batch, backend="auto", num_classes=NUM_CLASSES,
+                  roofline=H200):
+    """Trace of pMF's objective (the v-head's guidance pass, the JVP pass with tangents through
+    the fused ops) and its backward for a preset with its v-head, under bf16 autocast as on
+    CUDA, with the official defaults; no optimizer (``python -m jitfast.train`` for pMF is not
+    built yet). notes["passes"]: the examples of each network pass."""
+    backend = on_cuda(backend)
+    config = {**pmf_preset_config(preset), "input_size": image_size, "num_classes": num_classes}
+    with META:
+        net = PMF(**config, v_head=True, backend=backend)
+    net.check_values = False
+    with fake_tensors():
+        objective = PMFObjective(faked(net))
+        images = torch.empty(batch, 3, image_size, image_size)
+        labels = torch.zeros(batch, dtype=torch.long)
+        t = torch.empty(batch)
+        draws = PMFDraws(t, t, torch.zeros(batch, dtype=torch.bool), torch.empty_like(images),
+                         t, t, t, torch.zeros(batch, dtype=torch.bool))
+
+        def step():
+            with phase("forward"), torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+                loss = objective.loss(images, labels, draws)[0]
+            with phase("backward"):
+                loss.backward()
+
+        name = f"pMF loss + backward {preset} {image_size}px batch {batch} ({backend})"
+        trace = record(step, name, roofline)
+    trace.notes["passes"] = objective.passes(batch)
     return trace

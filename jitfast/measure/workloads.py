@@ -1,12 +1,14 @@
 """The workloads that the benchmarks time and ``python -m jitfast.bench profile`` profiles: a
 training step and a sampling run of a fresh preset model, in each of their variants, built the
-way ``python -m jitfast.train`` and ``Denoiser.generate`` run them; and pMF's few-step sampling
-run, the way ``PMFSampler.generate`` runs it."""
+way ``python -m jitfast.train`` and ``Denoiser.generate`` run them; pMF's few-step sampling
+run, the way ``PMFSampler.generate`` runs it; and the loss and backward of JiT's objective and
+of pMF's, side by side."""
 from types import SimpleNamespace
 
 import torch
 
 from jitfast.diffusion.denoiser import Denoiser
+from jitfast.diffusion.pmf_objective import PMFObjective
 from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
@@ -113,3 +115,40 @@ def pmf_sampler(name, image, steps, batch, variant, device, dtype=None, backend=
     y = torch.randint(NUM_CLASSES, (batch,), device=device)
     z0 = torch.randn(batch, 3, image, image, device=device)
     return lambda: pmf.generate(y, steps, z0=z0, cuda_graphs=SAMPLE_VARIANTS[variant])
+
+
+def jit_loss_step(preset, image, batch, device, backend="auto"):
+    """A closure running JiT's loss and backward (no optimizer) of a fresh preset model on a
+    fixed random batch, under bf16 autocast on CUDA: the part of a step that pMF's objective
+    replaces, for the ratio of the two."""
+    torch.manual_seed(0)
+    net = build(preset, input_size=image, num_classes=NUM_CLASSES, backend=backend)
+    net.check_values = False
+    denoiser = Denoiser(net, label_drop_prob=0.0).to(device)
+    inputs = random_batch(batch, image, device)
+    return lambda: loss_backward(denoiser, device, lambda: denoiser(*inputs))
+
+
+def pmf_loss_step(name, image, batch, device, backend="auto", **overrides):
+    """A closure running pMF's objective (guidance pass, JVP pass) and its backward on a fresh
+    PMF with the v-head (a preset, or PMF_CUSTOM's), with the official defaults and a fixed
+    step's draws, under bf16 autocast on CUDA. Returns (closure, objective)."""
+    torch.manual_seed(0)
+    with device:
+        net = PMF(**{**pmf_config(name, image), **overrides}, v_head=True, backend=backend)
+    net.check_values = False
+    objective = PMFObjective(net)
+    images, labels, _, _ = random_batch(batch, image, device)
+    draws = objective.draw(batch, seed=0, step=0)
+    return (lambda: loss_backward(net, device,
+                                  lambda: objective.loss(images, labels, draws)[0])), objective
+
+
+def loss_backward(model, device, loss):
+    """loss() under bf16 autocast on CUDA, its backward, the grads dropped."""
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda",
+                        cache_enabled=False):
+        value = loss()
+    value.backward()
+    for p in model.parameters():
+        p.grad = None

@@ -14,13 +14,17 @@ from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
 
 
+def frequencies(t, dim, max_period=10000):
+    """The (1, dim/2) frequencies of the sinusoid, on t's device (a host tensor copied over would
+    crash CUDA-graph capture)."""
+    half = dim // 2
+    steps = torch.arange(half, dtype=torch.float32, device=t.device)
+    return torch.exp(-math.log(max_period) * steps / half)[None]
+
+
 def timestep_embedding(t, dim=256, max_period=10000):
     """(B,) times -> (B, dim) sinusoid, cosine half first."""
-    half = dim // 2
-    # made on t's device: a host tensor copied over would crash CUDA-graph capture
-    steps = torch.arange(half, dtype=torch.float32, device=t.device)
-    freqs = torch.exp(-math.log(max_period) * steps / half)
-    args = t[:, None].float() * freqs[None]
+    args = t[:, None].float() * frequencies(t, dim, max_period)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -34,6 +38,23 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t):
         t_freq = timestep_embedding(t, self.frequency_embedding_size)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # a bf16 model takes bf16
+
+    def forward_dual(self, t, tt):
+        """(embedding, its tangent along tt (B,)): the tangent without gradient."""
+        out = self.forward(t)
+        with torch.no_grad():
+            freqs = frequencies(t, self.frequency_embedding_size)
+            args = t[:, None].float() * freqs
+            t_freq = torch.cat([-torch.sin(args), torch.cos(args)], dim=-1) * freqs.repeat(1, 2)
+            first, second = self.mlp[0], self.mlp[2]
+            dtype = first.weight.dtype
+            a = first(timestep_embedding(t, self.frequency_embedding_size).to(dtype)).float()
+            sig = torch.sigmoid(a)
+            ta = torch.nn.functional.linear((t_freq * tt[:, None].float()).to(dtype),
+                                            first.weight).float()
+            tangent = torch.nn.functional.linear((sig * (1 + a * (1 - sig)) * ta).to(dtype),
+                                                 second.weight)
+        return out, tangent
 
 
 class LabelEmbedder(nn.Module):

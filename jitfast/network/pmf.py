@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d
 from jitfast.network.attention import attention
@@ -42,6 +43,13 @@ def default_bottleneck(hidden_size):
     return 128 if hidden_size <= 1024 else 256
 
 
+def tangent_linear(linear, tx):
+    """A bias-free Linear's tangent along tx: tx·Wᵀ, without gradient (pMF stops the gradient of
+    its JVP)."""
+    with torch.no_grad():
+        return F.linear(tx, linear.weight)
+
+
 class PMFAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -57,6 +65,18 @@ class PMFAttention(nn.Module):
                                    self.k_norm.weight, *rope)
         return self.out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
+    def forward_dual(self, x, tx, rope, ops):
+        """(output, its tangent along tx): the value through SDPA (its backward as always), the
+        tangent through the dual ops and attention's flash-style tangent."""
+        B, N, D = x.shape
+        q, k, v, tq, tk, tv = ops.qk_norm_rope_dual(
+            self.qkv(x), self.num_heads, self.q_norm.weight, self.k_norm.weight, *rope,
+            tangent_linear(self.qkv, tx))
+        out = self.out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        with torch.no_grad():
+            t_attn = ops.attention_tangent(q, k, v, tq, tk, tv).transpose(1, 2).reshape(B, N, D)
+        return out, tangent_linear(self.out_proj, t_attn)
+
 
 class PMFMlp(nn.Module):
     def __init__(self, dim, hidden):
@@ -66,6 +86,10 @@ class PMFMlp(nn.Module):
 
     def forward(self, x, ops):
         return self.w2(ops.swiglu(self.w13(x)))
+
+    def forward_dual(self, x, tx, ops):
+        hidden, t_hidden = ops.swiglu_dual(self.w13(x), tangent_linear(self.w13, tx))
+        return self.w2(hidden), tangent_linear(self.w2, t_hidden)
 
 
 class PMFBlock(nn.Module):
@@ -88,6 +112,17 @@ class PMFBlock(nn.Module):
             x, self.attn(u, rope, ops), self.attn_scale.expand(B, -1), self.norm2.weight,
             zeros, zeros)
         return ops.gated_residual(x, self.mlp(u, ops), self.mlp_scale.expand(B, -1))
+
+    def forward_dual(self, x, tx, rope, ops, zeros):
+        """(x, tx) through the block: its output and tangent, each op value and tangent in one
+        pass."""
+        B = x.shape[0]
+        u, tu = ops.rms_norm_modulate_dual(x, self.norm1.weight, zeros, zeros, tx)
+        h, th = self.attn.forward_dual(u, tu, rope, ops)
+        x, u, tx, tu = ops.gated_residual_rms_norm_modulate_dual(
+            x, h, self.attn_scale.expand(B, -1), self.norm2.weight, zeros, zeros, tx, th)
+        h, th = self.mlp.forward_dual(u, tu, ops)
+        return ops.gated_residual_dual(x, h, self.mlp_scale.expand(B, -1), tx, th)
 
 
 class PMFFinalLayer(nn.Module):
@@ -126,7 +161,7 @@ class PMF(nn.Module):
 
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=16,
                  num_heads=12, num_classes=1000, head_depth=8, mlp_hidden=None,
-                 bottleneck_dim=None, backend="auto"):
+                 bottleneck_dim=None, v_head=False, backend="auto"):
         super().__init__()
         check_geometry(input_size, patch_size, hidden_size, num_heads)
         if not 0 < head_depth <= depth:
@@ -137,7 +172,7 @@ class PMF(nn.Module):
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads,
                            num_classes=num_classes, head_depth=head_depth, mlp_hidden=mlp_hidden,
-                           bottleneck_dim=bottleneck_dim)
+                           bottleneck_dim=bottleneck_dim, v_head=v_head)
         self.input_size, self.patch_size = input_size, patch_size
         self.in_channels = self.out_channels = in_channels
         self.num_classes = num_classes
@@ -163,6 +198,10 @@ class PMF(nn.Module):
         self.u_heads = nn.ModuleList(
             PMFBlock(hidden_size, num_heads, mlp_hidden) for _ in range(head_depth))
         self.u_final_layer = PMFFinalLayer(hidden_size, patch_size, in_channels)
+        if v_head:  # training only: the instantaneous velocity's head, beside the u-head
+            self.v_heads = nn.ModuleList(
+                PMFBlock(hidden_size, num_heads, mlp_hidden) for _ in range(head_depth))
+            self.v_final_layer = PMFFinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -171,7 +210,7 @@ class PMF(nn.Module):
         D = self.config["hidden_size"]
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 0.32 if name.startswith(("shared_blocks", "u_heads")) else 1.0
+                scale = 0.32 if name.startswith(("shared_blocks", "u_heads", "v_heads")) else 1.0
                 nn.init.normal_(module.weight, std=scale / math.sqrt(module.in_features))
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -182,7 +221,15 @@ class PMF(nn.Module):
         for name, _ in TOKENS:
             nn.init.normal_(getattr(self, f"{name}_tokens"), std=1 / math.sqrt(D))
         nn.init.normal_(self.pos_embed, std=0.02)
-        nn.init.zeros_(self.u_final_layer.linear.weight)
+        for final in self.final_layers():
+            nn.init.zeros_(final.linear.weight)
+
+    def final_layers(self):
+        return (self.u_final_layer, *((self.v_final_layer,) if self.has_v_head else ()))
+
+    @property
+    def has_v_head(self):
+        return self.config["v_head"]
 
     @property
     def blocks(self):
@@ -210,24 +257,35 @@ class PMF(nn.Module):
         return torch.cat([getattr(self, f"{name}_tokens") + embeddings[name].unsqueeze(1)
                           for name, _ in TOKENS], dim=1)
 
-    def forward(self, z, t, h, omega, t_min, t_max, y=None, head=None):
-        self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
-        ops = ops_for(self.backend, z.device)
+    def embed(self, z, h, omega, t_min, t_max, y, ops, tz=None, th=None):
+        """The token sequence (B, 20 + N, D) of the network's inputs, and with the tangents tz
+        of z and th of h (B,) its tangent (the other inputs have none)."""
         if y is None:
-            y = torch.full_like(t, self.num_classes, dtype=torch.long)
+            y = torch.full_like(h, self.num_classes, dtype=torch.long)
         prefix = self.prefix_tokens(h, omega, t_min, t_max, y)
         pos = self.pos_embed
         embed = self.x_embedder
         # the embedding takes z in the weights' dtype (a bf16 network, float32 sampler state),
         # as JiT's sampler passes it; the velocity and the update read the float32 z
-        patches = ops.patch_embed(z.to(embed.proj1.weight.dtype), embed.proj1.weight,
-                                  embed.proj2.weight, embed.folded_bias(), pos[:, self.num_prefix:])
+        dtype = embed.proj1.weight.dtype
+        args = (embed.proj1.weight, embed.proj2.weight, embed.folded_bias(),
+                pos[:, self.num_prefix:])
+        if tz is None:
+            patches = ops.patch_embed(z.to(dtype), *args)
+            return torch.cat([(prefix + pos[:, :self.num_prefix]).to(patches.dtype), patches],
+                             dim=1)
+        patches, t_patches = ops.patch_embed_dual(z.to(dtype), *args, tz.to(dtype))
         x = torch.cat([(prefix + pos[:, :self.num_prefix]).to(patches.dtype), patches], dim=1)
+        _, t_time = self.h_embedder.forward_dual(h, th)
+        t_prefix = torch.zeros_like(x[:, :self.num_prefix])
+        start = self.num_prefix - dict(TOKENS)["time"]  # the time tokens come last
+        t_prefix[:, start:] = t_time.unsqueeze(1).to(t_prefix.dtype)
+        return x, torch.cat([t_prefix, t_patches.to(x.dtype)], dim=1)
+
+    def readout(self, x, final, z, t, ops, head=None):
+        """The final layer over the patch tokens of x: the velocity (z - x̂)/max(t, 0.05), or
+        head(tokens, weight, bias) of the final Linear's input tokens."""
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
-        rope = (self.rope_cos, self.rope_sin)
-        for block in self.blocks:
-            x = block(x, rope, ops, zeros)
-        final = self.u_final_layer
         u = ops.rms_norm_modulate(x[:, self.num_prefix:], final.norm.weight, zeros, zeros)
         if head is not None:
             return head(u, final.linear.weight, final.linear.bias)
@@ -235,7 +293,73 @@ class PMF(nn.Module):
                                 self.out_channels)
         return average_velocity(z, x_hat, t)
 
+    def run(self, x, blocks, ops):
+        zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
+        rope = (self.rope_cos, self.rope_sin)
+        for block in blocks:
+            x = block(x, rope, ops, zeros)
+        return x
+
+    def forward(self, z, t, h, omega, t_min, t_max, y=None, head=None):
+        self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
+        ops = ops_for(self.backend, z.device)
+        x = self.run(self.embed(z, h, omega, t_min, t_max, y, ops), self.blocks, ops)
+        return self.readout(x, self.u_final_layer, z, t, ops, head)
+
+    def velocities(self, z, t, h, omega, t_min, t_max, y=None, u=True):
+        """(u, v): the average velocity and the v-head's instantaneous one; with u=False v alone
+        (the u-head not run). Needs the v-head."""
+        self.check_v_head()
+        self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
+        ops = ops_for(self.backend, z.device)
+        trunk = self.run(self.embed(z, h, omega, t_min, t_max, y, ops), self.shared_blocks, ops)
+        v = self.readout(self.run(trunk, self.v_heads, ops), self.v_final_layer, z, t, ops)
+        if not u:
+            return v
+        return self.readout(self.run(trunk, self.u_heads, ops), self.u_final_layer, z, t,
+                            ops), v
+
+    def forward_dual(self, z, t, h, omega, t_min, t_max, y, tz, tt, th):
+        """(u, du, v): the average velocity u, its derivative du along the tangents (tz, tt, th)
+        of (z, t, h) (the JVP, without gradient), and the v-head's v (no tangent); gradients
+        flow through u and v. Each fused op carries value and tangent in one pass; the v-head
+        runs on the trunk's value alone."""
+        self.check_v_head()
+        self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
+        ops = ops_for(self.backend, z.device)
+        x, tx = self.embed(z, h, omega, t_min, t_max, y, ops, tz, th)
+        zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
+        rope = (self.rope_cos, self.rope_sin)
+        for block in self.shared_blocks:
+            x, tx = block.forward_dual(x, tx, rope, ops, zeros)
+        v = self.readout(self.run(x, self.v_heads, ops), self.v_final_layer, z, t, ops)
+        for block in self.u_heads:
+            x, tx = block.forward_dual(x, tx, rope, ops, zeros)
+        final = self.u_final_layer
+        P = self.num_prefix
+        tokens, t_tokens = ops.rms_norm_modulate_dual(x[:, P:], final.norm.weight, zeros, zeros,
+                                                      tx[:, P:])
+        x_hat = ops.output_head(tokens, final.linear.weight, final.linear.bias, self.patch_size,
+                                self.out_channels)
+        with torch.no_grad():
+            t_x_hat = ops.output_head(t_tokens, final.linear.weight,
+                                      torch.zeros_like(final.linear.bias), self.patch_size,
+                                      self.out_channels)
+            c = t.float().clamp(U_T_MIN, 1.0).view(-1, 1, 1, 1)
+            inside = ((t > U_T_MIN) & (t < 1.0)).float().view(-1, 1, 1, 1)
+            du = ((tz.float() - t_x_hat.float()) / c
+                  - (z.float() - x_hat.detach().float()) * inside * tt.float().view(-1, 1, 1, 1)
+                  / c ** 2)
+        return average_velocity(z, x_hat, t), du, v
+
+    def check_v_head(self):
+        if not self.has_v_head:
+            raise ValueError("this PMF has no v-head (the training-only instantaneous velocity "
+                             "head): build it with PMF(..., v_head=True), or load a file that "
+                             "holds one with load_checkpoint(path, v_head=True)")
+
 
 def average_velocity(z, x_hat, t):
-    """u = (z - x̂)/max(t, 0.05), in float32: pMF's reading of the network's x-prediction."""
-    return (z.float() - x_hat.float()) / t.float().clamp(min=U_T_MIN).view(-1, 1, 1, 1)
+    """u = (z - x̂)/clip(t, 0.05, 1), in float32: pMF's reading of the network's
+    x-prediction."""
+    return (z.float() - x_hat.float()) / t.float().clamp(U_T_MIN, 1.0).view(-1, 1, 1, 1)

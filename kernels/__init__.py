@@ -16,7 +16,7 @@ from .attention_jvp import attention_tangent
 from .norm import (gated_residual, gated_residual_dual, gated_residual_rms_norm_modulate,
                    gated_residual_rms_norm_modulate_dual, rms_norm, rms_norm_modulate,
                    rms_norm_modulate_dual)
-from .output_head import output_head, output_head_step, output_head_velocity
+from .output_head import output_head, output_head_step, output_head_velocity, pmf_head_dual
 from .patch_embed import patch_embed, patch_embed_dual
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_dual
 from .swiglu import swiglu, swiglu_dual
@@ -25,5 +25,5 @@ from .v_loss import output_head_v_loss
 __all__ = ["adamw_ema_", "attention_tangent", "gated_residual", "gated_residual_dual",
            "gated_residual_rms_norm_modulate", "gated_residual_rms_norm_modulate_dual",
            "output_head", "output_head_step", "output_head_v_loss", "output_head_velocity",
-           "patch_embed", "patch_embed_dual", "qk_norm_rope", "qk_norm_rope_dual", "rms_norm",
+           "patch_embed", "patch_embed_dual", "pmf_head_dual", "qk_norm_rope", "qk_norm_rope_dual", "rms_norm",
            "rms_norm_modulate", "rms_norm_modulate_dual", "swiglu", "swiglu_dual"]

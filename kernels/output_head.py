@@ -59,8 +59,9 @@ def gather_matmul(IMG, W, tok, n_rows, out, n_out, n_cols, s_wj, s_wo,
 
 @triton.jit
 def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """U[tok] · W[cols]ᵀ + BIAS[cols] in float32, for token rows tok < M and columns cols < P."""
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ADD_BIAS: tl.constexpr = True):
+    """U[tok] · W[cols]ᵀ + BIAS[cols] (without it unless ADD_BIAS) in float32, for token rows
+    tok < M and columns cols < P."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -68,25 +69,41 @@ def _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION: tl.constexpr, BLOCK_
                     mask=(tok < M) & (kk[None, :] < D), other=0.0)
         w = tl.load(W + cols * D + kk[:, None], mask=(kk[:, None] < D) & (cols < P), other=0.0)
         acc += tl.dot(u.to(W.dtype.element_ty), w, input_precision=PRECISION)
-    return acc + tl.load(BIAS + cols, mask=cols < P, other=0.0).to(tl.float32)
+    if ADD_BIAS:
+        acc += tl.load(BIAS + cols, mask=cols < P, other=0.0).to(tl.float32)
+    return acc
 
 
-@autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED", "UPDATE"])
+@autotune(CONFIGS, key=["D", "P", "VELOCITY", "GUIDED", "UPDATE", "DUAL"])
 @triton.jit(do_not_specialize_on_alignment=SCALARS)
-def _output_head_fwd(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, M, D, P, n_tok,
-                     grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET, VELOCITY: tl.constexpr,
-                     GUIDED: tl.constexpr, UPDATE: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _output_head_fwd(U, W, BIAS, OUT, REF, T, CFG, t_eps, DT, V_PREV, BASE, STATE, TU, TREF, TT,
+                     TOUT, M, D, P, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, ROW_BUCKET,
+                     VELOCITY: tl.constexpr, GUIDED: tl.constexpr, UPDATE: tl.constexpr,
+                     DUAL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """OUT = x̂ = head(U) for the M rows of U; with VELOCITY, OUT = v = (x̂ - REF)/max(1 - T,
     t_eps); with GUIDED too, U has M conditional rows then M unconditional ones, combined as
     v_u + CFG·(v_c - v_u). UPDATE also writes the ODE state STATE: "euler" REF + DT·v;
     "heun" (the second evaluation, at REF = BASE + DT·V_PREV) BASE + DT·(V_PREV + v)/2, and
-    then OUT, which nothing needs, is not written."""
+    then OUT, which nothing needs, is not written. DUAL (pMF's average velocity and its JVP):
+    OUT = u = (REF - x̂)/clip(T, t_eps, 1) at pMF's time T, and TOUT its tangent along the
+    tangents TU of U, TREF of REF and TT of T: (TREF - x̂')/c - u·c'(T)·TT/c, x̂' = TU·Wᵀ."""
     tok = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     out = _linear_tile(U, W, BIAS, tok, cols, M, D, P, PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
     offs = patch_offsets(tok, cols, n_tok, grid_w, p, channels, s_b, s_c, s_h, s_w, True)
     mask = (tok < M) & (cols < P)
+    if DUAL:
+        t = tl.load(T + tok // n_tok, mask=tok < M, other=1.0).to(tl.float32)
+        c = tl.minimum(tl.maximum(t, t_eps), 1.0)
+        inside = ((t > t_eps) & (t < 1.0)).to(tl.float32)
+        u = (tl.load(REF + offs, mask=mask, other=0.0).to(tl.float32) - out) / c
+        t_x_hat = _linear_tile(TU, W, BIAS, tok, cols, M, D, P, PRECISION, BLOCK_M, BLOCK_K,
+                               BLOCK_N, False)
+        t_ref = tl.load(TREF + offs, mask=mask, other=0.0).to(tl.float32)
+        tt = tl.load(TT + tok // n_tok, mask=tok < M, other=0.0).to(tl.float32)
+        tl.store(TOUT + offs, (t_ref - t_x_hat) / c - u * inside * tt / c, mask=mask)
+        out = u
     if VELOCITY:
         t = tl.load(T + tok // n_tok, mask=tok < M, other=0.0).to(tl.float32)
         ref = tl.load(REF + offs, mask=mask, other=0.0).to(tl.float32)
@@ -129,10 +146,11 @@ def _image_shape(u, p, channels, guided=False):
 
 
 def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, dt=None,
-          v_prev=None, base=None):
+          v_prev=None, base=None, dual=None):
     """Launch the forward: x̂, or the velocity (float32) if ref is given, as NCHW; with dt also the
-    next ODE state (see _output_head_fwd). Returns (x̂ or the velocity — empty for Heun's second
-    evaluation, the state or None)."""
+    next ODE state; with dual = (tangent tokens, tangent of ref, tangent of t), pMF's u at ref and
+    t and its tangent (see _output_head_fwd). Returns (x̂, the velocity or u — empty for Heun's
+    second evaluation, the state, u's tangent or None)."""
     u, weight, bias = u.contiguous(), weight.contiguous(), bias.contiguous()
     D, P = u.shape[-1], weight.shape[0]
     shape = _image_shape(u, p, channels, guided=cfg is not None)
@@ -145,12 +163,15 @@ def _head(u, weight, bias, p, channels, ref=None, t=None, cfg=None, t_eps=0.0, d
         ref, t = ref.contiguous(), t.expand(shape[0]).contiguous()
     if update == "heun":
         v_prev, base = v_prev.contiguous(), base.contiguous()
+    tangents = (None, None, None, None)
+    if dual is not None:
+        tangents = (*(x.contiguous() for x in dual), torch.empty_like(out))
     _output_head_fwd[tile_grid(BLOCK_M=M, BLOCK_N=P)](
-        u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev, base, state, M, D, P,
+        u, weight, bias, out, ref, t, cfg, t_eps, dt, v_prev, base, state, *tangents, M, D, P,
         *image_geometry(out if ref is None else ref, p), ROW_BUCKET=row_bucket(M),
-        VELOCITY=ref is not None, GUIDED=cfg is not None, UPDATE=update,
-        PRECISION=dot_precision(weight.dtype))
-    return out, state
+        VELOCITY=ref is not None and dual is None, GUIDED=cfg is not None, UPDATE=update,
+        DUAL=dual is not None, PRECISION=dot_precision(weight.dtype))
+    return out, state if dual is None else tangents[-1]
 
 
 @torch.library.custom_op("jitfast::output_head", mutates_args=())
@@ -197,6 +218,21 @@ def output_head_step_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def _(u, weight, bias, z, t, cfg, dt, v_prev, base, p, t_eps):
     state = torch.empty_like(z, dtype=torch.float32)
     return state, torch.empty_like(state) if v_prev is None else empty(state)
+
+
+@torch.library.custom_op("jitfast::pmf_head_dual", mutates_args=())
+def pmf_head_dual_op(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, z: torch.Tensor,
+                     t: torch.Tensor, tu: torch.Tensor, tz: torch.Tensor, tt: torch.Tensor,
+                     p: int, t_min: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """pMF's head and its JVP in one pass: the average velocity (z - x̂)/clip(t, t_min, 1) of
+    x̂ = head(u) (float32, NCHW) and its tangent along (tu, tz, tt); gradients through the
+    velocity only."""
+    return _head(u, weight, bias, p, z.shape[1], z, t, t_eps=t_min, dual=(tu, tz, tt))
+
+
+@pmf_head_dual_op.register_fake
+def _(u, weight, bias, z, t, tu, tz, tt, p, t_min):
+    return (torch.empty_like(z, dtype=torch.float32), torch.empty_like(z, dtype=torch.float32))
 
 
 @torch.library.custom_op("jitfast::output_head_backward", mutates_args=())
@@ -256,6 +292,32 @@ output_head_velocity_op.register_autograd(_velocity_backward,
                                           setup_context=_velocity_setup_context)
 
 
+def _pmf_setup_context(ctx, inputs, output):
+    u, weight, _, _, t, _, _, _, p, t_min = inputs
+    ctx.p = p
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the tangent gets no grad, not even a zero one
+    inside = (t > t_min) & (t < 1.0)
+    ctx.save_for_backward(u, weight, t.clamp(t_min, 1.0), inside,
+                          output[0] if ctx.needs_input_grad[4] else None)
+
+
+def _pmf_backward(ctx, grad, _):
+    """d/dx̂ = -1/c, d/dz = 1/c, d/dt = -u·c'(t)/c for c = clip(t, t_min, 1); the tangents get
+    no grad."""
+    u, weight, c, inside, velocity = ctx.saved_tensors
+    c = c.view(-1, 1, 1, 1)
+    du, dweight, dbias = output_head_backward((-grad / c).to(u.dtype), u, weight, ctx.p)
+    dz = grad / c if ctx.needs_input_grad[3] else None
+    dt = None
+    if velocity is not None:
+        dt = -(grad * velocity).sum((1, 2, 3)) * inside / c.view(-1)
+    return du, dweight, dbias, dz, dt, None, None, None, None, None
+
+
+pmf_head_dual_op.register_autograd(_pmf_backward, setup_context=_pmf_setup_context)
+
+
 def output_head(x, weight, bias, p, channels):
     """``ops.output_head``; under autocast it runs in autocast's dtype, like F.linear."""
     if not use_kernel(x):
@@ -304,3 +366,14 @@ def _velocity_reference(u, weight, bias, ref, t, p, t_eps, cfg):
         return (image - ref) / denominator
     cond, uncond = ((half - ref) / denominator for half in image.chunk(2))
     return uncond + cfg * (cond - uncond)
+
+
+def pmf_head_dual(u, weight, bias, z, t, tu, tz, tt, p, t_min=0.05):
+    """pMF's average velocity (z - x̂)/clip(t, t_min, 1) of the head's x̂ = head(u), float32
+    NCHW, and its tangent along the tangents tu of u, tz of z and tt (B,) of t, in one pass
+    (``pmf_head_dual_op``); under autocast the matmuls run in its dtype."""
+    if not use_kernel(u):
+        return ref_ops.pmf_head_dual(u, weight, bias, z, t, tu, tz, tt, p, t_min)
+    u, weight, bias, tu = autocast_operands(u, weight, bias, tu)
+    return pmf_head_dual_op(u, weight, bias, z, t, tu, tz, tt, p, t_min)
+

@@ -163,7 +163,8 @@ def _forward(x, w1, w2, b2, pos, noise, t, noise_scale, tx=None):
                for _ in range(1 if tx is None else 2)]
     noisy, noisy_flag = _noisy_args(noise, t, noise_scale)
     _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, *noisy, w1, w2, b2, pos, outputs[0], tx,
-                                           outputs[-1], M, n_cols, K, D, *image_geometry(x, p),
+                                           outputs[1] if tx is not None else None, M, n_cols, K,
+                                           D, *image_geometry(x, p),
                                            ROW_BUCKET=row_bucket(M), NOISY=noisy_flag,
                                            TANGENT=tx is not None,
                                            PRECISION=dot_precision(w1.dtype), BLOCK_K=block(K))
@@ -254,6 +255,7 @@ def _setup_context(ctx, inputs, output):
 def _dual_setup_context(ctx, inputs, output):
     x, w1, w2, b2, pos, _ = inputs
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the tangent gets no grad, not even a zero one
     _setup_context(ctx, (x, w1, w2, b2, pos, None, None, 1.0), output[0])
 
 

@@ -101,7 +101,8 @@ def _forward(x12, bias, t12=None):
     outputs = [x12.new_empty(*x12.shape[:-1], F) for _ in range(1 if t12 is None else 2)]
     if t12 is not None:
         t12 = t12.contiguous()
-    _swiglu_fwd[(rows, triton.cdiv(F, BLOCK))](x12, bias, outputs[0], t12, outputs[-1], F,
+    _swiglu_fwd[(rows, triton.cdiv(F, BLOCK))](x12, bias, outputs[0], t12,
+                                               outputs[1] if t12 is not None else None, F,
                                                HAS_BIAS=bias is not None,
                                                TANGENT=t12 is not None, BLOCK=BLOCK)
     return outputs
@@ -153,8 +154,9 @@ def _(dout, x12, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    if isinstance(output, tuple):  # the dual op: its tangent gets no grad
+    if isinstance(output, tuple):  # the dual op: its tangent gets no grad, not even a zero one
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:2])
 
 

@@ -85,6 +85,17 @@ def attention_case(B, H, N, hd):
                                             m.attention_tangent(q, k, v, tq, tk, tv)))
 
 
+def head_case(B, grid, p, C, D):
+    """pMF's head: the average velocity (z - x̂)/clip(t, 0.05, 1) of x̂ = head(u), along the
+    tangents of u, z and t; one t below 0.05, where clip's derivative vanishes."""
+    w, b = randn(p * p * C, D), randn(p * p * C)
+    t = torch.linspace(0.02, 0.9, B, device=DEVICE)
+    return (lambda u, z, t: (z - ref.output_head(u, w, b, p, C)) / t.clamp(0.05, 1).view(
+                -1, 1, 1, 1),
+            [randn(B, grid * grid, D), randn(B, C, grid * p, grid * p), t],
+            lambda m, u, z, t, tu, tz, tt: m.pmf_head_dual(u, w, b, z, t, tu, tz, tt, p))
+
+
 CASES = {
     "norm-3x37x72": lambda: norm_case(3, 37, 72),
     "norm-1x5x1664": lambda: norm_case(1, 5, 1664),
@@ -102,6 +113,7 @@ CASES = {
     "attention-2x3x11x16": lambda: attention_case(2, 3, 11, 16),
     "attention-1x2x77x20": lambda: attention_case(1, 2, 77, 20),
     "attention-2x12x70x64": lambda: attention_case(2, 12, 70, 64),
+    "pmf-head-3x9x40-p4": lambda: head_case(3, 3, 4, 3, 40),
 }
 
 

@@ -435,6 +435,8 @@ def opcheck_cases():
         (jf.swiglu_dual, (randn(B, N, 2 * D), None, randn(B, N, 2 * D))),
         (jf.patch_embed_dual, (img, w1, w2, b2, randn(1, 6, D), randn(B, C, 8, 12))),
         (jf.attention_jvp, (dq, dq * 2, dq * 3, dq * 4, dq * 5, dq * 6)),
+        (jf.pmf_head_dual, (u, wo, bo, randn(B, C, 8, 8), torch.rand(B, device=DEVICE), u * 2,
+                            randn(B, C, 8, 8), randn(B), p, 0.05)),
         (jf.adamw_ema_, (x, dx, randn(B, N, D), randn(B, N, D).abs(),
                          torch.tensor([1e-3, 10.0, 3.0], device=DEVICE), 0.9, 0.95, 1e-8, 0.1,
                          randn(B, N, D), 0.99, None, 0.0, x.to(torch.bfloat16))),

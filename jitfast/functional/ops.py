@@ -134,7 +134,8 @@ def adamw_ema_(param, grad, exp_avg, exp_avg_sq, scalars, betas, eps, weight_dec
 # pMF's objective differentiates the network forward along (dz, dt, dr); each op's *_dual returns
 # its outputs, then their tangents for the inputs' tangents t* (parameters have none). Written out
 # (tests/test_kernels_dual.py holds each to torch.func.jvp of the op above), they are the torch
-# backend's dual ops and the reference of the fused kernels' dual forms.
+# backend's dual ops and the reference of the fused kernels' dual forms. The tangents carry no
+# gradient (pMF stops it), as the fused forms' do: computed under no_grad.
 
 def _normalized_tangent(x, tx, eps):
     """(x̂, rstd, d(x̂) along tx) of an RMSNorm over the last dim, in float32."""
@@ -146,14 +147,17 @@ def _normalized_tangent(x, tx, eps):
 
 def rms_norm_modulate_dual(x, weight, shift, scale, tx, eps=RMS_EPS):
     """(u, tu): rms_norm_modulate and its tangent along tx."""
-    _, _, t_hat = _normalized_tangent(x, tx, eps)
-    return (rms_norm_modulate(x, weight, shift, scale, eps),
-            (weight * t_hat).to(x.dtype) * (1 + scale.unsqueeze(1)))
+    with torch.no_grad():
+        _, _, t_hat = _normalized_tangent(x, tx, eps)
+        tu = (weight * t_hat).to(x.dtype) * (1 + scale.unsqueeze(1))
+    return rms_norm_modulate(x, weight, shift, scale, eps), tu
 
 
 def gated_residual_dual(x, h, gate, tx, th, h_bias=None):
     """(x_new, tx_new): gated_residual and its tangent tx + gate·th."""
-    return gated_residual(x, h, gate, h_bias), tx + gate.unsqueeze(1) * th
+    with torch.no_grad():
+        tx_new = tx + gate.unsqueeze(1) * th
+    return gated_residual(x, h, gate, h_bias), tx_new
 
 
 def gated_residual_rms_norm_modulate_dual(x, h, gate, weight, shift, scale, tx, th,
@@ -170,12 +174,12 @@ def qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps=RM
     q, k, v = qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps, bias)
     B, N, _ = tqkv.shape
     tq, tk, tv = tqkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    if bias is not None:
-        qkv = qkv + bias
-    xq, xk, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
-    tangents = []
-    for x, t, w in ((xq, tq, q_weight), (xk, tk, k_weight)):
-        tangents.append(rope((w * _normalized_tangent(x, t, eps)[2]).to(x.dtype), cos, sin))
+    with torch.no_grad():
+        if bias is not None:
+            qkv = qkv + bias
+        xq, xk, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+        tangents = [rope((w * _normalized_tangent(x, t, eps)[2]).to(x.dtype), cos, sin)
+                    for x, t, w in ((xq, tq, q_weight), (xk, tk, k_weight))]
     return q, k, v, *tangents, tv
 
 
@@ -183,17 +187,20 @@ def swiglu_dual(x12, t12, bias=None):
     """(out, tout): swiglu and its tangent along t12."""
     if bias is not None:
         x12 = x12 + bias
-    a, b = x12.float().chunk(2, dim=-1)
-    ta, tb = t12.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(a)
-    tout = sig * (1 + a * (1 - sig)) * ta * b + a * sig * tb
-    return swiglu(x12), tout.to(x12.dtype)
+    with torch.no_grad():
+        a, b = x12.float().chunk(2, dim=-1)
+        ta, tb = t12.float().chunk(2, dim=-1)
+        sig = torch.sigmoid(a)
+        tout = (sig * (1 + a * (1 - sig)) * ta * b + a * sig * tb).to(x12.dtype)
+    return swiglu(x12), tout
 
 
 def patch_embed_dual(x, w1, w2, b2, pos, tx):
     """(out, tout): patch_embed and its tangent along tx (linear: no bias, no position)."""
     p = w1.shape[-1]
-    tout = patchify(tx, p) @ w1.reshape(w1.shape[0], -1).t() @ w2.reshape(w2.shape[0], -1).t()
+    with torch.no_grad():
+        tout = (patchify(tx, p) @ w1.reshape(w1.shape[0], -1).t()
+                @ w2.reshape(w2.shape[0], -1).t())
     return patch_embed(x, w1, w2, b2, pos), tout
 
 
@@ -209,11 +216,26 @@ def attention_dual(q, k, v, tq, tk, tv):
     scale = q.shape[-1] ** -0.5
     q, k, v, tq, tk, tv = (t.float() for t in (q, k, v, tq, tk, tv))
     probs = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-    ts = (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) * scale
-    tprobs = probs * (ts - (probs * ts).sum(-1, keepdim=True))
-    return (probs @ v).to(tv.dtype), (tprobs @ v + probs @ tv).to(tv.dtype)
+    with torch.no_grad():
+        ts = (tq @ k.transpose(-2, -1) + q @ tk.transpose(-2, -1)) * scale
+        tprobs = probs * (ts - (probs * ts).sum(-1, keepdim=True))
+        tangent = (tprobs @ v + probs @ tv).to(tv.dtype)
+    return (probs @ v).to(tv.dtype), tangent
 
 
 def attention_tangent(q, k, v, tq, tk, tv):
     """The tangent alone of ``attention_dual``."""
     return attention_dual(q, k, v, tq, tk, tv)[1]
+
+
+def pmf_head_dual(u, weight, bias, z, t, tu, tz, tt, p, t_min=0.05):
+    """(velocity, its tangent): pMF's average velocity (z - x̂)/clip(t, t_min, 1) of the head's
+    x̂ = output_head(u) (float32, NCHW) and its tangent along tu (of u), tz (of z), tt (of t)."""
+    c = t.float().clamp(t_min, 1.0).view(-1, 1, 1, 1)
+    velocity = (z.float() - output_head(u, weight, bias, p, z.shape[1]).float()) / c
+    with torch.no_grad():
+        inside = ((t > t_min) & (t < 1.0)).float().view(-1, 1, 1, 1)
+        t_x_hat = output_head(tu, weight, torch.zeros_like(bias), p, z.shape[1]).float()
+        tangent = ((tz.float() - t_x_hat) / c
+                   - velocity * inside * tt.float().view(-1, 1, 1, 1) / c)
+    return velocity, tangent

@@ -82,12 +82,18 @@ def launches_of_lists(lists, depth):
 
 # FLOPs of the Triton kernels that multiply matrices, from their named arguments
 TRITON_FLOPS = {
-    "_output_head_fwd": lambda a: 2 * a["M"] * a["D"] * a["P"] * (2 if a["GUIDED"] else 1),
+    "_output_head_fwd": lambda a: 2 * a["M"] * a["D"] * a["P"] * (2 if a["GUIDED"] or a["DUAL"]
+                                                                  else 1),
     "_output_head_bwd": lambda a: 2 * a["M"] * a["P"] * a["D"],
     "_patch_embed_fwd": lambda a: 2 * a["M"] * a["K"] * (a["n_cols"] + a["D"]),
     "_patch_embed_bwd": lambda a: 2 * a["M"] * a["K"] * (a["n_cols"] + a["D"]
                                                          + a["n_cols"] * a["NEEDS_DX"]),
+    # S and the two halves of Ṡ, then P·V, (P⊙Ṡ)·V and P·V̇: six (N × N × hd) products a head
+    "_attention_jvp_fwd": lambda a: 12 * a["Q"].shape[0] * a["H"] * a["N"] ** 2 * a["HD"],
 }
+# Triton kernels priced at another measured rate than the Triton matmuls': attention's tangent
+# at SDPA's (an assumption until a GPU measures it)
+TRITON_KIND = {"_attention_jvp_fwd": "attention"}
 
 
 # Triton kernels that update tensors in place: these arguments are read and written
@@ -351,8 +357,9 @@ class TraceMode(TorchDispatchMode):
         twice = [named[k] for k in TRITON_IN_PLACE.get(name, ()) if named.get(k) is not None]
         flops = TRITON_FLOPS[name](named) if name in TRITON_FLOPS else 0
         phase = current_phase()
+        kind = TRITON_KIND.get(name, "triton_dot") if flops else "memory"
         self.add(name, group_of(name, phase), 1, sum(map(footprint, tensors + twice)), flops,
-                 "triton_dot" if flops else "memory")
+                 kind)
 
 
 @lru_cache(maxsize=None)

@@ -93,7 +93,11 @@ class PMFMlp(nn.Module):
 
 
 class PMFBlock(nn.Module):
-    """x += attn(RMSNorm(x))·attn_scale; x += SwiGLU(RMSNorm(x))·mlp_scale."""
+    """x += attn(RMSNorm(x))·attn_scale; x += SwiGLU(RMSNorm(x))·mlp_scale. As JiT's blocks
+    (``jitfast.network.model.JiTBlock``), each residual update is added by the fused op that
+    normalises its result: the MLP's, returned as `pending` (h, gate), by the next block's first
+    norm or the final layer's, so that the residual stream's gradient is summed inside the norm
+    backward."""
 
     def __init__(self, dim, num_heads, mlp_hidden):
         super().__init__()
@@ -104,25 +108,40 @@ class PMFBlock(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(dim))
         self.mlp_scale = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, rope, ops, zeros):
-        """zeros: a (B, D) zero shift/scale for the unmodulated norms."""
+    def forward(self, x, rope, ops, zeros, pending=None, defer=False):
+        """zeros: a (B, D) zero shift/scale for the unmodulated norms; pending: the previous
+        block's MLP update (h, gate) not yet added to x. Returns (x, pending): with defer, this
+        block's MLP update is left pending, else added (None)."""
         B = x.shape[0]
-        u = ops.rms_norm_modulate(x, self.norm1.weight, zeros, zeros)
+        if pending is None:
+            u = ops.rms_norm_modulate(x, self.norm1.weight, zeros, zeros)
+        else:
+            x, u = ops.gated_residual_rms_norm_modulate(x, *pending, self.norm1.weight, zeros,
+                                                        zeros)
         x, u = ops.gated_residual_rms_norm_modulate(
             x, self.attn(u, rope, ops), self.attn_scale.expand(B, -1), self.norm2.weight,
             zeros, zeros)
-        return ops.gated_residual(x, self.mlp(u, ops), self.mlp_scale.expand(B, -1))
+        pending = (self.mlp(u, ops), self.mlp_scale.expand(B, -1))
+        return (x, pending) if defer else (ops.gated_residual(x, *pending), None)
 
-    def forward_dual(self, x, tx, rope, ops, zeros):
-        """(x, tx) through the block: its output and tangent, each op value and tangent in one
-        pass."""
+    def forward_dual(self, x, tx, rope, ops, zeros, pending=None, defer=False):
+        """``forward`` of (x, tx) and their tangents, each op's value and tangent in one pass;
+        pending: (h, gate, th). Returns (x, tx, pending)."""
         B = x.shape[0]
-        u, tu = ops.rms_norm_modulate_dual(x, self.norm1.weight, zeros, zeros, tx)
+        if pending is None:
+            u, tu = ops.rms_norm_modulate_dual(x, self.norm1.weight, zeros, zeros, tx)
+        else:
+            h, gate, th = pending
+            x, u, tx, tu = ops.gated_residual_rms_norm_modulate_dual(
+                x, h, gate, self.norm1.weight, zeros, zeros, tx, th)
         h, th = self.attn.forward_dual(u, tu, rope, ops)
         x, u, tx, tu = ops.gated_residual_rms_norm_modulate_dual(
             x, h, self.attn_scale.expand(B, -1), self.norm2.weight, zeros, zeros, tx, th)
         h, th = self.mlp.forward_dual(u, tu, ops)
-        return ops.gated_residual_dual(x, h, self.mlp_scale.expand(B, -1), tx, th)
+        gate = self.mlp_scale.expand(B, -1)
+        if defer:
+            return x, tx, (h, gate, th)
+        return (*ops.gated_residual_dual(x, h, gate, tx, th), None)
 
 
 class PMFFinalLayer(nn.Module):
@@ -177,6 +196,7 @@ class PMF(nn.Module):
         self.in_channels = self.out_channels = in_channels
         self.num_classes = num_classes
         self.check_values = True
+        self.residual_across_blocks = True  # see JiT: off under FSDP2
         grid = input_size // patch_size
         self.num_prefix = sum(n for _, n in TOKENS)
 
@@ -282,29 +302,37 @@ class PMF(nn.Module):
         t_prefix[:, start:] = t_time.unsqueeze(1).to(t_prefix.dtype)
         return x, torch.cat([t_prefix, t_patches.to(x.dtype)], dim=1)
 
-    def readout(self, x, final, z, t, ops, head=None):
-        """The final layer over the patch tokens of x: the velocity (z - x̂)/max(t, 0.05), or
-        head(tokens, weight, bias) of the final Linear's input tokens."""
+    def readout(self, state, final, z, t, ops, head=None):
+        """The final layer over the patch tokens of the blocks' output state (x, pending): the
+        velocity (z - x̂)/clip(t, 0.05, 1), or head(tokens, weight, bias) of the final Linear's
+        input tokens."""
+        x, pending = state
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
-        u = ops.rms_norm_modulate(x[:, self.num_prefix:], final.norm.weight, zeros, zeros)
+        if pending is None:
+            u = ops.rms_norm_modulate(x[:, self.num_prefix:], final.norm.weight, zeros, zeros)
+        else:
+            _, u = ops.gated_residual_rms_norm_modulate(x, *pending, final.norm.weight, zeros,
+                                                        zeros, skip=self.num_prefix)
         if head is not None:
             return head(u, final.linear.weight, final.linear.bias)
         x_hat = ops.output_head(u, final.linear.weight, final.linear.bias, self.patch_size,
                                 self.out_channels)
         return average_velocity(z, x_hat, t)
 
-    def run(self, x, blocks, ops):
+    def run(self, state, blocks, ops):
+        """The blocks over state (x, pending), the last MLP update left pending."""
+        x, pending = state
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
         rope = (self.rope_cos, self.rope_sin)
         for block in blocks:
-            x = block(x, rope, ops, zeros)
-        return x
+            x, pending = block(x, rope, ops, zeros, pending, defer=self.residual_across_blocks)
+        return x, pending
 
     def forward(self, z, t, h, omega, t_min, t_max, y=None, head=None):
         self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
         ops = ops_for(self.backend, z.device)
-        x = self.run(self.embed(z, h, omega, t_min, t_max, y, ops), self.blocks, ops)
-        return self.readout(x, self.u_final_layer, z, t, ops, head)
+        state = self.run((self.embed(z, h, omega, t_min, t_max, y, ops), None), self.blocks, ops)
+        return self.readout(state, self.u_final_layer, z, t, ops, head)
 
     def velocities(self, z, t, h, omega, t_min, t_max, y=None, u=True):
         """(u, v): the average velocity and the v-head's instantaneous one; with u=False v alone
@@ -312,7 +340,8 @@ class PMF(nn.Module):
         self.check_v_head()
         self.check_inputs(z, dict(t=t, h=h, omega=omega, t_min=t_min, t_max=t_max), y)
         ops = ops_for(self.backend, z.device)
-        trunk = self.run(self.embed(z, h, omega, t_min, t_max, y, ops), self.shared_blocks, ops)
+        trunk = self.run((self.embed(z, h, omega, t_min, t_max, y, ops), None),
+                         self.shared_blocks, ops)
         v = self.readout(self.run(trunk, self.v_heads, ops), self.v_final_layer, z, t, ops)
         if not u:
             return v
@@ -330,27 +359,25 @@ class PMF(nn.Module):
         x, tx = self.embed(z, h, omega, t_min, t_max, y, ops, tz, th)
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
         rope = (self.rope_cos, self.rope_sin)
+        defer, pending = self.residual_across_blocks, None
         for block in self.shared_blocks:
-            x, tx = block.forward_dual(x, tx, rope, ops, zeros)
-        v = self.readout(self.run(x, self.v_heads, ops), self.v_final_layer, z, t, ops)
+            x, tx, pending = block.forward_dual(x, tx, rope, ops, zeros, pending, defer)
+        trunk = (x, None if pending is None else pending[:2])
+        v = self.readout(self.run(trunk, self.v_heads, ops), self.v_final_layer, z, t, ops)
         for block in self.u_heads:
-            x, tx = block.forward_dual(x, tx, rope, ops, zeros)
+            x, tx, pending = block.forward_dual(x, tx, rope, ops, zeros, pending, defer)
         final = self.u_final_layer
         P = self.num_prefix
-        tokens, t_tokens = ops.rms_norm_modulate_dual(x[:, P:], final.norm.weight, zeros, zeros,
-                                                      tx[:, P:])
-        x_hat = ops.output_head(tokens, final.linear.weight, final.linear.bias, self.patch_size,
-                                self.out_channels)
-        with torch.no_grad():
-            t_x_hat = ops.output_head(t_tokens, final.linear.weight,
-                                      torch.zeros_like(final.linear.bias), self.patch_size,
-                                      self.out_channels)
-            c = t.float().clamp(U_T_MIN, 1.0).view(-1, 1, 1, 1)
-            inside = ((t > U_T_MIN) & (t < 1.0)).float().view(-1, 1, 1, 1)
-            du = ((tz.float() - t_x_hat.float()) / c
-                  - (z.float() - x_hat.detach().float()) * inside * tt.float().view(-1, 1, 1, 1)
-                  / c ** 2)
-        return average_velocity(z, x_hat, t), du, v
+        if pending is None:
+            tokens, t_tokens = ops.rms_norm_modulate_dual(x[:, P:], final.norm.weight, zeros,
+                                                          zeros, tx[:, P:])
+        else:
+            _, tokens, _, t_tokens = ops.gated_residual_rms_norm_modulate_dual(
+                x, pending[0], pending[1], final.norm.weight, zeros, zeros, tx, pending[2],
+                skip=P)
+        u, du = ops.pmf_head_dual(tokens, final.linear.weight, final.linear.bias, z, t, t_tokens,
+                                  tz, tt, self.patch_size, U_T_MIN)
+        return u, du, v
 
     def check_v_head(self):
         if not self.has_v_head:

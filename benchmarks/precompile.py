@@ -3,7 +3,8 @@ variants and autotune keys that the plan's workloads launch — a training step 
 (Triton kernels, bf16 autocast as on CUDA), the planned JiT samplers (bf16 network, guidance on
 [0.1, 1]) and pMF's one-step sampler of each planned pMF preset (bf16 network) — each variant
 compiled for sm_90 (every autotune config, as the tuner compiles them) into Triton's cache, with
-the time it takes.
+the time it takes; and pMF's objective with its backward (the dual kernels) for the first
+pMF preset.
 
     python benchmarks/precompile.py [--presets JiT-B/16 JiT-L/16] [--arch 90]
 
@@ -62,6 +63,14 @@ def sampling(preset, method, steps, schedule):
         run()
 
 
+def pmf_training(preset):
+    from jitfast.measure.workloads import pmf_loss_step
+    with torch.autocast("cpu", torch.bfloat16):  # as CUDA autocast runs it
+        # two examples: one flow-matching, one guided (the v-head pass over 2B + B/2)
+        pmf_loss_step(preset, 256, 2, torch.device("cpu"), backend="triton", depth=2,
+                      head_depth=1)[0]()
+
+
 def pmf_sampling(preset):
     from jitfast.measure.workloads import pmf_sampler
     run = pmf_sampler(preset, 256, 1, 1, "eager", torch.device("cpu"), dtype=torch.bfloat16,
@@ -86,6 +95,7 @@ def main(argv=None):
     work += [("sampling JiT-B/16 heun", sampling, ("JiT-B/16", "heun", 3, "linear")),
              ("sampling JiT-B/16 unipc2 cosine", sampling, ("JiT-B/16", "unipc2", 4, "cosine"))]
     work += [(f"sampling {preset} 1 step", pmf_sampling, (preset,)) for preset in args.pmf_presets]
+    work += [(f"objective {preset}", pmf_training, (preset,)) for preset in args.pmf_presets[:1]]
     for name, fn, fn_args in work:
         start = time.perf_counter()
         fn(*fn_args)

@@ -20,21 +20,28 @@ import torch
 triton = pytest.importorskip("triton", reason="the fused kernels need Triton")
 
 ARCH = 90  # H100 / H200
+SHARDS = 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile them")
 @pytest.mark.skipif(not triton.__version__.startswith("3."),
                     reason="the compile-only driver relies on Triton 3 internals")
 def test_every_kernel_compiles_for_sm90():
+    """Two subprocesses, each compiling its share of the cases: compiling is single-threaded and
+    the test machines have two cores."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, __file__, str(ARCH)], env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert "kernel variants compiled" in result.stdout, result.stdout
+    shards = [subprocess.Popen([sys.executable, __file__, str(ARCH), str(shard), str(SHARDS)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for shard in range(SHARDS)]
+    outputs = [shard.communicate(timeout=900) for shard in shards]
+    for shard, (stdout, stderr) in zip(shards, outputs):
+        assert shard.returncode == 0, stderr[-5000:]
+        assert "kernel variants compiled" in stdout, stdout
     # pMF reached the kernels (not the reference), the sampler's fused head among them
-    pmf_kernels = result.stdout.split("pMF launched: ")[1].split()
+    stdout = outputs[0][0]
+    pmf_kernels = stdout.split("pMF launched: ")[1].split()
     assert set(pmf_kernels) == {"_output_head_fwd", "_patch_embed_fwd", "_qk_norm_rope_fwd",
-                                "_residual_norm_fwd", "_swiglu_fwd"}, result.stdout
+                                "_residual_norm_fwd", "_swiglu_fwd"}, stdout
 
 
 def pmf_runs():
@@ -68,7 +75,9 @@ def pmf_runs():
                     net(z, ones, ones, *(g.expand(batch) for g in guidance), y)
 
 
-def compile_everything(arch):
+def compile_everything(arch, shard=0, shards=1):
+    """Compile the variants of every `shards`-th opcheck case from `shard` on, in float32 and
+    bfloat16, and (shard 0) pMF's runs."""
     from jitfast.kernels import offline
 
     variants, launched = set(), set()
@@ -85,9 +94,12 @@ def compile_everything(arch):
     import test_kernels_ops as cases
 
     for dtype in (torch.float32, torch.bfloat16):
-        for op, args in cases.opcheck_cases():
+        for op, args in cases.opcheck_cases()[shard::shards]:
             op(*(a.to(dtype) if torch.is_tensor(a) else a for a in args))
     opchecked = len(variants)
+    if shard:
+        print(f"{opchecked} kernel variants compiled for sm_{arch}")
+        return
     launched.clear()
     from jitfast.kernels import _common
     _common.INTERPRET = True  # use_kernel: the model's CPU tensors go to the (compiled) kernels
@@ -98,4 +110,4 @@ def compile_everything(arch):
 
 
 if __name__ == "__main__":
-    compile_everything(int(sys.argv[1]))
+    compile_everything(*map(int, sys.argv[1:]))

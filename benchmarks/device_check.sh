@@ -75,7 +75,9 @@ if [ "$cuda" -eq 1 ]; then
   JITFAST_TEST_DEADLINE=$(($(date +%s) + $(left) - 15)) run $(($(left) - 5)) \
     "$PYTHON" -m pytest -m gpu -q -rs tests/test_step.py tests/test_gpu_sampling.py \
     tests/test_draws.py tests/test_train.py tests/test_kernels_model.py tests/test_kernels_ops.py \
-    tests/test_optimizer.py tests/test_kernels_dual.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/test_optimizer.py tests/test_kernels_dual.py \
+    tests/test_gpu_training.py::test_pmf_training_replays_its_step_from_one_cuda_graph 2>&1 \
+    | tee "$OUT/gpu_tests.log"
   status=${PIPESTATUS[0]}
 else
   echo "no CUDA device: the GPU tests are skipped, the benchmarks measured the CPU paths" \

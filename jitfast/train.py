@@ -1,10 +1,12 @@
-"""Train a JiT: ``python -m jitfast.train --compile`` (the built-in Fashion-MNIST subset, a small
-model, CPU minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model JiT-B/16 --image-size 256
---data-path /data/imagenet/train --batch-size 1024 --steps 500000 --compile``.
+"""Train a JiT or a pMF model: ``python -m jitfast.train --compile`` (the built-in Fashion-MNIST
+subset, a small model, CPU minutes) or ``torchrun --nproc_per_node 8 -m jitfast.train --model
+JiT-B/16 --image-size 256 --data-path /data/imagenet/train --batch-size 1024 --steps 500000
+--compile``; ``--model pMF-B/16`` trains pixel MeanFlow's one-step model the same way.
 
-Determinism: the data order comes from (seed, epoch); the times t, noise and label drops of step s
-are functions of (seed, step, example) (``jitfast.diffusion.draws``), and the global RNG (dropout) is
-re-seeded from (seed, step, rank) every step. So a resumed run repeats an uninterrupted one loss
+Determinism: the data order comes from (seed, epoch); a step's draws (JiT's times, noise and label
+drops; pMF's times, guidance and drops) are functions of (seed, step, example)
+(``jitfast.diffusion.draws``), and the global RNG (dropout) is re-seeded from (seed, step, rank)
+every step. So a resumed run repeats an uninterrupted one loss
 for loss, and N processes with global batch B reproduce one process with batch B.
 """
 import argparse
@@ -18,20 +20,19 @@ import torch
 import torch.distributed as dist
 
 from jitfast.diffusion.draws import seed_of
-from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
+from jitfast.diffusion.sampling import METHODS, SCHEDULES
 from jitfast.io.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.io.weight_files import save_training_weights
-from jitfast.network.presets import JiT_models
 from jitfast.network.transfer import TransferError
 from jitfast.training.build import build, build_optimizer
 from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
                                    open_dataset, to_model_input)
-from jitfast.training.draws import StepDraws
 from jitfast.training.ema import EMA
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress
-from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, QUICK_START, training_defaults
+from jitfast.training.families import all_presets, family_of
+from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, QUICK_START
 from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
                                         latest_checkpoint)
 from jitfast.training.schedule import lr_at
@@ -53,8 +54,9 @@ def parse_args(argv=None):
         prog="python -m jitfast.train", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
-    add("--model", default=None, choices=sorted(JiT_models),
-        help="preset; default: JiT-T/4 on the built-in Fashion-MNIST, JiT-N/8 otherwise")
+    add("--model", default=None, choices=all_presets(),
+        help="preset (JiT's, or pMF's one-step models); default: JiT-T/4 on the built-in "
+             "Fashion-MNIST, JiT-N/8 otherwise")
     add("--image-size", type=int, default=None,
         help="training resolution (px); default: 28 on the built-in Fashion-MNIST, 64 otherwise")
     add("--data-path", default=None,
@@ -72,7 +74,8 @@ def parse_args(argv=None):
              f"JiT-B/L/H/G, {QUICK_START['blr']:g} for the small presets, which train for "
              f"minutes, not epochs")
     add("--lr", type=float, default=None, help="absolute lr, overrides --blr")
-    add("--warmup-steps", type=int, default=50, help="linear lr warm-up")
+    add("--warmup-steps", type=int, default=None,
+        help="linear lr warm-up; default: 50 for JiT, none for pMF (its configs)")
     add("--schedule", default=None, choices=("constant", "cosine"),
         help=f"lr after warm-up. Default: {OFFICIAL['schedule']} (official) for JiT-B/L/H/G, "
              f"{QUICK_START['schedule']} for the small presets")
@@ -91,10 +94,13 @@ def parse_args(argv=None):
         help=f"logit-normal t: mean. Default: {OFFICIAL['P_mean']} (official, 256-512 px) for "
              f"JiT-B/L/H/G; {QUICK_START['P_mean']} for the small presets at 32-64 px, where "
              f"{OFFICIAL['P_mean']} trains too little near clean images (docs/quickstart.md)")
-    add("--P-std", type=float, default=0.8, help="logit-normal t: std")
+    add("--P-std", type=float, default=None, help="logit-normal t: std; default: 0.8")
     add("--noise-scale", type=float, default=None,
-        help="noise std (official: 2.0 at 512 px). Default: 1.0; with --init-from, the "
-             "parent's times the resolution factor")
+        help="noise std (official: 2.0 at 512 px). Default: 1.0 for JiT (with --init-from, the "
+             "parent's times the resolution factor); pMF: its preset's config")
+    add("--cfg-beta", type=float, default=None,
+        help="pMF: the power of the guidance scales drawn in training (the configs' cfg_beta; "
+             "default: the preset's)")
     add("--seed", type=int, default=0, help="seeds data order, init and every draw")
     add("--out", default="runs/jitfast", help="folder for checkpoints, samples and metrics")
     add("--resume", default=None, help="checkpoint file, or a folder (its latest checkpoint)")
@@ -134,16 +140,21 @@ def parse_args(argv=None):
     add("--fsdp", action="store_true", help="shard parameters with FSDP2 (fully_shard)")
     add("--activation-checkpointing", action="store_true",
         help="recompute each block in the backward pass (torch.utils.checkpoint)")
-    add("--sample-steps", type=int, default=15,
-        help="ODE steps of the sample grid (one evaluation each; Heun: 2·steps - 1)")
-    add("--sample-method", default="unipc2", choices=METHODS,
-        help="sampler of the grid, a preview: the fast setting of docs/samplers.md by default "
-             "(the official sampler: --sample-method heun --sample-schedule linear "
-             "--sample-steps 50)")
-    add("--sample-schedule", default="cosine", choices=tuple(SCHEDULES),
-        help="time grid of the sample grid's sampler")
-    add("--sample-cfg", type=float, default=3.0,
-        help="guidance scale of the sample grid (data without classes: 1, unguided)")
+    add("--sample-steps", type=int, default=None,
+        help="steps of the sample grid. JiT: ODE steps (one evaluation each; Heun: 2·steps - "
+             "1), default 15; pMF: evaluations, default 1")
+    add("--sample-method", default=None, choices=METHODS,
+        help="JiT's sampler of the grid, a preview: the fast setting of docs/samplers.md, "
+             "unipc2, by default (the official sampler: --sample-method heun --sample-schedule "
+             "linear --sample-steps 50)")
+    add("--sample-schedule", default=None, choices=tuple(SCHEDULES),
+        help="JiT: time grid of the sample grid's sampler; default: cosine")
+    add("--sample-cfg", type=float, default=None,
+        help="guidance scale of the sample grid (data without classes: 1, unguided); default: "
+             "3 for JiT, the preset's config for pMF (omega)")
+    add("--sample-interval", type=float, nargs=2, default=None,
+        help="the grid's guidance interval in the family's time (JiT: t = 1 clean, default 0 "
+             "1; pMF: t = 1 noise, default the preset's config)")
     add("--samples-per-class", type=int, default=8, help="columns of the sample grid")
     add("--grid-classes", type=int, default=10,
         help="rows of the sample grid: classes, or rows of samples for data without classes")
@@ -151,16 +162,16 @@ def parse_args(argv=None):
     for name, value in DATASET_DEFAULTS[None if args.data_path else args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name, value in training_defaults(args.model).items():  # the preset's recipe
+    family = family_of(args.model)
+    for name, value in family.defaults(args.model).items():  # the preset's recipe
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
         p.error("--steps, --batch-size and --log-every must be positive")
     try:  # the grid is drawn after training: its settings are checked before
-        check_settings(args.sample_steps, args.sample_method, args.sample_cfg, (0.0, 1.0),
-                       args.sample_schedule)
+        family.check(args)
     except ValueError as err:
-        p.error(f"the sample grid's settings: {err}")
+        p.error(f"{args.model}: {err}")
     if args.init_from and args.resume:
         p.error("--init-from starts a new run, --resume continues one: give one of them (a run "
                 "started with --init-from resumes with --resume alone)")
@@ -283,7 +294,8 @@ def training_step(args, model, denoiser, optimizer, ema, device, world):
         raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "
                             f"(or auto)")
     if args.cuda_graph == "off" or conflicts:
-        return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, args.clip_grad)
+        return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
+                                         clip_grad=args.clip_grad)
     return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad)
 
 
@@ -296,22 +308,15 @@ def check_unreadable(bad, seen, max_fraction, min_seen):
 
 
 def sample_grid(denoiser, ema, args, num_classes, device):
-    """A uint8 (H, W, 3) grid of EMA-1 samples, one row per class (evenly spaced classes); for
-    an unconditional model (no classes), --grid-classes rows of unguided samples."""
-    y, cfg, count = None, 1.0, args.grid_classes * args.samples_per_class
+    """A uint8 (H, W, 3) grid of EMA-1 samples by the family's sampler, one row per class (evenly
+    spaced classes); for an unconditional model (no classes), --grid-classes rows of unguided
+    samples."""
+    y, count = None, args.grid_classes * args.samples_per_class
     if num_classes:
         classes = torch.linspace(0, num_classes - 1, min(args.grid_classes, num_classes)).round()
         y = classes.long().repeat_interleave(args.samples_per_class).to(device)
-        cfg, count = args.sample_cfg, None
-    gen = torch.Generator(device).manual_seed(args.seed)
-    settings = dict(steps=args.sample_steps, method=args.sample_method, cfg=cfg, generator=gen,
-                    schedule=args.sample_schedule, num_samples=count)
-    if device.type == "cuda" and not args.fsdp:  # a bf16 copy of EMA 1: no per-evaluation casts
-        images = denoiser.around(ema.network(denoiser.net)).generate(y, **settings)
-    else:  # the CPU's float32, or FSDP's shards (each rank samples, inside the forward)
-        with ema.swapped(1), torch.autocast(device.type, torch.bfloat16,
-                                            enabled=device.type == "cuda"):
-            images = denoiser.generate(y, **settings)
+        count = None
+    images = family_of(args.model).grid(denoiser, ema, args, y, count, device)
     return image_grid(to_uint8(images), columns=args.samples_per_class)
 
 
@@ -358,9 +363,8 @@ def run_training(args, rank, world, device, folder):
     local = args.batch_size // world
     sampler = StepBatches(len(dataset), args.batch_size, args.seed, start, args.steps, rank, world)
     loader = make_loader(dataset, sampler, args.num_workers, pin_memory=device.type == "cuda")
-    draws = StepDraws(args.seed, args.batch_size, (3, args.image_size, args.image_size),
-                      denoiser.sample_t, args.label_drop_prob, device)
-    null = torch.tensor(dataset.num_classes, device=device)
+    family = family_of(args.model)
+    draw = family.inputs(denoiser, args, dataset.num_classes, device)
     step_fn = training_step(args, model, denoiser, optimizer, ema, device, world)
     os.makedirs(args.out, exist_ok=True)
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"),
@@ -377,8 +381,8 @@ def run_training(args, rank, world, device, folder):
         if getattr(dataset, "origin", None):
             print(f"data: {dataset.origin}", file=sys.stderr)
 
-    loss_sum = torch.zeros((), device=device)
-    x = noise = None  # buffers, reused step after step
+    loss_sum = torch.zeros(len(family.metrics), device=device)  # the loss and its extras
+    x = None  # a buffer, reused step after step
     seen = bad = 0
     last_ckpt, last_log, timer = None, start, time.perf_counter()
     began = timer
@@ -388,11 +392,10 @@ def run_training(args, rank, world, device, folder):
         with phase("data"):
             x = to_model_input(images.to(device, non_blocking=True), out=x)
             y = labels.to(device, non_blocking=True)
-            t, noise, drop = draws(step, rank * local, local, noise)
-            y = torch.where(drop, null, y)
+            inputs = draw(step, rank * local, local, x, y)
         set_lr(optimizer, lr_at(step, base_lr, args.steps, args.warmup_steps, args.schedule,
                                 args.min_lr))
-        loss_sum += step_fn(x, y, t, noise)
+        loss_sum += step_fn(*inputs)
         step += 1
         seen, bad = seen + len(labels), bad + len(unreadable)
         if unreadable and rank == 0:
@@ -402,7 +405,9 @@ def run_training(args, rank, world, device, folder):
         if step % args.log_every == 0 or save_now:  # the host syncs here, and only here
             if world > 1:
                 dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / world / (step - last_log)
+            means = {name: total / world / (step - last_log)
+                     for name, total in zip(family.metrics, loss_sum.tolist())}
+            mean_loss = means["loss"]
             if not math.isfinite(mean_loss):
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
                 raise TrainingError(f"the loss became non-finite ({mean_loss}) between steps "
@@ -411,10 +416,10 @@ def run_training(args, rank, world, device, folder):
             now = time.perf_counter()
             ips = args.batch_size * (step - last_log) / (now - timer)
             if rank == 0:
-                log.write(step, loss=mean_loss, lr=float(optimizer.param_groups[0]["lr"]),
+                log.write(step, **means, lr=float(optimizer.param_groups[0]["lr"]),
                           images_per_s=ips, epoch=step // sampler.steps_per_epoch,
                           elapsed_s=now - began)
-                bar.update(step, loss=mean_loss, **{"img/s": ips})
+                bar.update(step, **means, **{"img/s": ips})
             loss_sum.zero_()
             last_log, timer = step, now
         if save_now:

@@ -29,3 +29,12 @@ def within_deadline():
     deadline = os.environ.get("JITFAST_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
         pytest.skip("the GPU tests' time budget (JITFAST_TEST_DEADLINE) is spent")
+
+
+@pytest.fixture(scope="module")
+def restore_threads():
+    """Training runs set torch's thread count (--cpu-threads 1: tiny steps, a shared CPU); a
+    module of them gives it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -149,10 +149,11 @@ def test_draws_follow_the_official_samplers_and_repeat():
     assert d.noise.shape == (B, 3, 16, 16)
     again = objective.draw(B, seed=3, step=7)
     halves = [objective.draw(B, seed=3, step=7, first=f, count=B // 2) for f in (0, B // 2)]
-    for field in PMFDraws._fields:
+    for field in PMFDraws._fields[:-1]:
         assert torch.equal(getattr(again, field), getattr(d, field)), field
         joined = torch.cat([getattr(h, field) for h in halves])
         assert torch.equal(joined, getattr(d, field)), field
+    assert [d.fm_count, *(h.fm_count for h in halves)] == [32, 32, 0]
     other = objective.draw(B, seed=3, step=8)
     assert not torch.equal(other.t, d.t)
 
@@ -175,6 +176,38 @@ def test_guidance_evaluates_each_velocity_once():
     assert calls == [(2 * B + B // 2, False)]
     assert objective.passes(B) == {"guidance (trunk + v-head)": 15,
                                    "JVP (trunk and u-head with tangents, v-head)": 6}
+
+
+def test_a_process_share_of_the_batch_gives_its_share_of_the_loss():
+    """Data parallelism: two processes drawing examples [0, 3) and [3, 6) of a batch of 6 (the
+    first three flow matching: all of one share, none of the other's) reproduce one process's loss
+    and gradients as the mean of theirs, through the training step's flat call."""
+    torch.manual_seed(0)
+    net = tiny_pmf("torch")
+    for p in net.parameters():  # the zero-initialised gates and heads away from zero, and
+        torch.nn.init.normal_(p, std=0.5)  # the guidance scale's embedding felt
+    objective = PMFObjective(net, class_dropout_prob=0.5)
+    B = 6
+    images, labels = torch.rand(B, 3, 16, 16) * 2 - 1, torch.arange(B) % 5
+
+    def loss_and_grads(first, count):
+        d = objective.draw(B, seed=3, step=0, first=first, count=count)
+        part = slice(first, first + count)
+        loss, extras = objective(images[part], labels[part], *d)
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        return loss, extras, grads, d
+    whole, whole_extras, whole_grads, d = loss_and_grads(0, B)
+    a, a_extras, a_grads, da = loss_and_grads(0, 3)
+    b, b_extras, b_grads, db = loss_and_grads(3, 3)
+    assert (d.fm_count, da.fm_count, db.fm_count) == (3, 3, 0)
+    assert d.drop.any() and not d.drop.all()  # both kinds of labels in the batch
+    # the second share's first example is guided outside its interval (w = 1, not ω): taken
+    # for a flow-matching one (r = t, w = ω), it would get another target
+    assert not (d.t_min[3] <= d.t[3] <= d.t_max[3]) and not d.drop[3]
+    torch.testing.assert_close((a + b) / 2, whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close((a_extras + b_extras) / 2, whole_extras, rtol=1e-5, atol=0)
+    for ga, gb, g in zip(a_grads, b_grads, whole_grads):
+        torch.testing.assert_close((ga + gb) / 2, g, rtol=1e-4, atol=1e-7)
 
 
 def test_perceptual_terms_reach_the_loss():

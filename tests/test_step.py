@@ -33,7 +33,7 @@ def test_train_step_stays_on_the_device(backend, clip_grad):
     t, noise = torch.empty(3, device=META), torch.empty_like(x)
     with NoHostTensors():
         set_lr(optimizer, 0.2)
-        loss = train_step(denoiser, denoiser, optimizer, ema, x, y, t, noise, clip_grad)
+        loss = train_step(denoiser, denoiser, optimizer, ema, x, y, t, noise, clip_grad=clip_grad)
     assert loss.shape == () and loss.device == META
 
 
@@ -53,8 +53,15 @@ def test_graphed_step_refuses_another_shape():
     like = [torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), torch.zeros(4),
             torch.zeros(4, 3, 8, 8)]
     check_like([t.clone() for t in like], like)
-    with pytest.raises(ValueError, match=r"noise is \(3, 3, 8, 8\).*took \(4, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"input 3 is \(3, 3, 8, 8\).*took \(4, 3, 8, 8\)"):
         check_like(like[:3] + [torch.zeros(3, 3, 8, 8)], like)
+    with pytest.raises(ValueError, match="input 1 is .*float32.*took .*int64"):
+        check_like([like[0], torch.zeros(4), *like[2:]], like)
+    with pytest.raises(ValueError, match="4 given, the captured step took 5"):
+        check_like(like, [*like, 2])
+    check_like([*like, 2], [*like, 2])  # a count (pMF's flow-matching examples) must repeat
+    with pytest.raises(ValueError, match="input 4 is 3, the captured step took 2"):
+        check_like([*like, 3], [*like, 2])
 
 
 def tiny_run(backend, graphed, steps=7, dropout=0.0):
@@ -70,7 +77,7 @@ def tiny_run(backend, graphed, steps=7, dropout=0.0):
     ema = EMA(denoiser)
     optimizer = make_optimizer(denoiser.parameters(), 1e-3, torch.device("cuda"))
     step = GraphedTrainStep(denoiser, denoiser, optimizer, ema, 1.0, warmup=2) if graphed \
-        else (lambda *b: train_step(denoiser, denoiser, optimizer, ema, *b, 1.0))
+        else (lambda *b: train_step(denoiser, denoiser, optimizer, ema, *b, clip_grad=1.0))
     losses = []
     for i in range(steps):
         g = torch.Generator("cuda").manual_seed(i)

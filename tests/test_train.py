@@ -22,14 +22,7 @@ from jitfast.training.runfolder import latest_checkpoint
 TINY = ["--model", "JiT-T/8", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
         "--sample-steps", "2", "--samples-per-class", "2", "--grid-classes", "3",
         "--warmup-steps", "2", "--device", "cpu", "--cpu-threads", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    """The runs set torch's thread count (--cpu-threads 1: tiny steps, a shared CPU)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_threads")
 
 
 def run(tmp_path, name, *extra):
@@ -202,11 +195,25 @@ def test_cli_turns_errors_into_one_line(tmp_path, monkeypatch):
     (["--sample-steps", "1"], "unipc2 is a 2-step method: it needs steps >= 2"),
     (["--sample-method", "heun", "--sample-schedule", "cosine"],
      "heun runs the official linear grid"),
-    (["--sample-cfg", "-1"], "cfg must be >= 0")])
+    (["--sample-cfg", "-1"], "cfg must be >= 0"),
+    (["--model", "pMF-T/4", "--sample-cfg", "0.5"], "omega (pMF's guidance scale) must be >= 1"),
+    (["--model", "pMF-T/4", "--sample-interval", "0.6", "0.2"],
+     "the guidance interval must satisfy 0 <= t_min <= t_max <= 1")])
 def test_the_sample_grid_settings_are_refused_before_training(flags, message, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(flags)
     assert f"the sample grid's settings: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "pMF-T/4", "--sample-method", "heun"], "--sample-method is JiT's"),
+    (["--model", "pMF-T/4", "--fsdp"], "--fsdp shards JiT's blocks only"),
+    (["--model", "pMF-T/4", "--init-from", "x.pt"], "--init-from transfers JiT networks only"),
+    (["--cfg-beta", "2"], "--cfg-beta belongs to pMF's objective")])
+def test_a_family_refuses_what_it_does_not_offer(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 def test_bad_inputs_say_what_is_wrong(tmp_path, monkeypatch):

@@ -43,9 +43,9 @@ def assert_same_weights(a, b):
             torch.testing.assert_close(a[key][name], value, rtol=1e-5, atol=1e-6)
 
 
-def assert_equal_runs(two_dir, one):
-    two_losses = [r["loss"] for r in read_metrics(two_dir / "metrics.jsonl")]
-    one_losses = [r["loss"] for r in read_metrics(one["metrics"])]
+def assert_equal_runs(two_dir, one, metrics=("loss",)):
+    two_losses = [[r[k] for k in metrics] for r in read_metrics(two_dir / "metrics.jsonl")]
+    one_losses = [[r[k] for k in metrics] for r in read_metrics(one["metrics"])]
     assert len(two_losses) == 3
     torch.testing.assert_close(two_losses, one_losses, rtol=1e-5, atol=0)
     assert_same_weights(read_checkpoint(two_dir / "checkpoint-00000003.pt"),
@@ -55,6 +55,16 @@ def assert_equal_runs(two_dir, one):
 def test_ddp_two_processes_equal_one(tmp_path):
     run_distributed(ARGS + ["--out", str(tmp_path / "two")])
     assert_equal_runs(tmp_path / "two", single_process(ARGS + ["--out", str(tmp_path / "one")]))
+
+
+def test_ddp_two_processes_train_pmf_as_one(tmp_path):
+    """pMF: each process draws its share of the batch (the flow-matching examples all in the
+    first share, the label drops where they fall); DDP averages the gradients of the JVP pass's
+    loss as of any other."""
+    pmf = ["--model", "pMF-T/4", *ARGS[2:], "--cfg-beta", "2"]
+    run_distributed(pmf + ["--out", str(tmp_path / "two")])
+    assert_equal_runs(tmp_path / "two", single_process(pmf + ["--out", str(tmp_path / "one")]),
+                      metrics=("loss", "loss_u", "loss_v"))
 
 
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path):

@@ -31,7 +31,10 @@ from jitfast.network.pmf import U_T_MIN
 class PMFDraws(NamedTuple):
     """One step's draws for B examples, each (B,): times t ≥ r, the flow-matching mask fm (r =
     t), the guidance scale omega and interval [t_min, t_max] (0 and 1 where fm), the label-drop
-    mask drop (bool); noise (B, C, H, W): standard normal, before the noise scale."""
+    mask drop (bool); noise (B, C, H, W): standard normal, before the noise scale. fm_count: how
+    many examples are flow matching (they come first; fm is True there), known on the host: a
+    process's share of a batch holds fewer than its size says (None: as many as the objective
+    gives a batch of B)."""
     t: torch.Tensor
     r: torch.Tensor
     fm: torch.Tensor
@@ -40,6 +43,7 @@ class PMFDraws(NamedTuple):
     t_min: torch.Tensor
     t_max: torch.Tensor
     drop: torch.Tensor
+    fm_count: int = None
 
 
 def adaptive(loss, p, eps):
@@ -120,8 +124,9 @@ class PMFObjective(nn.Module):
         part = slice(first, first + count)
         noise = example_noise([seed_of(seed, step, i) for i in range(first, first + count)],
                               shape, device)
+        fm_count = min(max(self.flow_matching_examples(batch) - first, 0), count)
         return PMFDraws(t[part], r[part], fm[part], noise, omega[part], t_min[part], t_max[part],
-                        drop[part])
+                        drop[part], fm_count)
 
     # --- loss ------------------------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class PMFObjective(nn.Module):
         """(v_g, v_c) of the official guidance_fn: the guided target and the conditional
         velocity at w (the JVP's tangent), without gradient, in one v-head pass."""
         B = z.shape[0]
-        n_fm = self.flow_matching_examples(B)
+        n_fm = self.flow_matching_examples(B) if draws.fm_count is None else draws.fm_count
         null = torch.full_like(labels, self.num_classes)
         inside = (t >= draws.t_min) & (t <= draws.t_max)
         w = torch.where(inside, draws.omega, torch.ones_like(draws.omega))
@@ -190,6 +195,9 @@ class PMFObjective(nn.Module):
                  "aux_loss_convnext": convnext.mean().detach()}
         return loss, parts
 
-    def forward(self, images, labels, draws):
-        return self.loss(images, labels, draws)
+    def forward(self, images, labels, *draws):
+        """The training step's call: the draws' fields flat (a CUDA-graphed step copies each
+        tensor in); returns (loss, [loss_u, loss_v]) of ``loss``."""
+        loss, parts = self.loss(images, labels, PMFDraws(*draws))
+        return loss, torch.stack([parts["loss_u"], parts["loss_v"]])
 

@@ -54,7 +54,8 @@ def training_step(args, num_classes=NUM_CLASSES, roofline=H200):
         y, t = torch.zeros(batch, dtype=torch.long), torch.empty(batch)
 
         def step():
-            train_step(model, denoiser, optimizer, ema, x, y, t, noise, args.clip_grad, bf16=True)
+            train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=args.clip_grad,
+                       bf16=True)
 
         step()
         return record(step, f"train step {args.model} {size}px batch {batch} ({args.backend})",

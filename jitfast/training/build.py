@@ -1,13 +1,12 @@
 """The trained objects of a run as ``python -m jitfast.train`` builds them from its arguments:
-the Denoiser and the module the step calls (itself, or its DDP wrapper), with activation
-checkpointing, FSDP2 sharding and torch.compile as asked, and the optimizer.
+the objective of --model's family (JiT's Denoiser, pMF's PMFObjective:
+``jitfast.training.families``) and the module the step calls (itself, or its DDP wrapper), with
+activation checkpointing, FSDP2 sharding and torch.compile as asked, and the optimizer.
 ``jitfast.measure.traced`` builds the step it prices the same way."""
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from jitfast.diffusion.denoiser import Denoiser
-from jitfast.diffusion.from_checkpoint import sampler_settings
-from jitfast.network.presets import JiT_models
+from jitfast.training.families import family_of
 from jitfast.training.optimizer import AdamWEMA
 from jitfast.training.step import lr_on_device, make_optimizer
 
@@ -20,15 +19,14 @@ def checkpointed(block):
 
 
 def build(args, num_classes, device, world, net=None):
-    """(denoiser, module to call for the loss); net: the JiT to train, else a new --model."""
+    """(objective, module to call for the loss): --model's family's objective (JiT's Denoiser,
+    pMF's PMFObjective) around net (a JiT to train), else a new --model."""
+    family = family_of(args.model)
     if net is None:
-        net = JiT_models[args.model](input_size=args.image_size, num_classes=num_classes,
-                                     backend=args.backend)
+        net = family.presets[args.model](input_size=args.image_size, num_classes=num_classes,
+                                         backend=args.backend, **family.network_options)
     net.check_values = False  # t and labels are ours; the range checks would sync every step
-    # the sampler settings python -m jitfast.sample reads from this run's checkpoints
-    settings = sampler_settings(vars(args), args.image_size)
-    denoiser = Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, label_drop_prob=0.0,
-                        **settings).to(device)  # labels are dropped by StepDraws
+    denoiser = family.objective(net, args).to(device)
     if args.activation_checkpointing:
         for block in net.blocks:
             checkpointed(block)

@@ -23,3 +23,43 @@ def training_defaults(preset):
     """{argument: value} of the recipe of `preset` (ema_decays as a fresh list)."""
     recipe = QUICK_START if is_small(preset) else OFFICIAL
     return {**recipe, "ema_decays": list(recipe["ema_decays"])}
+
+
+# the sample grid of a JiT run: a preview in the fast setting of docs/samplers.md (the official
+# sampler: --sample-method heun --sample-schedule linear --sample-steps 50)
+JIT_GRID = dict(sample_steps=15, sample_method="unipc2", sample_schedule="cosine",
+                sample_cfg=3.0, sample_interval=(0.0, 1.0))
+
+
+def jit_training_defaults(preset):
+    """``training_defaults`` with the warm-up, P_std and the sample grid's settings."""
+    return {**training_defaults(preset), "warmup_steps": 50, "P_std": 0.8, **JIT_GRID,
+            "sample_interval": list(JIT_GRID["sample_interval"])}
+
+
+# pMF: the official configs (github Lyy-iiis/pMF, branch main, configs/pMF_*_config.yml) give per
+# preset the noise distribution (P_mean, P_std), the noise scale, cfg_beta and the grid's
+# `sampling` (one step at omega on [t_min, t_max]). H/16 and H/32 have no published config: L's,
+# with the README's sampling. The small presets (CPU minutes at 28-64 px) are ours.
+PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max))
+    "pMF-B/16": (0.8, 0.8, 1.0, 1.0, (8.5, 0.1, 0.7)),    # pMF_B_16_config.yml
+    "pMF-B/32": (0.8, 0.8, 2.0, 1.0, (6.5, 0.1, 0.7)),    # pMF_B_32_config.yml
+    "pMF-L/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.7)),    # pMF_L_16_config.yml
+    "pMF-L/32": (0.0, 0.8, 4.0, 1.0, (7.5, 0.2, 0.6)),    # pMF_L_32_config.yml
+    "pMF-H/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.6)),    # L/16's; the README's sampling
+    "pMF-H/32": (0.0, 0.8, 4.0, 1.0, (5.5, 0.1, 0.6)),    # L/32's; the README's sampling
+    "pMF-T/4": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0)),
+    "pMF-T/8": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0)),
+}
+
+
+def pmf_training_defaults(preset):
+    """{argument: value} of a pMF preset's recipe: its config's noise, guidance draws and grid.
+    The optimizer is AdamW at JiT's recipe (the configs' lr 1e-3 at batch 1024 is Muon's, not
+    in jitfast yet), the configs' constant lr without warm-up (warmup_const, warmup_epochs 0)
+    for the paper's presets, the quick start's for the small ones."""
+    P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max) = PMF_CONFIGS[preset]
+    small = is_small(preset)
+    return {**training_defaults(preset), "warmup_steps": 50 if small else 0, "P_mean": P_mean,
+            "P_std": P_std, "noise_scale": noise_scale, "cfg_beta": cfg_beta, "sample_steps": 1,
+            "sample_cfg": omega, "sample_interval": [t_min, t_max]}

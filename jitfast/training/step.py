@@ -73,17 +73,21 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
-def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0, bf16=None):
-    """One optimizer step and EMA update of `denoiser` through `model` (itself, or its DDP
-    wrapper); returns the loss, detached, on the device. No host sync. The forward runs under
-    bf16 autocast on CUDA (bf16=None), or as bf16 says; with an ``AdamWEMA`` optimizer, on its
-    compute copies of the weights, and the optimizer steps the EMA it holds."""
+def train_step(model, denoiser, optimizer, ema, *inputs, clip_grad=0.0, bf16=None):
+    """One optimizer step and EMA update of `denoiser` (an objective: JiT's Denoiser, pMF's
+    PMFObjective) through `model` (itself, or its DDP wrapper), called with the step's `inputs`
+    (the images first); returns the loss, detached, on the device, or where the objective
+    returns (loss, extras), the loss and its extras in one vector. No host sync. The forward
+    runs under bf16 autocast on CUDA (bf16=None), or as bf16 says; with an ``AdamWEMA``
+    optimizer, on its compute copies of the weights, and the optimizer steps the EMA it holds."""
+    x = inputs[0]
     enabled = x.is_cuda if bf16 is None else bf16
     autocast = torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False) if enabled \
         else nullcontext()
     with compute_weights(optimizer):
         with phase("forward"), autocast:
-            loss = model(x, y, t, noise)
+            loss = model(*inputs)
+        loss, extras = loss if isinstance(loss, tuple) else (loss, None)
         with phase("backward"):
             loss.backward()
         if clip_grad > 0:  # the grads are the compute copies' where the weights are swapped
@@ -95,33 +99,38 @@ def train_step(model, denoiser, optimizer, ema, x, y, t, noise, clip_grad=0.0, b
     if getattr(optimizer, "ema", None) is not ema:
         with phase("ema"):
             ema.update()
-    return loss.detach()
+    if extras is None:
+        return loss.detach()
+    return torch.cat([loss.detach().float().reshape(1), extras.detach().float().reshape(-1)])
 
 
 class GraphedTrainStep:
-    """``train_step`` of fixed (model, denoiser, optimizer, ema, clip_grad), called with a batch
-    (x, y, t, noise): `warmup` eager steps, then one CUDA graph captured and replayed for every
-    later step. Every batch must have the shapes and dtypes of the first."""
+    """``train_step`` of fixed (model, denoiser, optimizer, ema, clip_grad), called with a step's
+    inputs (JiT's x, y, t, noise; pMF's images, labels and draws): `warmup` eager steps, then one
+    CUDA graph captured and replayed for every later step. Every call's tensors must have the
+    shapes and dtypes of the first's, and its other inputs (a count) the same values."""
 
     def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
         if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
             raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
                              f"CUDA, or AdamWEMA), got {type(optimizer).__name__}")
-        self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch, clip_grad)
+        self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
+                                              clip_grad=clip_grad)
         self.optimizer, self.warmup = optimizer, warmup
         self.side = torch.cuda.Stream() if warmup > 0 else None
         self.graph = self.inputs = self.loss = None
 
     def __call__(self, *batch):
         if self.inputs is None:
-            self.inputs = [b.clone() for b in batch]
+            self.inputs = [b.clone() if torch.is_tensor(b) else b for b in batch]
         else:
             check_like(batch, self.inputs)
         if self.warmup > 0:
             self.warmup -= 1
             return on_side_stream(self.side, lambda: self.step(*batch))
         for static, value in zip(self.inputs, batch):
-            static.copy_(value, non_blocking=True)
+            if torch.is_tensor(static):
+                static.copy_(value, non_blocking=True)
         refresh_compute_weights(self.optimizer)  # outside the graph: it replays the step alone
         if self.graph is None:
             for group in self.optimizer.param_groups:
@@ -132,8 +141,17 @@ class GraphedTrainStep:
 
 
 def check_like(batch, reference):
-    for name, value, ref in zip(("x", "y", "t", "noise"), batch, reference):
-        if value.shape != ref.shape or value.dtype != ref.dtype:
-            raise ValueError(f"a graphed training step replays fixed shapes: {name} is "
+    """Refuse a step's inputs unlike the captured step's: tensors of other shapes or dtypes,
+    other values of the rest."""
+    if len(batch) != len(reference):
+        raise ValueError(f"a graphed training step replays fixed inputs: {len(batch)} given, "
+                         f"the captured step took {len(reference)}")
+    for i, (value, ref) in enumerate(zip(batch, reference)):
+        if not torch.is_tensor(ref):
+            if value != ref:
+                raise ValueError(f"a graphed training step replays fixed inputs: input {i} is "
+                                 f"{value!r}, the captured step took {ref!r}")
+        elif value.shape != ref.shape or value.dtype != ref.dtype:
+            raise ValueError(f"a graphed training step replays fixed shapes: input {i} is "
                              f"{tuple(value.shape)} {value.dtype}, the captured step took "
                              f"{tuple(ref.shape)} {ref.dtype}")

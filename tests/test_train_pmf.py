@@ -1,0 +1,73 @@
+"""pMF training through ``python -m jitfast.train --model pMF-...``: the recipe against the
+official configs, a run end to end (metrics, grid, a checkpoint the sampler reads) and exact
+resume. Two processes: tests/test_train_ddp.py."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from jitfast import load_checkpoint, read_checkpoint, train
+from jitfast.network.pmf import PMF
+from jitfast.training.progress import read_metrics
+
+CONFIGS = json.loads((Path(__file__).parent / "fixtures" / "pmf_official_configs.json")
+                     .read_text())["configs"]
+TINY = ["--model", "pMF-T/4", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
+        "--samples-per-class", "2", "--grid-classes", "3", "--device", "cpu",
+        "--cpu-threads", "1"]
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+
+def run(tmp_path, name, *extra):
+    return train.main(TINY + ["--out", str(tmp_path / name), *extra])
+
+
+@pytest.mark.parametrize("preset", sorted(CONFIGS))
+def test_the_recipe_follows_the_official_config(preset):
+    """Noise, guidance draws, the grid's one-step sampling and the constant lr without warm-up,
+    as configs/pMF_*_config.yml give them (a fixture of their values)."""
+    official = CONFIGS[preset]
+    args = train.parse_args(["--model", preset])
+    sampling = official["sampling"]
+    assert (args.P_mean, args.P_std, args.noise_scale, args.cfg_beta) == (
+        official["P_mean"], official["P_std"], official["noise_scale"], official["cfg_beta"])
+    assert (args.sample_steps, args.sample_cfg, args.sample_interval) == (
+        sampling["num_steps"], sampling["omega"], [sampling["t_min"], sampling["t_max"]])
+    assert (args.warmup_steps, args.schedule) == (official["warmup_epochs"], "constant")
+    given = train.parse_args(["--model", preset, "--cfg-beta", "3", "--sample-cfg", "2"])
+    assert (given.cfg_beta, given.sample_cfg) == (3.0, 2.0)
+
+
+def test_a_pmf_run_end_to_end(tmp_path):
+    """Metrics with the official loss parts, a one-step grid, a checkpoint with the v-head that
+    load_checkpoint reads as a sampling network (without it) and with it on request."""
+    result = run(tmp_path, "run", "--steps", "3")
+    records = read_metrics(result["metrics"])
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:  # each adaptively weighted term is loss/(loss + 0.01), below 1
+        assert 1.5 < r["loss"] < 2 and r["loss_u"] > 0 and r["loss_v"] > 0
+    with Image.open(result["grid"]) as grid:
+        assert grid.size == (2 * 16, 3 * 16)
+    ckpt = read_checkpoint(result["checkpoint"])
+    assert any(k.startswith("net.v_heads.") for k in ckpt["model"])
+    assert ckpt["args"]["model"] == "pMF-T/4" and ckpt["args"]["sample_steps"] == 1
+    net = load_checkpoint(result["checkpoint"])
+    assert isinstance(net, PMF) and not net.has_v_head and net.input_size == 16
+    assert load_checkpoint(result["checkpoint"], v_head=True).has_v_head
+
+
+def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):
+    common = ["--steps", "4", "--ckpt-every", "2", "--keep-checkpoints", "3"]
+    full = run(tmp_path, "full", *common)
+    resumed = run(tmp_path, "resumed", *common, "--resume",
+                  str(tmp_path / "full" / "checkpoint-00000002.pt"))
+    losses = [[r[k] for k in ("loss", "loss_u", "loss_v")]
+              for r in read_metrics(full["metrics"])]
+    assert [[r[k] for k in ("loss", "loss_u", "loss_v")]
+            for r in read_metrics(resumed["metrics"])] == losses[2:]  # bit for bit
+    a, b = read_checkpoint(full["checkpoint"]), read_checkpoint(resumed["checkpoint"])
+    for key in ("model", "model_ema1", "model_ema2"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from jitfast import load_checkpoint, read_checkpoint, train
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.network.pmf import PMF
 from jitfast.training.progress import read_metrics
 
@@ -42,8 +43,10 @@ def test_the_recipe_follows_the_official_config(preset):
 
 def test_a_pmf_run_end_to_end(tmp_path):
     """Metrics with the official loss parts, a one-step grid, a checkpoint with the v-head that
-    load_checkpoint reads as a sampling network (without it) and with it on request."""
-    result = run(tmp_path, "run", "--steps", "3")
+    load_checkpoint reads as a sampling network (without it) and with it on request, and that
+    the sampler reads with the run's noise scale and guidance."""
+    result = run(tmp_path, "run", "--steps", "3", "--noise-scale", "1.5", "--sample-cfg", "2.5",
+                 "--sample-interval", "0.1", "0.9")
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:  # each adaptively weighted term is loss/(loss + 0.01), below 1
@@ -56,6 +59,8 @@ def test_a_pmf_run_end_to_end(tmp_path):
     net = load_checkpoint(result["checkpoint"])
     assert isinstance(net, PMF) and not net.has_v_head and net.input_size == 16
     assert load_checkpoint(result["checkpoint"], v_head=True).has_v_head
+    sampler = denoiser_from_checkpoint(result["checkpoint"])  # python -m jitfast.sample's
+    assert (sampler.noise_scale, sampler.omega, sampler.interval) == (1.5, 2.5, (0.1, 0.9))
 
 
 def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):

@@ -34,8 +34,9 @@ def denoiser_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", d
     """A Denoiser (eval mode) that samples the JiT checkpoint `ckpt` (a path, or a dict from
     ``read_checkpoint``): its `weights` on `device` in `dtype` (a torch dtype; None: as stored),
     with its ``sampler_settings`` (`noise_scale` and `t_eps`, when given, win); for pMF weights,
-    a ``PMFSampler`` (its preset's noise scale unless `noise_scale` is given; t_eps must be
-    None: pMF has none)."""
+    a ``PMFSampler`` with the noise scale and guidance (omega, interval) a jitfast run recorded
+    (its --noise-scale, --sample-cfg, --sample-interval), else its preset's (`noise_scale`, when
+    given, wins; t_eps must be None: pMF has none)."""
     if isinstance(ckpt, (str, os.PathLike)):
         ckpt = read_checkpoint(ckpt)
     net = model_from_checkpoint(ckpt, weights, device, backend)
@@ -45,6 +46,9 @@ def denoiser_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", d
         if t_eps is not None:
             raise ValueError("t_eps is JiT's clamp of 1 - t; a pMF model has its own fixed "
                              "one (u = (z - x̂)/max(t, 0.05)): drop it")
-        return PMFSampler(net, noise_scale).eval()
+        recorded = partial(training_setting, ckpt)  # a jitfast run's: its grid's guidance
+        return PMFSampler(net, recorded("noise_scale", None) if noise_scale is None
+                          else noise_scale, recorded("sample_cfg", None),
+                          recorded("sample_interval", None)).eval()
     settings = sampler_settings(ckpt.get("args"), net.input_size, noise_scale, t_eps)
     return Denoiser(net, **settings).eval()

@@ -22,18 +22,19 @@ from jitfast.io.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, mo
 from jitfast.io.pretrained import save_pretrained
 
 LAYOUTS = ("official", "diffusers", "jitfast")
+OFFICIAL_SETS = ("model", "ema1", "ema2")  # the official JiT checkpoint's
 
 
 def official_checkpoint(ckpt, weights, **overrides):
     """The official checkpoint dict of every weight set of `ckpt` (missing ones: `weights`')."""
     chosen = model_from_checkpoint(ckpt, weights, **overrides)  # checks keys, shapes, config
     sets = {}
-    for name, entry in WEIGHT_KEYS.items():
+    for name in OFFICIAL_SETS:
         try:
-            sets[entry] = select_weights(ckpt, name)
+            sets[WEIGHT_KEYS[name]] = select_weights(ckpt, name)
         except CheckpointError:
             pass
-    copied = [entry for entry in WEIGHT_KEYS.values() if entry not in sets]
+    copied = [WEIGHT_KEYS[name] for name in OFFICIAL_SETS if WEIGHT_KEYS[name] not in sets]
     for entry in copied:
         sets[entry] = chosen.state_dict()
     out = {entry: {f"net.{k}": v for k, v in state.items()} for entry, state in sets.items()}

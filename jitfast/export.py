@@ -20,6 +20,7 @@ import torch
 from jitfast.diffusion.denoiser import SPACES
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.diffusion.pmf_sampler import PMFSampler
+from jitfast.io.checkpoint import WEIGHT_KEYS
 from jitfast.network.pmf import PMF
 
 # of the metadata below; jitfast-sample reads this version and 1 (JiT packages from before the
@@ -153,7 +154,7 @@ def parse_args(argv=None):
     add("--ckpt", required=True, help="checkpoint file or model folder (any published layout; "
         "JiT or pMF weights)")
     add("--out", required=True, help="package file to write, e.g. model.pt2")
-    add("--weights", default=None, choices=("ema1", "ema2", "model"),
+    add("--weights", default=None, choices=sorted(WEIGHT_KEYS),
         help="weights to use (default: ema1 of a training checkpoint, else the file's one set)")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="device the package runs on")
     add("--dtype", default="float32", choices=sorted(DTYPES),

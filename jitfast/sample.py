@@ -19,7 +19,7 @@ import torch
 
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
-from jitfast.io.checkpoint import read_checkpoint, weights_in_use
+from jitfast.io.checkpoint import WEIGHT_KEYS, read_checkpoint, weights_in_use
 from jitfast.io.images import image_grid, load_png, save_png, to_uint8
 from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
 from jitfast.diffusion.pmf_sampler import PMFSampler, check_pmf_settings
@@ -47,7 +47,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--ckpt", required=True, help="checkpoint file or model folder (any published layout)")
-    add("--weights", default=None, choices=("ema1", "ema2", "model"),
+    add("--weights", default=None, choices=sorted(WEIGHT_KEYS),
         help="weights to use; default: ema1 of a training checkpoint, the one set of a file "
              "that holds one (a published pMF file)")
     add("--model", default=None,

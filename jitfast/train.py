@@ -21,14 +21,13 @@ import torch.distributed as dist
 
 from jitfast.diffusion.draws import seed_of
 from jitfast.diffusion.sampling import METHODS, SCHEDULES
-from jitfast.io.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from jitfast.io.checkpoint import WEIGHT_KEYS, CheckpointError, atomic_save, read_checkpoint
 from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.io.weight_files import save_training_weights
 from jitfast.network.transfer import TransferError
-from jitfast.training.build import build, build_optimizer
+from jitfast.training.build import build, build_ema, build_optimizer
 from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
                                    open_dataset, to_model_input)
-from jitfast.training.ema import EMA
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress
 from jitfast.training.families import all_presets, family_of
@@ -43,6 +42,8 @@ from jitfast.util.markers import phase
 from jitfast.util.threads import set_cpu_threads
 
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
+# a recipe's value that the user's choice of the other argument replaces
+ALTERNATIVES = {"lr": "blr", "ema_halflives": "ema_decays"}
 
 
 class TrainingError(RuntimeError):
@@ -73,7 +74,9 @@ def parse_args(argv=None):
         help=f"base lr; lr = blr * batch / 256. Default: {OFFICIAL['blr']:g} (official) for "
              f"JiT-B/L/H/G, {QUICK_START['blr']:g} for the small presets, which train for "
              f"minutes, not epochs")
-    add("--lr", type=float, default=None, help="absolute lr, overrides --blr")
+    add("--lr", type=float, default=None,
+        help="absolute lr, overrides --blr. Default for pMF: 1e-3 (its configs, whatever the "
+             "batch) for pMF-B/L/H, 1e-2 for the small presets")
     add("--warmup-steps", type=int, default=None,
         help="linear lr warm-up; default: 50 for JiT, none for pMF (its configs)")
     add("--schedule", default=None, choices=("constant", "cosine"),
@@ -82,12 +85,19 @@ def parse_args(argv=None):
     add("--min-lr", type=float, default=0.0, help="final lr of the cosine schedule")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay (official: 0)")
     add("--clip-grad", type=float, default=0.0, help="max gradient norm; 0 disables")
-    add("--ema-decays", type=float, nargs=2, default=None,
-        help="the two EMA decays. Default: %g %g (official) for JiT-B/L/H/G; %g %g for the "
-             "small presets, whose runs last a few hundred steps (an EMA averages over about "
-             "1/(1-decay) steps)" % (*OFFICIAL["ema_decays"], *QUICK_START["ema_decays"]))
-    add("--optimizer", default="adamw", choices=("adamw", "apex"),
-        help="torch AdamW (fused on CUDA) or apex's FusedAdam")
+    add("--ema-decays", type=float, nargs="+", default=None,
+        help="EMA decays, one to three (checkpoints: model_ema1, ...). Default: %g %g "
+             "(official) for JiT-B/L/H/G; %g %g for the small presets, whose runs last a few "
+             "hundred steps (an EMA averages over about 1/(1-decay) steps)"
+             % (*OFFICIAL["ema_decays"], *QUICK_START["ema_decays"]))
+    add("--ema-halflives", type=float, nargs="+", default=None,
+        help="EDM-style EMAs instead, one to three half-lives in thousands of images, each at "
+             "most 5%% of the images seen (pMF's configs: 500 1000 2000, its default for "
+             "pMF-B/L/H)")
+    add("--optimizer", default=None, choices=("adamw", "apex", "muon"),
+        help="torch AdamW (fused on CUDA), apex's FusedAdam, or Muon for the matrices and Adam "
+             "for the rest (pMF's recipe: optax.contrib.muon as its official code). Default: "
+             "adamw for JiT, muon for pMF")
     add("--label-drop-prob", type=float, default=0.1,
         help="p of the null class (for CFG); 0 for data without classes")
     add("--P-mean", type=float, default=None,
@@ -109,7 +119,7 @@ def parse_args(argv=None):
              "reads): its network transferred to --image-size with --model's patch size "
              "(jitfast.network.transfer), a fresh optimizer, both EMAs from the transferred "
              "weights")
-    add("--init-weights", default="ema1", choices=("ema1", "ema2", "model"),
+    add("--init-weights", default="ema1", choices=sorted(WEIGHT_KEYS),
         help="which weights of the --init-from checkpoint")
     add("--overwrite", action="store_true",
         help="a new run into an --out that holds a run deletes that run's checkpoints, metrics "
@@ -164,7 +174,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     family = family_of(args.model)
     for name, value in family.defaults(args.model).items():  # the preset's recipe
-        if getattr(args, name) is None:
+        given_instead = getattr(args, ALTERNATIVES.get(name, ""), None) is not None
+        if getattr(args, name) is None and not given_instead:
             setattr(args, name, value)
     if args.steps < 1 or args.batch_size < 1 or args.log_every < 1:
         p.error("--steps, --batch-size and --log-every must be positive")
@@ -180,6 +191,11 @@ def parse_args(argv=None):
     args.parent = None  # the --init-from record, saved with the args
     if args.overwrite and args.resume:
         p.error("--overwrite starts a new run; it does not go with --resume")
+    if not 1 <= len(args.ema_halflives or args.ema_decays) <= 3:
+        p.error("give one to three EMAs (--ema-decays or --ema-halflives)")
+    if args.ema_halflives and args.fsdp:
+        p.error("--ema-halflives does not go with --fsdp (its sharded EMAs take constant "
+                "--ema-decays)")
     return args
 
 
@@ -199,7 +215,7 @@ def setup_distributed(device_arg):
 def full_state(denoiser, ema, optimizer, fsdp):
     """The official entries model, model_ema1/2 and optimizer as plain (unsharded) state dicts."""
     states = {"model": denoiser.state_dict(),
-              **{f"model_ema{k}": ema.state_dict(k) for k in (1, 2)}}
+              **{f"model_ema{k}": ema.state_dict(k) for k in range(1, ema.sets + 1)}}
     if not fsdp:
         return {**states, "optimizer": optimizer_state(optimizer.state_dict())}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -241,7 +257,7 @@ def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank, folder):
 def restore(path, denoiser, ema, optimizer, args):
     """Load a checkpoint into the run; returns its step."""
     ckpt = read_checkpoint(path)
-    needed = ("model", "model_ema1", "model_ema2", "optimizer", "step")
+    needed = ("model", *(f"model_ema{k}" for k in range(1, ema.sets + 1)), "optimizer", "step")
     missing = [k for k in needed if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path!r} cannot be resumed: it lacks {', '.join(missing)}")
@@ -266,7 +282,7 @@ def restore(path, denoiser, ema, optimizer, args):
                             f"this run has {args.noise_scale:g}: pass --noise-scale "
                             f"{saved['noise_scale']:g}")
     args.parent = saved.get("parent")
-    for k in (1, 2):
+    for k in range(1, ema.sets + 1):
         state = ckpt[f"model_ema{k}"]
         ema.load_state_dict(sharded_like(state, denoiser) if args.fsdp else state, k)
     return ckpt["step"]
@@ -348,7 +364,7 @@ def run_training(args, rank, world, device, folder):
         if rank == 0:
             print(line, file=sys.stderr)
     denoiser, model = build(args, dataset.num_classes, device, world, child)
-    ema = EMA(denoiser, args.ema_decays)
+    ema = build_ema(args, denoiser)
     base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     try:
         optimizer = build_optimizer(args, denoiser, ema, base_lr, device, world)
@@ -395,6 +411,7 @@ def run_training(args, rank, world, device, folder):
             inputs = draw(step, rank * local, local, x, y)
         set_lr(optimizer, lr_at(step, base_lr, args.steps, args.warmup_steps, args.schedule,
                                 args.min_lr))
+        ema.at_step(step)
         loss_sum += step_fn(*inputs)
         step += 1
         seen, bad = seen + len(labels), bad + len(unreadable)

@@ -161,8 +161,10 @@ def test_paths(tmp_path):
         load_checkpoint(tmp_path / "nope.pth")
     with pytest.raises(CheckpointError, match="is a folder"):
         load_checkpoint(tmp_path)
+    official_file(tmp_path / "c.pth")
     with pytest.raises(ValueError, match="weights must be one of"):
-        official_file(tmp_path / "c.pth")
+        load_checkpoint(tmp_path / "c.pth", weights="ema4")
+    with pytest.raises(CheckpointError, match="no 'model_ema3' entry"):  # a pMF run's third
         load_checkpoint(tmp_path / "c.pth", weights="ema3")
 
 

@@ -29,7 +29,7 @@ def test_bf16_loss_curve_of_the_kernels_follows_the_reference(tmp_path):
 
 
 def test_pmf_training_replays_its_step_from_one_cuda_graph(tmp_path):
-    """pMF's step (the v-head's guidance pass, the JVP pass, AdamW and the EMAs) captured once
+    """pMF's step (the v-head's guidance pass, the JVP pass, Muon and the EDM EMAs) captured once
     and replayed follows the eager step, on the fused kernels."""
     pmf = ["--model", "pMF-T/4", "--image-size", "32", "--batch-size", "8", "--steps", "8",
            "--log-every", "1", "--device", "cuda", "--grid-classes", "2",

@@ -108,8 +108,8 @@ def test_a_training_step_is_traced_by_phase_and_line():
     args = SimpleNamespace(model="JiT-T/8", image_size=32, batch_size=3, backend="triton",
                            P_mean=-0.8, P_std=0.8, activation_checkpointing=False, fsdp=False,
                            compile=False, compile_mode="default", noise_scale=1.0,
-                           ema_decays=(0.999, 0.99), weight_decay=0.0, clip_grad=1.0,
-                           optimizer="adamw")
+                           ema_decays=(0.999, 0.99), ema_halflives=None, weight_decay=0.0,
+                           clip_grad=1.0, optimizer="adamw")
     trace = traced.training_step(args, num_classes=5)
     # one CUDA process: the EMA is stepped with the weights, in the optimizer's phase
     assert {launch.phase for launch in trace.launches} == {"forward", "backward", "optimizer"}

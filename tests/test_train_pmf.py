@@ -27,8 +27,9 @@ def run(tmp_path, name, *extra):
 
 @pytest.mark.parametrize("preset", sorted(CONFIGS))
 def test_the_recipe_follows_the_official_config(preset):
-    """Noise, guidance draws, the grid's one-step sampling and the constant lr without warm-up,
-    as configs/pMF_*_config.yml give them (a fixture of their values)."""
+    """Noise, guidance draws, the grid's one-step sampling, Muon with Adam's b2 at the constant
+    lr without warm-up, the EDM EMAs, as configs/pMF_*_config.yml give them (a fixture of their
+    values)."""
     official = CONFIGS[preset]
     args = train.parse_args(["--model", preset])
     sampling = official["sampling"]
@@ -37,8 +38,13 @@ def test_the_recipe_follows_the_official_config(preset):
     assert (args.sample_steps, args.sample_cfg, args.sample_interval) == (
         sampling["num_steps"], sampling["omega"], [sampling["t_min"], sampling["t_max"]])
     assert (args.warmup_steps, args.schedule) == (official["warmup_epochs"], "constant")
+    assert (args.optimizer, args.lr, args.blr) == ("muon", official["learning_rate"], None)
+    assert official["ema_type"] == "edm" and args.ema_halflives == official["ema_val"]
+    assert official["adam_b2"] == 0.95  # Muon's Adam part (training.muon.Muon's adam_betas)
     given = train.parse_args(["--model", preset, "--cfg-beta", "3", "--sample-cfg", "2"])
     assert (given.cfg_beta, given.sample_cfg) == (3.0, 2.0)
+    own = train.parse_args(["--model", preset, "--blr", "1e-4", "--ema-decays", "0.9", "0.99"])
+    assert (own.lr, own.blr, own.ema_halflives, own.ema_decays) == (None, 1e-4, None, [0.9, 0.99])
 
 
 def test_a_pmf_run_end_to_end(tmp_path):
@@ -46,7 +52,7 @@ def test_a_pmf_run_end_to_end(tmp_path):
     load_checkpoint reads as a sampling network (without it) and with it on request, and that
     the sampler reads with the run's noise scale and guidance."""
     result = run(tmp_path, "run", "--steps", "3", "--noise-scale", "1.5", "--sample-cfg", "2.5",
-                 "--sample-interval", "0.1", "0.9")
+                 "--sample-interval", "0.1", "0.9", "--ema-halflives", "1e-4", "1e-3", "1e-2")
     records = read_metrics(result["metrics"])
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:  # each adaptively weighted term is loss/(loss + 0.01), below 1
@@ -55,6 +61,11 @@ def test_a_pmf_run_end_to_end(tmp_path):
         assert grid.size == (2 * 16, 3 * 16)
     ckpt = read_checkpoint(result["checkpoint"])
     assert any(k.startswith("net.v_heads.") for k in ckpt["model"])
+    weights = read_checkpoint(result["checkpoint"].replace(".pt", ".safetensors"))
+    for k in (1, 2, 3):  # three EDM EMAs (0.1 to 10 images), in both files, each its own
+        assert set(weights[f"model_ema{k}"]) == {n[len("net."):] for n in ckpt[f"model_ema{k}"]}
+    assert not torch.equal(ckpt["model_ema1"]["net.pos_embed"], ckpt["model_ema3"]["net.pos_embed"])
+    assert load_checkpoint(result["checkpoint"], weights="ema3").input_size == 16
     assert ckpt["args"]["model"] == "pMF-T/4" and ckpt["args"]["sample_steps"] == 1
     net = load_checkpoint(result["checkpoint"])
     assert isinstance(net, PMF) and not net.has_v_head and net.input_size == 16
@@ -73,6 +84,7 @@ def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):
     assert [[r[k] for k in ("loss", "loss_u", "loss_v")]
             for r in read_metrics(resumed["metrics"])] == losses[2:]  # bit for bit
     a, b = read_checkpoint(full["checkpoint"]), read_checkpoint(resumed["checkpoint"])
-    for key in ("model", "model_ema1", "model_ema2"):
+    assert a["optimizer"]["param_groups"][0]["muon"]  # the recipe's Muon, its state resumed
+    for key in ("model", "model_ema1", "model_ema2", "model_ema3"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)

@@ -25,7 +25,7 @@ from jitfast.network.model import JiT
 from jitfast.network.presets import ARCHITECTURES, preset_config
 from jitfast.util.files import atomic_write
 
-WEIGHT_KEYS = {"ema1": "model_ema1", "ema2": "model_ema2", "model": "model"}
+WEIGHT_KEYS = {"ema1": "model_ema1", "ema2": "model_ema2", "ema3": "model_ema3", "model": "model"}
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
@@ -71,7 +71,7 @@ def training_setting(ckpt, name, default):
 
 
 def select_weights(ckpt, weights=None):
-    """The network state dict of `weights` ("ema1" | "ema2" | "model") from a loaded file;
+    """The network state dict of `weights` ("ema1" | "ema2" | "ema3" | "model") from a loaded file;
     None: "ema1" from a training checkpoint, the one set of a file that holds one."""
     if weights is not None and weights not in WEIGHT_KEYS:
         raise ValueError(f"weights must be one of {sorted(WEIGHT_KEYS)}, got {weights!r}")
@@ -162,7 +162,7 @@ def load_checkpoint(path, weights=None, device="cpu", backend="auto", family=Non
     """A ready network (eval mode) from an official or jitfast checkpoint, or a bare state dict:
     a ``JiT``, or a ``PMF`` for pixel MeanFlow weights (the published ``pMF-*.pt`` files).
 
-    weights: "ema1" (what the JiT paper samples with), "ema2" or "model"; None (default):
+    weights: "ema1" (what the JiT paper samples with), "ema2", "ema3" (pMF runs) or "model"; None (default):
     "ema1" from a training checkpoint, else the file's one weight set. The architecture is
     inferred from the tensor shapes; keyword overrides (e.g. in_context_start) win. family
     ("JiT" | "pMF"): refuse a file of the other family. v_head=True (pMF): load the
@@ -209,7 +209,7 @@ def save_checkpoint(path, denoiser, ema=None, optimizer=None, epoch=0, args=None
     ckpt = {"model": denoiser.state_dict(), "epoch": epoch,
             "config": dict(denoiser.net.config)}
     if ema is not None:
-        for k in range(1, len(ema.decays) + 1):
+        for k in range(1, ema.sets + 1):
             ckpt[f"model_ema{k}"] = ema.state_dict(k)
     if optimizer is not None:
         ckpt["optimizer"] = optimizer.state_dict()

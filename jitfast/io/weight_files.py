@@ -21,7 +21,8 @@ from jitfast.util.files import atomic_write
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = WEIGHTS_NAME + ".index.json"
 CONFIG_NAME = "config.json"
-SETS = ("model", "model_ema1", "model_ema2")  # the training file's sets, as key prefixes
+SETS = ("model", "model_ema1", "model_ema2", "model_ema3")  # a training file's sets (pMF keeps
+# three EMAs, JiT two), as key prefixes
 
 
 def read_safetensors(path):
@@ -92,8 +93,8 @@ def save_safetensors(tensors, path, **metadata):
 
 
 def save_training_weights(path, states, config):
-    """The weight sets of a training checkpoint (``model``, ``model_ema1``, ``model_ema2``:
-    Denoiser state dicts) as one .safetensors, keys ``<set>.<official key>``, the model's config
+    """The weight sets of a training checkpoint (``model``, ``model_ema1``, ...: objectives'
+    state dicts) as one .safetensors, keys ``<set>.<official key>``, the model's config
     in the metadata: the run's weights, shareable without pickle."""
     tensors = {f"{s}.{k}": v for s in SETS if s in states
                for k, v in strip_prefixes(states[s]).items()}

@@ -20,8 +20,7 @@ from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build as build_network
 from jitfast.training.build import build as build_training
-from jitfast.training.build import build_optimizer
-from jitfast.training.ema import EMA
+from jitfast.training.build import build_ema, build_optimizer
 from jitfast.training.step import train_step
 from jitfast.util.markers import phase
 
@@ -48,7 +47,7 @@ def training_step(args, num_classes=NUM_CLASSES, roofline=H200):
     size, batch = args.image_size, args.batch_size
     with fake_tensors():
         faked(denoiser)
-        ema = EMA(denoiser, args.ema_decays)
+        ema = build_ema(args, denoiser)
         optimizer = build_optimizer(args, denoiser, ema, 1e-4, HOST, world=1, cuda=True)
         x, noise = (torch.empty(batch, 3, size, size) for _ in range(2))
         y, t = torch.zeros(batch, dtype=torch.long), torch.empty(batch)

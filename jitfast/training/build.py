@@ -6,7 +6,9 @@ activation checkpointing, FSDP2 sharding and torch.compile as asked, and the opt
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from jitfast.training.ema import EMA
 from jitfast.training.families import family_of
+from jitfast.training.muon import muon_for
 from jitfast.training.optimizer import AdamWEMA
 from jitfast.training.step import lr_on_device, make_optimizer
 
@@ -44,14 +46,29 @@ def build(args, num_classes, device, world, net=None):
     return denoiser, denoiser
 
 
+def build_ema(args, denoiser):
+    """The run's EMAs: EDM-style ones at --ema-halflives (kimg, the global batch's images),
+    else constant --ema-decays."""
+    return EMA(denoiser, args.ema_decays, halflives_kimg=args.ema_halflives,
+               batch=args.batch_size)
+
+
 def build_optimizer(args, denoiser, ema, lr, device, world, cuda=None):
-    """The run's optimizer: on one CUDA process without FSDP, ``AdamWEMA`` (AdamW, the EMA `ema`
-    and bf16 compute copies of the weights in one pass per weight); else ``make_optimizer``'s
-    (torch's fused AdamW on CUDA, AdamW elsewhere, or apex's with --optimizer apex), the EMA
-    then updated by the step. cuda: whether the run is on CUDA (default: `device`'s type; the
-    trace prices a CUDA run on fake CPU tensors)."""
+    """The run's optimizer: --optimizer muon: Muon for the family's matrices and Adam for the
+    rest (``training.muon``, optax's, pMF's recipe); on one CUDA process without FSDP, with EMAs
+    of constant decays, ``AdamWEMA`` (AdamW, the EMA `ema` and bf16 compute copies of the
+    weights in one pass per weight); else ``make_optimizer``'s (torch's fused AdamW on CUDA,
+    AdamW elsewhere, or apex's with --optimizer apex). The EMA is then updated by the step.
+    cuda: whether the run is on CUDA (default: `device`'s type; the trace prices a CUDA run on
+    fake CPU tensors)."""
     cuda = device.type == "cuda" if cuda is None else cuda
-    if cuda and world == 1 and not args.fsdp and args.optimizer == "adamw":
+    if args.optimizer == "muon":
+        optimizer = muon_for(denoiser, lr, family_of(args.model).muon_blocks,
+                             weight_decay=args.weight_decay)
+        lr_on_device(optimizer, device)
+        return optimizer
+    if cuda and world == 1 and not args.fsdp and args.optimizer == "adamw" and \
+            ema.decays is not None and len(ema.decays) <= 2:
         optimizer = AdamWEMA(denoiser, lr, ema, weight_decay=args.weight_decay)
         lr_on_device(optimizer, device)
         return optimizer

@@ -1,7 +1,19 @@
-"""Exponential moving averages of a model's parameters (JiT keeps two: 0.9999 and 0.9996)."""
+"""Exponential moving averages of a model's parameters: at constant decays (JiT keeps two, 0.9999
+and 0.9996) or EDM-style ones set by a half-life in images (pMF keeps three)."""
 from contextlib import contextmanager
 
 import torch
+
+EDM_RAMPUP = 0.05  # the half-life is at most this fraction of the images seen (ema_util.py)
+
+
+def edm_decay(step, halflife_kimg, batch):
+    """The decay of the EMA update after optimizer step `step` (1 for the first) of a run with
+    global batch `batch`: pMF's ``edm_schedule`` (github Lyy-iiis/pMF, utils/ema_util.py) with
+    the run's batch where it hard-codes 1024. 0.5 ** (batch / h), h = min(half-life, 5% of the
+    images seen): one half-life of images halves an old weight's share."""
+    halflife = min(halflife_kimg * 1000, step * batch * EDM_RAMPUP)
+    return 0.5 ** (batch / max(halflife, 1e-8))
 
 
 def copy_into(dst, src):
@@ -11,35 +23,56 @@ def copy_into(dst, src):
 
 
 class EMA:
-    """Copies of `model`'s parameters, one set per decay, updated with foreach kernels.
+    """Copies of `model`'s parameters, one set per decay (or per half-life), updated with
+    foreach kernels.
 
     ``update()`` does ema ← decay·ema + (1 - decay)·param for every set (the official update);
+    with ``halflives_kimg`` (and the run's global `batch`) the decays are EDM's (``edm_decay``),
+    set for each step by ``at_step(step)`` into device tensors (a CUDA-graph step reads them
+    there); ``decays`` is then None;
     ``swapped(k)`` temporarily puts set k (1-based) into the model, e.g. for sampling;
     ``state_dict(k)`` gives the model's state dict with set k's values, the official
     ``model_ema{k}`` entry of a checkpoint.
     """
 
-    def __init__(self, model, decays=(0.9999, 0.9996)):
-        for decay in decays:
-            if not 0.0 <= decay < 1.0:
-                raise ValueError(f"EMA decays must lie in [0, 1), got {decay}")
+    def __init__(self, model, decays=(0.9999, 0.9996), halflives_kimg=None, batch=None):
+        if halflives_kimg:
+            if batch is None or batch < 1 or min(halflives_kimg) <= 0:
+                raise ValueError(f"EDM EMAs need positive half-lives and the global batch, got "
+                                 f"{list(halflives_kimg)} and {batch}")
+            decays = None
+        elif not decays or any(not 0.0 <= d < 1.0 for d in decays):
+            raise ValueError(f"EMA decays must lie in [0, 1), got {decays}")
         self.model = model
-        self.decays = tuple(decays)
+        self.decays = None if decays is None else tuple(decays)
+        self.halflives = tuple(halflives_kimg) if halflives_kimg else None
+        self.batch = batch
         self.names = [name for name, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
-        self.shadows = [[p.detach().clone() for p in self.params] for _ in self.decays]
+        self.sets = len(self.halflives or self.decays)
+        self.shadows = [[p.detach().clone() for p in self.params] for _ in range(self.sets)]
+        device = self.params[0].device if self.params else "cpu"
+        self.weights = [torch.zeros((), device=device) for _ in range(self.sets)]  # 1 - decay
+
+    def at_step(self, step):
+        """Set the EDM decays of the update after optimizer step `step` (0 for the first);
+        nothing for constant decays."""
+        if self.halflives is not None:
+            for weight, halflife in zip(self.weights, self.halflives):
+                weight.fill_(1.0 - edm_decay(step + 1, halflife, self.batch))
 
     @torch.no_grad()
     def update(self):
         """ema + (1 - decay)·(param - ema): one pass over each set (the official mul_ then add_
         takes two; the results differ by float32 rounding)."""
         current = [p.detach() for p in self.params]
-        for decay, shadow in zip(self.decays, self.shadows):
-            torch._foreach_lerp_(shadow, current, 1.0 - decay)
+        for k, shadow in enumerate(self.shadows):
+            weight = 1.0 - self.decays[k] if self.decays else [self.weights[k]] * len(current)
+            torch._foreach_lerp_(shadow, current, weight)
 
     def _index(self, which):
-        if not 1 <= which <= len(self.decays):
-            raise ValueError(f"EMA index must be in 1..{len(self.decays)}, got {which}")
+        if not 1 <= which <= self.sets:
+            raise ValueError(f"EMA index must be in 1..{self.sets}, got {which}")
         return which - 1
 
     @contextmanager

@@ -21,6 +21,7 @@ from jitfast.diffusion.from_checkpoint import sampler_settings
 from jitfast.diffusion.pmf_objective import PMFObjective
 from jitfast.diffusion.pmf_sampler import PMFSampler, check_pmf_settings
 from jitfast.diffusion.sampling import check_settings
+from jitfast.io.pmf_weights import FUSED
 from jitfast.network.pmf_presets import PMF_models
 from jitfast.network.presets import JiT_models
 from jitfast.training.draws import StepDraws
@@ -35,7 +36,10 @@ class Family:
     forward(*inputs) is the loss, or (loss, extras) (its state dict holds the network under
     ``net.``); metrics: the names of the loss and its extras; inputs(objective, args,
     num_classes, device) -> draw(step, first, count, x, y) -> the step's inputs; grid(objective,
-    ema, args, y, count, device) -> float32 images of the grid."""
+    ema, args, y, count, device) -> float32 images of the grid; muon_blocks: for the Muon
+    optimizer (--optimizer muon), {Linear-name part: blocks} of the fused weights that are
+    several matrices in the family's reference code (``training.muon.linear_matrices``), or None
+    where the family's recipe has no Muon."""
     name: str
     presets: dict
     network_options: dict
@@ -45,6 +49,7 @@ class Family:
     metrics: tuple
     inputs: Callable
     grid: Callable
+    muon_blocks: dict = None
 
 
 def jit_objective(net, args):
@@ -65,6 +70,8 @@ def grid_settings(check, *settings):
 def jit_check(args):
     if args.cfg_beta is not None:
         raise ValueError("--cfg-beta belongs to pMF's objective; JiT's training has no guidance")
+    if args.optimizer == "muon":
+        raise ValueError("--optimizer muon is pMF's recipe; JiT's is AdamW (the official code's)")
     grid_settings(check_settings, args.sample_steps, args.sample_method, args.sample_cfg,
                   tuple(args.sample_interval), args.sample_schedule)
 
@@ -152,7 +159,8 @@ FAMILIES = {
     "JiT": Family("JiT", JiT_models, {}, jit_training_defaults, jit_check, jit_objective,
                   ("loss",), jit_inputs, jit_grid),
     "pMF": Family("pMF", PMF_models, {"v_head": True}, pmf_training_defaults, pmf_check,
-                  pmf_objective, ("loss", "loss_u", "loss_v"), pmf_inputs, pmf_grid),
+                  pmf_objective, ("loss", "loss_u", "loss_v"), pmf_inputs, pmf_grid,
+                  muon_blocks={part: len(pieces) for part, pieces in FUSED.items()}),
 }
 
 

@@ -81,8 +81,9 @@ class AdamWEMA(torch.optim.AdamW):
 
     def __init__(self, model, lr, ema, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                  copies=True):
-        if len(ema.decays) > 2:
-            raise ValueError(f"AdamWEMA steps at most two EMA sets, got {len(ema.decays)}")
+        if ema.decays is None or len(ema.decays) > 2:
+            raise ValueError(f"AdamWEMA steps at most two EMA sets of constant decays, got "
+                             f"{ema.decays or ema.halflives}")
         super().__init__(model.parameters(), lr=lr, betas=betas, eps=eps,
                          weight_decay=weight_decay, fused=True)
         from jitfast.kernels.adamw_ema import adamw_ema_  # Triton: only where it runs

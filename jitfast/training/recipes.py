@@ -32,8 +32,9 @@ JIT_GRID = dict(sample_steps=15, sample_method="unipc2", sample_schedule="cosine
 
 
 def jit_training_defaults(preset):
-    """``training_defaults`` with the warm-up, P_std and the sample grid's settings."""
-    return {**training_defaults(preset), "warmup_steps": 50, "P_std": 0.8, **JIT_GRID,
+    """``training_defaults`` with AdamW, the warm-up, P_std and the sample grid's settings."""
+    return {**training_defaults(preset), "optimizer": "adamw", "warmup_steps": 50,
+            "P_std": 0.8, **JIT_GRID,
             "sample_interval": list(JIT_GRID["sample_interval"])}
 
 
@@ -53,13 +54,23 @@ PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min,
 }
 
 
+# the configs' training (the same in all four): Muon for the Dense kernels and Adam (b2 0.95)
+# for the rest at one constant lr, 1e-3 whatever the batch (learning_rate, adam_b2,
+# lr_schedule warmup_const with warmup_epochs 0; utils/trainstate_util.py's optax.contrib.muon),
+# and three EDM EMAs (ema_type edm, ema_val [500, 1000, 2000] kimg; utils/ema_util.py)
+PMF_OFFICIAL = dict(optimizer="muon", lr=1e-3, schedule="constant", warmup_steps=0,
+                    ema_halflives=(500, 1000, 2000))
+# the small presets' (CPU minutes at 28-64 px; docs/quickstart.md measured it)
+PMF_QUICK_START = dict(optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
+                       ema_halflives=(0.5, 1, 2))
+
+
 def pmf_training_defaults(preset):
-    """{argument: value} of a pMF preset's recipe: its config's noise, guidance draws and grid.
-    The optimizer is AdamW at JiT's recipe (the configs' lr 1e-3 at batch 1024 is Muon's, not
-    in jitfast yet), the configs' constant lr without warm-up (warmup_const, warmup_epochs 0)
-    for the paper's presets, the quick start's for the small ones."""
+    """{argument: value} of a pMF preset's recipe: its config's noise, guidance draws and grid,
+    the configs' optimizer, lr and EMAs for the paper's presets, the quick start's for the small
+    ones."""
     P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max) = PMF_CONFIGS[preset]
-    small = is_small(preset)
-    return {**training_defaults(preset), "warmup_steps": 50 if small else 0, "P_mean": P_mean,
+    recipe = PMF_QUICK_START if is_small(preset) else PMF_OFFICIAL
+    return {**recipe, "ema_halflives": list(recipe["ema_halflives"]), "P_mean": P_mean,
             "P_std": P_std, "noise_scale": noise_scale, "cfg_beta": cfg_beta, "sample_steps": 1,
             "sample_cfg": omega, "sample_interval": [t_min, t_max]}

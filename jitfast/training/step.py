@@ -23,6 +23,7 @@ from contextlib import nullcontext
 
 import torch
 
+from jitfast.training.muon import Muon
 from jitfast.training.optimizer import compute_weights, refresh_compute_weights
 from jitfast.util.cuda_graphs import capture, on_side_stream
 from jitfast.util.markers import phase
@@ -49,9 +50,10 @@ def make_optimizer(params, lr, device, weight_decay=0.0, kind="adamw", fused=Non
 
 
 def lr_on_device(optimizer, device):
-    """For fused AdamW, make every group's learning rate a float32 tensor on `device` (again
-    after loading a state dict, which holds floats), keeping its value; others are left alone."""
-    if not optimizer.defaults.get("fused"):
+    """For fused AdamW and Muon on CUDA, make every group's learning rate a float32 tensor on
+    `device` (again after loading a state dict, which holds floats), keeping its value; others
+    are left alone."""
+    if not (optimizer.defaults.get("fused") or graphable(optimizer) and device.type == "cuda"):
         return
     for group in optimizer.param_groups:
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
@@ -111,9 +113,9 @@ class GraphedTrainStep:
     shapes and dtypes of the first's, and its other inputs (a count) the same values."""
 
     def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
-        if not (isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")):
+        if not graphable(optimizer):
             raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
-                             f"CUDA, or AdamWEMA), got {type(optimizer).__name__}")
+                             f"CUDA, or AdamWEMA) or Muon, got {type(optimizer).__name__}")
         self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
                                               clip_grad=clip_grad)
         self.optimizer, self.warmup = optimizer, warmup
@@ -138,6 +140,13 @@ class GraphedTrainStep:
             self.graph, self.loss = capture(lambda: self.step(*self.inputs))
         self.graph.replay()
         return self.loss.clone()  # the next replay overwrites self.loss
+
+
+def graphable(optimizer):
+    """Whether a CUDA graph can hold `optimizer`'s step: fused AdamW, or Muon (its step count
+    and learning rate on the device, no host sync)."""
+    return isinstance(optimizer, Muon) or \
+        isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 def check_like(batch, reference):

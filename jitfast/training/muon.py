@@ -1,0 +1,142 @@
+"""Muon for the matrices, Adam for the rest: pMF's optimizer, ``optax.contrib.muon`` as the
+official training code calls it (github Lyy-iiis/pMF, utils/trainstate_util.py:
+``optax.contrib.muon(learning_rate, adam_b2=0.95)``, every other setting optax's default).
+
+Why not ``torch.optim.Muon`` (with ``torch.optim.Adam`` beside it): it differs from optax's in
+three ways that change the run.
+- optax orthogonalises each 2-D leaf of the flax tree. jitfast fuses q/k/v and SwiGLU's w1/w3
+  into one weight each; orthogonalising the fused matrix is not orthogonalising its parts. Here a
+  fused weight's row blocks are orthogonalised one by one (``blocks``).
+- optax's Nesterov momentum is bias-corrected: the update orthogonalises
+  β·m/(1 − β^(c+1)) + (1 − β)·g/(1 − β^c) at step c, torch's β·m + (1 − β)·g.
+- optax's Adam part is Nesterov too (``nesterov=True`` reaches it), which torch's Adam is not.
+What matches: the Newton–Schulz iteration (5 steps, coefficients (3.4445, −4.7750, 2.0315), on the
+wide orientation, after dividing by the Frobenius norm + ε), the update scale
+sqrt(max(1, fan_out/fan_in)), weight decay 0, one learning rate for both parts. The test runs
+optax itself (tests/fixtures/muon_optax.pt where it is absent).
+
+The step count and the learning rate may be device tensors (a CUDA-graph step reads them there).
+"""
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default
+
+
+def newton_schulz(x, steps=5, eps=1e-8, coefficients=NS_COEFFICIENTS):
+    """optax's ``orthogonalize_via_newton_schulz`` of each matrix in the batch `x` (k, m, n)."""
+    a, b, c = coefficients
+    wide = x.shape[-2] <= x.shape[-1]
+    x = x if wide else x.transpose(-2, -1)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.transpose(-2, -1)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.transpose(-2, -1)
+
+
+def nesterov(moment, grad, beta, count):
+    """optax's bias-corrected Nesterov momentum at step `count` (a tensor, ≥ 1), after the
+    moment's update."""
+    return moment * (beta / (1 - beta ** (count + 1))) + grad * ((1 - beta) / (1 - beta ** count))
+
+
+class Muon(torch.optim.Optimizer):
+    """`matrices`: (parameter, blocks) pairs, a weight of `blocks` row blocks each orthogonalised
+    on its own (q/k/v fused: 3); `others`: the parameters Adam updates. Defaults: the official
+    call's (optax's, Adam's b2 0.95 as the configs' adam_b2)."""
+
+    def __init__(self, matrices, others, lr, beta=0.95, ns_steps=5, eps=1e-8, weight_decay=0.0,
+                 adam_betas=(0.9, 0.95), coefficients=NS_COEFFICIENTS):
+        matrices = list(matrices)
+        for p, blocks in matrices:
+            if p.dim() != 2 or p.shape[0] % blocks:
+                raise ValueError(f"Muon takes matrices of whole row blocks, got a "
+                                 f"{tuple(p.shape)} weight in {blocks} blocks")
+        groups = [dict(params=[p for p, _ in matrices], blocks=[b for _, b in matrices],
+                       muon=True),
+                  dict(params=list(others), muon=False)]
+        super().__init__([g for g in groups if g["params"]],
+                         dict(lr=lr, beta=beta, ns_steps=ns_steps, eps=eps,
+                              weight_decay=weight_decay, adam_betas=tuple(adam_betas),
+                              coefficients=tuple(coefficients)))
+
+    def _state(self, p, moments):
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            for name in moments:
+                state[name] = torch.zeros_like(p)
+        state["step"] += 1
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("Muon takes no closure")
+        for group in self.param_groups:
+            if group["muon"]:
+                self.muon_step(group)
+            else:
+                self.adam_step(group)
+
+    def muon_step(self, group):
+        beta, lr = group["beta"], group["lr"]
+        for p, blocks in zip(group["params"], group["blocks"]):
+            if p.grad is None:
+                continue
+            state = self._state(p, ("moment",))
+            grad = p.grad.float()
+            state["moment"].lerp_(grad, 1 - beta)
+            rows, cols = p.shape[0] // blocks, p.shape[1]
+            update = newton_schulz(nesterov(state["moment"], grad, beta, state["step"])
+                                   .view(blocks, rows, cols), group["ns_steps"], group["eps"],
+                                   group["coefficients"]).reshape(p.shape)
+            update *= math.sqrt(max(1.0, rows / cols))  # fan_out / fan_in of a block
+            if group["weight_decay"]:
+                update += group["weight_decay"] * p
+            apply(p, update, lr)
+
+    def adam_step(self, group):
+        (b1, b2), lr, eps = group["adam_betas"], group["lr"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self._state(p, ("exp_avg", "exp_avg_sq"))
+            grad = p.grad.float()
+            state["exp_avg"].lerp_(grad, 1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step = state["step"]
+            moment = nesterov(state["exp_avg"], grad, b1, step)
+            update = moment / ((state["exp_avg_sq"] / (1 - b2 ** step)).sqrt() + eps)
+            apply(p, update, lr)
+
+
+def apply(p, update, lr):
+    """p -= lr·update, with lr a float or a device tensor."""
+    if torch.is_tensor(lr):
+        p.sub_(update * lr)
+    else:
+        p.add_(update, alpha=-lr)
+
+
+def linear_matrices(model, fused):
+    """(weight, blocks) of every ``nn.Linear`` in `model`, the weights optax's Muon takes in a
+    flax model (its Dense kernels: the 2-D leaves; embeddings, convolutions, tokens, norms and
+    biases are not); `fused` {module-name part: blocks}, e.g. {".attn.qkv.": 3}: a Linear whose
+    name holds a part is that many weights of the flax model, concatenated by rows."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            blocks = next((n for part, n in fused.items() if part in f".{name}."), 1)
+            found.append((module.weight, blocks))
+    return found
+
+
+def muon_for(model, lr, fused, **options):
+    """``Muon`` over `model`: its Linear weights (``linear_matrices``), Adam for the rest."""
+    matrices = linear_matrices(model, fused)
+    taken = {id(p) for p, _ in matrices}
+    others = [p for p in model.parameters() if id(p) not in taken and p.requires_grad]
+    return Muon(matrices, others, lr, **options)

@@ -202,9 +202,24 @@ def test_convert_a_published_file_to_a_folder_and_refuse_other_layouts(tmp_path)
     f = OFFICIAL["forward"]
     u = net(f["z"], f["t"], f["h"], f["omega"], f["t_min"], f["t_max"], f["y"])
     assert rel_err(u, f["expected"]) < 1e-5
-    for layout in ("official", "diffusers"):
-        with pytest.raises(SystemExit, match="pixel MeanFlow weights, which have no"):
-            convert_main([str(path), str(tmp_path / layout), "--layout", layout])
+    with pytest.raises(SystemExit, match="pixel MeanFlow weights, which have no"):
+        convert_main([str(path), str(tmp_path / "d"), "--layout", "diffusers"])
+    with pytest.raises(SystemExit, match="give a DST ending in .pt"):
+        convert_main([str(path), str(tmp_path / "o"), "--layout", "official"])
+
+
+def test_published_layout_round_trips_bit_for_bit(tmp_path):
+    """The official port's state dict (the v-head and the complex RoPE buffer included) ->
+    jitfast's PMF -> python -m jitfast.convert --layout official: the same keys and tensors."""
+    from jitfast.convert import main as convert_main
+    torch.save(OFFICIAL["state_dict"], tmp_path / "official.pt")
+    convert_main([str(tmp_path / "official.pt"), str(tmp_path / "again.pt"), "--layout",
+                  "official"])
+    again = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert set(again) == set(OFFICIAL["state_dict"])
+    assert any(k.startswith("net.v_heads.") for k in again)
+    for key, value in OFFICIAL["state_dict"].items():
+        assert again[key].dtype == value.dtype and torch.equal(again[key], value), key
 
 
 def test_bfloat16_network_samples_close_to_float32():

@@ -2,6 +2,7 @@
 official configs, a run end to end (metrics, grid, a checkpoint the sampler reads) and exact
 resume. Two processes: tests/test_train_ddp.py."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,12 @@ import torch
 from PIL import Image
 
 from jitfast import load_checkpoint, read_checkpoint, train
+from jitfast.convert import main as convert_main
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.network.pmf import PMF
 from jitfast.training.progress import read_metrics
 
+KEYS = json.loads((Path(__file__).parent / "fixtures" / "pmf_official_keys.json").read_text())
 CONFIGS = json.loads((Path(__file__).parent / "fixtures" / "pmf_official_configs.json")
                      .read_text())["configs"]
 TINY = ["--model", "pMF-T/4", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
@@ -72,6 +75,15 @@ def test_a_pmf_run_end_to_end(tmp_path):
     assert load_checkpoint(result["checkpoint"], v_head=True).has_v_head
     sampler = denoiser_from_checkpoint(result["checkpoint"])  # python -m jitfast.sample's
     assert (sampler.noise_scale, sampler.omega, sampler.interval) == (1.5, 2.5, (0.1, 0.9))
+    # the run folder in the published layout: the official key names (those of pMF-B/16's file,
+    # block numbers aside), the v-head included, holding EMA 1's weights
+    convert_main([str(tmp_path / "run"), str(tmp_path / "official.pt"), "--layout", "official"])
+    published = torch.load(tmp_path / "official.pt", weights_only=True)
+    blocks = lambda keys: {re.sub(r"\.\d+\.", ".N.", k) for k in keys}  # noqa: E731
+    assert blocks(published) == blocks(KEYS["pmfDiT_B_16"]["keys"])
+    ema1 = load_checkpoint(result["checkpoint"], v_head=True).state_dict()
+    again = load_checkpoint(tmp_path / "official.pt", v_head=True).state_dict()
+    assert all(torch.equal(ema1[k], again[k]) for k in ema1)
 
 
 def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):

@@ -27,6 +27,7 @@ from jitfast.experiments import mean_std
 from jitfast.experiments.classifier import fashion_judges, trained_judges
 from jitfast.io.checkpoint import CheckpointError, read_checkpoint, training_setting
 from jitfast.io.images import load_png
+from jitfast.training.families import family_of
 from jitfast.training.runfolder import latest_checkpoint
 
 REAL_IMAGES = 300  # real images per reference: the judges' accuracy on them, and the floor
@@ -50,17 +51,19 @@ def grid_classes(rows, num_classes):
     return torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
 
 
-def run_samples(ckpt, per_class, seed):
-    """Class-conditional samples of the checkpoint's EMA-1, with its training grid's sampler."""
-    setting = lambda name, default: training_setting(ckpt, name, default)
+def run_samples(ckpt, per_class, seed, overrides=None):
+    """Class-conditional samples of the checkpoint's EMA-1, with its training grid's sampler
+    (its family's: JiT's ODE, pMF's one step); `overrides` {argument: value} replace the run's
+    (sample_cfg, sample_interval, ...)."""
+    overrides = overrides or {}
+    setting = lambda name, default: overrides.get(name, training_setting(ckpt, name, default))
     denoiser = denoiser_from_checkpoint(ckpt, "ema1", backend="torch")
     classes = ckpt["config"]["num_classes"]
     labels = torch.arange(classes).repeat_interleave(per_class)
+    settings = family_of(setting("model", "JiT-B/16")).sampling(setting)
     with torch.no_grad():
-        images = denoiser.generate(
-            labels, steps=setting("sample_steps", 50), method=setting("sample_method", "heun"),
-            cfg=setting("sample_cfg", 4.0), schedule=setting("sample_schedule", "linear"),
-            generator=torch.Generator().manual_seed(seed))
+        images = denoiser.generate(labels, generator=torch.Generator().manual_seed(seed),
+                                   **settings)
     return images, labels
 
 
@@ -79,11 +82,11 @@ def run_judges(ckpt, size, folder):
                      f"only (--dataset fashion-mnist or shapes)")
 
 
-def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000):
+def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000, overrides=None):
     """{"grid", "samples", "real"}: each {judge: {"accuracy", "frechet"}}; "ratio" and
     "frechet": for grid and samples the mean and std over the judges of merit of the accuracy
     ratio (samples / real) and the distance; for the latest checkpoint of the run folder `run`
-    and the grid drawn at its step."""
+    and the grid drawn at its step. overrides: of the samples' settings (``run_samples``)."""
     path = latest_checkpoint(run)
     ckpt = read_checkpoint(path)
     size, columns = ckpt["config"]["input_size"], training_setting(ckpt, "samples_per_class", 8)
@@ -95,7 +98,7 @@ def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000):
     judges, merit = run_judges(ckpt, size, judges_folder)
     tiles, rows = grid_tiles(load_png(grid_path), size, columns)
     grid_labels = grid_classes(int(rows.max()) + 1, ckpt["config"]["num_classes"])[rows]
-    images, labels = run_samples(ckpt, per_class, seed)
+    images, labels = run_samples(ckpt, per_class, seed, overrides)
     result = {"checkpoint": path, "grid_png": grid_path,
               "grid": {name: j.score(tiles, grid_labels) for name, j in judges.items()},
               "samples": {name: j.score(images, labels) for name, j in judges.items()},
@@ -134,16 +137,25 @@ def main(argv=None):
                    help="samples per class drawn beside the grid")
     p.add_argument("--judges", default="runs/judges", help="folder of the trained judges")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--sample-cfg", type=float, default=None,
+                   help="the samples' guidance scale (JiT's CFG, pMF's omega); default: the "
+                        "run's grid's")
+    p.add_argument("--sample-interval", type=float, nargs=2, default=None,
+                   help="the samples' guidance interval; default: the run's grid's")
+    p.add_argument("--out", default=None, help="the JSON written; default: RUN/quickstart.json")
     args = p.parse_args(argv)
+    overrides = {k: getattr(args, k) for k in ("sample_cfg", "sample_interval")
+                 if getattr(args, k) is not None}
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        result = score_run(args.run, args.samples_per_class, args.judges)
+        result = score_run(args.run, args.samples_per_class, args.judges, overrides=overrides)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     result["seconds"] = round(time.perf_counter() - start, 1)
-    with open(os.path.join(args.run, "quickstart.json"), "w") as f:
+    result["overrides"] = overrides
+    with open(args.out or os.path.join(args.run, "quickstart.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(report(result))
 

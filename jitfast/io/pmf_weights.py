@@ -128,3 +128,30 @@ def pmf_model_from_state(state, config=None, device="cpu", backend="auto", v_hea
     check_pmf_state(model, state)
     model.load_state_dict(state)
     return model.to(device).eval()
+
+
+def official_pmf_state(net):
+    """The published layout of the PMF `net` (``pmf_from_official`` inverted): the official
+    port's ``pixelMeanFlow`` state dict, keys ``net.`` + its names, Linear and Embedding weights
+    wrapped (``._flax_linear.``, ``._flax_embedding.``), q/k/v and w1/w3 split, the RoPE table as
+    the port's complex ``rope_freqs`` buffer, and the v-head where `net` has one: a file the
+    port's ``load_state_dict`` reads as it reads the published ones."""
+    wrapped = {}
+    for name, module in net.named_modules():
+        wrapper = WRAPPERS[0] if isinstance(module, torch.nn.Linear) else \
+            WRAPPERS[1] if isinstance(module, torch.nn.Embedding) else None
+        if wrapper:
+            for leaf in module._parameters:
+                wrapped[f"{name}.{leaf}"] = f"{name}{wrapper}{leaf}"
+    out = {}
+    for key, value in net.state_dict().items():
+        key = wrapped.get(key, key)
+        pieces = [(key, value.detach().clone())]
+        for fused, names in FUSED.items():
+            if fused in key:
+                pieces = [(key.replace(fused, part), chunk.clone())
+                          for part, chunk in zip(names, value.chunk(len(names), dim=0))]
+        out.update((f"net.{k}", v) for k, v in pieces)
+    prefix = net.num_prefix
+    out["net.rope_freqs"] = torch.complex(net.rope_cos[prefix:, 0::2], net.rope_sin[prefix:, 0::2])
+    return out

@@ -36,7 +36,10 @@ class Family:
     forward(*inputs) is the loss, or (loss, extras) (its state dict holds the network under
     ``net.``); metrics: the names of the loss and its extras; inputs(objective, args,
     num_classes, device) -> draw(step, first, count, x, y) -> the step's inputs; grid(objective,
-    ema, args, y, count, device) -> float32 images of the grid; muon_blocks: for the Muon
+    ema, args, y, count, device) -> float32 images of the grid; sampling(setting) -> the
+    keywords of the family sampler's ``generate`` that draw as a run's grid did, `setting(name,
+    default)` reading the run's arguments (``io.checkpoint.training_setting``); muon_blocks: for
+    the Muon
     optimizer (--optimizer muon), {Linear-name part: blocks} of the fused weights that are
     several matrices in the family's reference code (``training.muon.linear_matrices``), or None
     where the family's recipe has no Muon."""
@@ -49,6 +52,7 @@ class Family:
     metrics: tuple
     inputs: Callable
     grid: Callable
+    sampling: Callable
     muon_blocks: dict = None
 
 
@@ -104,6 +108,14 @@ def jit_grid(objective, ema, args, y, count, device):
         return objective.generate(y, **settings)
 
 
+def jit_sampling(setting):
+    """Denoiser.generate's settings of a run's grid (the official sampler's where unrecorded)."""
+    interval = setting("sample_interval", None)
+    return dict(steps=setting("sample_steps", 50), method=setting("sample_method", "heun"),
+                cfg=setting("sample_cfg", 4.0), schedule=setting("sample_schedule", "linear"),
+                **({} if interval is None else {"interval": tuple(interval)}))
+
+
 def pmf_objective(net, args):
     return PMFObjective(net, noise_scale=args.noise_scale, P_mean=args.P_mean, P_std=args.P_std,
                         cfg_beta=args.cfg_beta, class_dropout_prob=args.label_drop_prob)
@@ -155,11 +167,19 @@ def pmf_grid(objective, ema, args, y, count, device):
     return sampler.generate(y, steps=args.sample_steps, generator=gen, num_samples=count)
 
 
+def pmf_sampling(setting):
+    """PMFSampler.generate's settings of a run's grid (one step; the guidance where unrecorded:
+    the sampler's, its preset's)."""
+    interval = setting("sample_interval", None)
+    return dict(steps=setting("sample_steps", 1), omega=setting("sample_cfg", None),
+                interval=None if interval is None else tuple(interval))
+
+
 FAMILIES = {
     "JiT": Family("JiT", JiT_models, {}, jit_training_defaults, jit_check, jit_objective,
-                  ("loss",), jit_inputs, jit_grid),
+                  ("loss",), jit_inputs, jit_grid, jit_sampling),
     "pMF": Family("pMF", PMF_models, {"v_head": True}, pmf_training_defaults, pmf_check,
-                  pmf_objective, ("loss", "loss_u", "loss_v"), pmf_inputs, pmf_grid,
+                  pmf_objective, ("loss", "loss_u", "loss_v"), pmf_inputs, pmf_grid, pmf_sampling,
                   muon_blocks={part: len(pieces) for part, pieces in FUSED.items()}),
 }
 

@@ -5,9 +5,10 @@ graphs of the model, and with the whole step replayed from one CUDA graph."""
 import pytest
 
 from conftest import DEVICE, ON_CUDA, skip_unless_cuda
+from jitfast import train
 from jitfast.measure.throughput import TRAIN_FACTOR, forward_flops
 from jitfast.measure.workloads import (TRAIN_VARIANTS, cuda_only, jit_loss_step, pmf_loss_step,
-                                       training_step)
+                                       run_step, training_step)
 
 # (preset, image size, batch)
 SIZES = [("JiT-B/16", 256, 128), ("JiT-B/16", 256, 256), ("JiT-L/16", 256, 64),
@@ -46,3 +47,18 @@ def test_loss_backward(measure, pair, family):
     measure(fn, f"loss + backward {pmf} vs {jit} batch {batch}", "train", family,
             baseline=family == "JiT", images=batch, preset=jit if family == "JiT" else pmf,
             shape=f"{batch}x{image}px", **info)
+
+
+# the quick starts' runs (python -m jitfast.train --model M: 28 px on the built-in Fashion-MNIST,
+# batch 32), each step as the trainer builds it: what its log's img/s should read
+QUICK_STARTS = ["JiT-T/4", "pMF-T/4"]
+
+
+@pytest.mark.parametrize("model", QUICK_STARTS)
+def test_step_of_the_training_command(measure, model):
+    """One step of ``python -m jitfast.train --model MODEL`` (its recipe's optimizer, EMAs and
+    draws; eager, one process): the step the command's progress bar times, with its data."""
+    args = train.parse_args(["--model", model, "--device", DEVICE.type])
+    measure(run_step(args, 10, DEVICE), f"training command's step {model} batch "
+            f"{args.batch_size}", "train", model, baseline=model == QUICK_STARTS[0],
+            images=args.batch_size, preset=model, shape=f"{args.batch_size}x{args.image_size}px")

@@ -17,11 +17,8 @@ import os
 
 import torch
 
-from jitfast.diffusion.denoiser import SPACES
-from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
-from jitfast.diffusion.pmf_sampler import PMFSampler
+from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint, sampler_for
 from jitfast.io.checkpoint import WEIGHT_KEYS
-from jitfast.network.pmf import PMF
 
 # of the metadata below; jitfast-sample reads this version and 1 (JiT packages from before the
 # family key) and refuses others
@@ -36,56 +33,11 @@ class ExportError(ValueError):
 
 def package_metadata(net, settings, device, dtype, max_batch):
     """The package's metadata: strings under ``jitfast.*`` keys (AOTInductor adds its own).
-    settings: the sampler's, from ``sampler_settings_for`` (floats: str is their repr)."""
+    settings: the sampler's ``package_settings()`` (floats: str is their repr)."""
     return {f"jitfast.{key}": str(value) for key, value in dict(
-        format=FORMAT_VERSION, family="pmf" if isinstance(net, PMF) else "jit",
+        format=FORMAT_VERSION, family=net.family.lower(),
         input_size=net.input_size, in_channels=net.in_channels, num_classes=net.num_classes,
         **settings, device=device, dtype=dtype, max_batch=max_batch).items()}
-
-
-def sampler_settings_for(net, noise_scale=None, t_eps=None, pred=None, omega=None,
-                         interval=None):
-    """The sampler settings a package of `net` records, None meaning the family's default. JiT:
-    noise_scale (1.0), t_eps (0.05), pred ("x"). pMF: noise_scale, omega and interval (those of
-    ``PMFSampler``: its preset's, else noise 1.0 (2.0 from 512 px) and no guidance), written as
-    omega, t_min, t_max."""
-    if isinstance(net, PMF):
-        if t_eps is not None or pred is not None:
-            raise ExportError("t_eps and pred are JiT's sampler settings; a pMF network predicts "
-                              "x and reads it as u = (z - x̂)/max(t, 0.05) itself: drop them")
-        try:
-            sampler = PMFSampler(net, noise_scale, omega, interval)
-        except ValueError as err:
-            raise ExportError(str(err)) from None
-        t_min, t_max = sampler.interval
-        return dict(noise_scale=float(sampler.noise_scale), omega=float(sampler.omega),
-                    t_min=float(t_min), t_max=float(t_max))
-    if omega is not None or interval is not None:
-        raise ExportError("omega and interval are pMF's guidance settings; a JiT package takes "
-                          "its guidance at sampling time (jitfast-sample --cfg, --interval)")
-    noise_scale = 1.0 if noise_scale is None else noise_scale
-    t_eps = 0.05 if t_eps is None else t_eps
-    pred = "x" if pred is None else pred
-    if pred not in SPACES:
-        raise ExportError(f"pred must be one of {SPACES}, got {pred!r}")
-    if noise_scale <= 0 or t_eps <= 0:
-        raise ExportError(f"noise_scale and t_eps must be positive, got {noise_scale}, {t_eps}")
-    return dict(noise_scale=float(noise_scale), t_eps=float(t_eps), pred=pred)
-
-
-def example_inputs(net, device, dtype):
-    """A batch of 2 for ``torch.export``, by the forward's argument names."""
-    size, channels = net.input_size, net.in_channels
-    images = torch.zeros(2, channels, size, size, device=device, dtype=DTYPES[dtype])
-    labels = torch.zeros(2, dtype=torch.long, device=device)
-
-    def times(value):
-        return torch.full((2,), value, device=device)
-
-    if isinstance(net, PMF):
-        return dict(z=images, t=times(0.5), h=times(0.5), omega=times(2.0), t_min=times(0.0),
-                    t_max=times(1.0), y=labels)
-    return dict(x=images, t=times(0.5), y=labels)
 
 
 def check_compiled_ops(program):
@@ -105,7 +57,7 @@ def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dty
     """Compile the JiT or PMF `net` into an AOTInductor package at `path` for
     ``jitfast-sample``.
 
-    The sampler settings (None: the family's default, ``sampler_settings_for``): for a JiT,
+    The sampler settings (None: the family's default; ``diffusion.from_checkpoint.sampler_for``): for a JiT,
     noise_scale, t_eps and pred (as in ``Denoiser``); for a PMF, noise_scale and the default
     guidance omega and interval (as in ``PMFSampler``). device ("cpu" or "cuda") and dtype
     ("float32" or "bfloat16") are those the network runs in (the sampler's state stays
@@ -113,6 +65,17 @@ def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dty
     conditional and unconditional halves as one batch (a pMF step is one pass of max_batch at
     most). `net` itself is left untouched. Returns the package path.
     """
+    try:
+        sampler = sampler_for(net, noise_scale=noise_scale, t_eps=t_eps, pred=pred, omega=omega,
+                              interval=interval)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    return export_sampler(sampler, path, device, dtype, max_batch)
+
+
+def export_sampler(sampler, path, device="cpu", dtype="float32", max_batch=256):
+    """``export`` of a sampler's network with its settings (``package_settings``)."""
+    net = sampler.net
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if device not in ("cpu", "cuda"):
@@ -121,12 +84,12 @@ def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dty
         raise ExportError("device 'cuda' asked for, but torch sees no CUDA device here")
     if not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-    settings = sampler_settings_for(net, noise_scale, t_eps, pred, omega, interval)
+    settings = sampler.package_settings()
     model = type(net)(**net.config, backend="torch")
     model.load_state_dict(net.state_dict())
     model = model.to(device, DTYPES[dtype]).eval()
     model.check_values = False
-    inputs = example_inputs(model, device, dtype)
+    inputs = model.example_inputs(2, device, DTYPES[dtype])
     batch = torch.export.Dim("batch", min=1, max=2 * max_batch)
     with torch.no_grad():
         program = torch.export.export(model, tuple(inputs.values()),
@@ -136,14 +99,6 @@ def export(net, path, noise_scale=None, t_eps=None, pred=None, device="cpu", dty
     return torch._inductor.aoti_compile_and_package(
         program, package_path=os.fspath(path),
         inductor_configs={"aot_inductor.metadata": metadata})
-
-
-def settings_of(sampler):
-    """The ``export`` keywords of a checkpoint's sampler (``denoiser_from_checkpoint``'s)."""
-    if isinstance(sampler, PMFSampler):
-        return dict(noise_scale=sampler.noise_scale, omega=sampler.omega,
-                    interval=sampler.interval)
-    return dict(noise_scale=sampler.noise_scale, t_eps=sampler.t_eps, pred=sampler.pred)
 
 
 def parse_args(argv=None):
@@ -168,13 +123,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         sampler = denoiser_from_checkpoint(args.ckpt, args.weights, backend="torch")
-        net, settings = sampler.net, settings_of(sampler)
-        export(net, args.out, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
-               **settings)
+        net, settings = sampler.net, sampler.package_settings()
+        export_sampler(sampler, args.out, args.device, args.dtype, args.max_batch)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    family = "pMF" if isinstance(net, PMF) else "JiT"
-    print(f"wrote {args.out}: {family} at {net.input_size} px, {net.in_channels} channels, "
+    print(f"wrote {args.out}: {net.family} at {net.input_size} px, {net.in_channels} channels, "
           f"{net.num_classes} classes, {args.dtype} on {args.device}, up to {args.max_batch} "
           f"images per call; " + ", ".join(f"{k} {v}" for k, v in settings.items()))
 

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
-from jitfast.diffusion.sampling import METHODS, SCHEDULES, check_settings
+from jitfast.diffusion.sampling import METHODS, SCHEDULES
 from jitfast.io.checkpoint import WEIGHT_KEYS, read_checkpoint, weights_in_use
 from jitfast.io.images import image_grid, load_png, save_png, to_uint8
 from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
-from jitfast.diffusion.pmf_sampler import PMFSampler, check_pmf_settings
 from jitfast.network.pmf_presets import PMF_SAMPLING, pmf_preset_of
 from jitfast.network.presets import preset_differences
 from jitfast.training.progress import Progress
@@ -32,7 +31,6 @@ from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
 
 GRID_IMAGES = 64
 DEFAULT_CFG = 2.9  # guidance scale of class-conditional JiT checkpoints unless --cfg says
-JIT_DEFAULTS = dict(steps=50, method="heun", schedule="linear", interval=(0.1, 1.0))
 # settings that change the images: a folder is resumed only with the same ones
 RUN_SETTINGS = ("ckpt", "weights", "labels", "cfg", "interval", "steps", "method", "batch",
                 "seed", "noise_scale", "t_eps", "dtype", "schedule")
@@ -152,15 +150,6 @@ def class_labels(classes, num_per_class, num_classes):
     return [c for c in ids for _ in range(num_per_class)]  # class-major, as the official
 
 
-def check_run_settings(sampler, settings):
-    """The sampler settings, checked before the output folder records them."""
-    if isinstance(sampler, PMFSampler):
-        check_pmf_settings(settings["steps"], settings["cfg"], settings["interval"])
-    else:
-        check_settings(settings["steps"], settings["method"], settings["cfg"],
-                       settings["interval"], settings["schedule"])
-
-
 def prepare_out(out, settings):
     """Create the folder (checking it is writable) and resume only a run of the same settings."""
     images = os.path.join(out, "images")
@@ -212,28 +201,20 @@ def write_samples(args):
     net = denoiser.net
     if args.model:
         check_preset(net, args.model)
-    if isinstance(denoiser, PMFSampler):
-        given = [flag for flag, value in (("--method", args.method),
-                                          ("--schedule", args.schedule)) if value is not None]
-        if given:
-            raise SampleError(f"the checkpoint is a pMF model, which samples with its own "
-                              f"update (z - (t - r)·u, --steps evaluations): drop "
-                              f"{', '.join(given)}")
-        labels, cfg = sample_labels(args, net.num_classes, denoiser.omega)
-        options = dict(steps=1 if args.steps is None else args.steps, method="pmf", schedule=None,
-                       interval=tuple(args.interval or denoiser.interval), t_eps=None)
-    else:
-        labels, cfg = sample_labels(args, net.num_classes)
-        options = {**JIT_DEFAULTS, **{k: getattr(args, k) for k in JIT_DEFAULTS
-                                      if getattr(args, k) is not None}}
-        options["t_eps"] = denoiser.t_eps
+    try:
+        options = denoiser.run_options(args.steps, args.method, args.schedule, args.interval)
+    except ValueError as err:
+        raise SampleError(f"the checkpoint is {err}: drop --method and --schedule") from None
+    guidance = denoiser.default_guidance
+    labels, cfg = sample_labels(args, net.num_classes,
+                                DEFAULT_CFG if guidance is None else guidance)
     settings = dict(ckpt=os.path.abspath(args.ckpt), weights=weights_in_use(ckpt, args.weights),
                     labels=labels,
                     cfg=cfg, interval=list(options["interval"]), steps=options["steps"],
                     method=options["method"], batch=args.batch, seed=args.seed,
                     noise_scale=denoiser.noise_scale, t_eps=options["t_eps"], dtype=dtype,
                     schedule=options["schedule"])
-    check_run_settings(denoiser, settings)
+    denoiser.check_run(options, cfg)
     images_dir = prepare_out(args.out, settings)
     shape = (net.in_channels, net.input_size, net.input_size)
     paths = [os.path.join(images_dir, f"{i:06d}.png") for i in range(len(labels))]
@@ -246,13 +227,7 @@ def write_samples(args):
         y = torch.tensor([labels[i] for i in batch], device=device) if net.num_classes else None
         z0 = initial_noise(batch, shape, args.seed).to(device)
         graphs = device.type == "cuda" and not args.no_graphs
-        if isinstance(denoiser, PMFSampler):
-            images = denoiser.generate(y, settings["steps"], cfg, options["interval"], z0=z0,
-                                       cuda_graphs=graphs)
-        else:
-            images = denoiser.generate(y, settings["steps"], settings["method"], cfg,
-                                       options["interval"], z0=z0, cuda_graphs=graphs,
-                                       schedule=settings["schedule"])
+        images = denoiser.sampler_run(y, options, cfg, z0, graphs)
         for i, image in zip(batch, to_uint8(images)):
             save_png(image, paths[i])
         progress.update(first + len(batch))

@@ -68,7 +68,9 @@ def parse_args(argv=None):
     add("--dataset", default="fashion-mnist", choices=BUILTIN_DATASETS,
         help="the built-in dataset trained on without --data-path: a subset of Fashion-MNIST "
              "(photos of clothes, 10 classes), or procedurally drawn shapes (10 classes)")
-    add("--steps", type=int, default=1600, help="optimizer steps in the whole run")
+    add("--steps", type=int, default=None,
+        help="optimizer steps in the whole run; default: 1600, 600 for pMF-T (a pMF step costs "
+             "about five of JiT-T/4's on the CPU: the quick start's 15 minutes)")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
         help=f"base lr; lr = blr * batch / 256. Default: {OFFICIAL['blr']:g} (official) for "

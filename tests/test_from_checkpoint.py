@@ -47,8 +47,8 @@ def exported(monkeypatch, ckpt, out):
     """The sampler settings ``python -m jitfast.export`` puts in the package of `ckpt` (the
     compilation itself left out: it takes half a minute)."""
     packaged = {}
-    monkeypatch.setattr(importlib.import_module("jitfast.export"), "export",
-                        lambda net, path, **kwargs: packaged.update(kwargs))
+    monkeypatch.setattr(importlib.import_module("jitfast.export"), "export_sampler",
+                        lambda sampler, *args: packaged.update(sampler.package_settings()))
     export_main(["--ckpt", ckpt, "--out", str(out)])
     return {k: packaged[k] for k in RECORDED}
 

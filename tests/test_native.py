@@ -384,8 +384,8 @@ def test_help_says_what_the_flags_mean_for_pmf(native):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(t_eps=0.1), "t_eps and pred are JiT's sampler settings"),
-    (dict(pred="x"), "t_eps and pred are JiT's sampler settings"),
+    (dict(t_eps=0.1), "t_eps is not among pMF's sampler settings"),
+    (dict(pred="x"), "pred is not among pMF's sampler settings"),
     (dict(omega=0.5), r"omega \(pMF's guidance scale\) must be >= 1"),
     (dict(interval=(0.6, 0.2)), "the guidance interval must satisfy 0 <= t_min <= t_max <= 1"),
     (dict(noise_scale=0.0), "noise_scale must be positive"),
@@ -397,8 +397,8 @@ def test_pmf_export_refuses_bad_settings(tmp_path, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(omega=2.0), "omega and interval are pMF's guidance settings"),
-    (dict(interval=(0.1, 0.9)), "omega and interval are pMF's guidance settings"),
+    (dict(omega=2.0), "omega is not among JiT's sampler settings"),
+    (dict(interval=(0.1, 0.9)), "interval is not among JiT's sampler settings"),
     (dict(dtype="float16"), "dtype must be one of"),
     (dict(device="tpu"), "device must be 'cpu' or 'cuda'"),
     (dict(pred="z"), "pred must be one of"),

@@ -289,7 +289,7 @@ def test_pmf_file_samples_with_its_guidance_inputs(pmf_file, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "heun"], "pMF model, which samples with its own update"),
-    (["--t-eps", "0.1"], "t_eps is JiT's clamp"),
+    (["--t-eps", "0.1"], "t_eps is not among pMF's sampler settings"),
     (["--cfg", "0.5"], r"omega .* must be >= 1"),
     (["--interval", "0.8", "0.2"], "interval must satisfy"),
     (["--steps", "0"], "steps must be an integer >= 1"),

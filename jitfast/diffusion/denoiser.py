@@ -9,7 +9,7 @@ and by t (from e) clamped at t_eps:
 import torch
 import torch.nn as nn
 
-from jitfast.diffusion.sampling import GraphCache, generate, invert
+from jitfast.diffusion.sampling import GraphCache, check_settings, generate, invert
 from jitfast.network.backend import head_kernels
 
 SPACES = ("x", "e", "v")
@@ -144,6 +144,31 @@ class Denoiser(nn.Module):
     def velocity(self, out, z, t):
         """The velocity implied by a network output at state z (float32), times t (B,)."""
         return convert(out, self.pred, "v", z, t.view(-1, 1, 1, 1), self.t_eps)
+
+    # a sampling run's settings unless given (python -m jitfast.sample): the official sampler's
+    RUN_DEFAULTS = dict(steps=50, method="heun", schedule="linear", interval=(0.1, 1.0))
+    default_guidance = None  # the command's own default applies
+
+    def package_settings(self):
+        """The sampler settings an exported package records (``jitfast.export``)."""
+        return dict(noise_scale=float(self.noise_scale), t_eps=float(self.t_eps), pred=self.pred)
+
+    def run_options(self, steps=None, method=None, schedule=None, interval=None):
+        """{steps, method, schedule, interval, t_eps} of a sampling run: those given, the
+        official sampler's for the rest (``sampler_run`` takes them; pMF's sampler has its own)."""
+        given = dict(steps=steps, method=method, schedule=schedule, interval=interval)
+        options = {**self.RUN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+        return {**options, "interval": tuple(options["interval"]), "t_eps": self.t_eps}
+
+    def check_run(self, options, cfg):
+        """Raise ValueError for run options (``run_options``) and guidance this sampler refuses."""
+        check_settings(options["steps"], options["method"], cfg, options["interval"],
+                       options["schedule"])
+
+    def sampler_run(self, y, options, cfg, z0, cuda_graphs=None):
+        """``generate`` with a run's options."""
+        return self.generate(y, options["steps"], options["method"], cfg, options["interval"],
+                             z0=z0, cuda_graphs=cuda_graphs, schedule=options["schedule"])
 
     @torch.no_grad()
     def generate(self, y, steps=50, method="heun", cfg=1.0, interval=(0.0, 1.0), z0=None,

@@ -77,6 +77,35 @@ class PMFSampler:
     def num_classes(self):
         return self.net.num_classes
 
+    @property
+    def default_guidance(self):
+        """A sampling run's guidance unless given: this sampler's omega."""
+        return self.omega
+
+    def package_settings(self):
+        """The sampler settings an exported package records (``jitfast.export``)."""
+        t_min, t_max = self.interval
+        return dict(noise_scale=float(self.noise_scale), omega=float(self.omega),
+                    t_min=float(t_min), t_max=float(t_max))
+
+    def run_options(self, steps=None, method=None, schedule=None, interval=None):
+        """{steps, method, schedule, interval, t_eps} of a sampling run (as ``Denoiser``'s): one
+        step unless given, the sampler's interval; no method, schedule or t_eps of JiT's."""
+        given = [name for name, value in (("method", method), ("schedule", schedule))
+                 if value is not None]
+        if given:
+            raise ValueError(f"a pMF model, which samples with its own update (z - (t - r)·u, "
+                             f"one evaluation a step), without a {' or '.join(given)}")
+        return dict(steps=1 if steps is None else steps, method="pmf", schedule=None,
+                    interval=tuple(self.interval if interval is None else interval), t_eps=None)
+
+    def check_run(self, options, cfg):
+        check_pmf_settings(options["steps"], cfg, options["interval"])
+
+    def sampler_run(self, y, options, cfg, z0, cuda_graphs=None):
+        return self.generate(y, options["steps"], cfg, options["interval"], z0=z0,
+                             cuda_graphs=cuda_graphs)
+
     def free_graphs(self):
         self.graph_cache.clear()
 

@@ -1,8 +1,9 @@
 """The workloads that the benchmarks time and ``python -m jitfast.bench profile`` profiles: a
 training step and a sampling run of a fresh preset model, in each of their variants, built the
 way ``python -m jitfast.train`` and ``Denoiser.generate`` run them; pMF's few-step sampling
-run, the way ``PMFSampler.generate`` runs it; and the loss and backward of JiT's objective and
-of pMF's, side by side."""
+run, the way ``PMFSampler.generate`` runs it; the loss and backward of JiT's objective and
+of pMF's, side by side; and the step of a ``python -m jitfast.train`` run as it builds it."""
+from itertools import count
 from types import SimpleNamespace
 
 import torch
@@ -13,7 +14,9 @@ from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build
-from jitfast.training.build import build_optimizer
+from jitfast.training.build import build as build_training
+from jitfast.training.build import build_ema, build_optimizer
+from jitfast.training.families import family_of
 from jitfast.training.ema import EMA
 from jitfast.training.step import GraphedTrainStep, train_step
 
@@ -44,6 +47,30 @@ PMF_CUSTOM = {"pMF-T/8": dict(patch_size=8, hidden_size=192, depth=6, num_heads=
 def cuda_only(variant):
     """Whether a variant runs on CUDA only: its name has the Triton kernels or CUDA graphs."""
     return any(word in variant for word in CUDA_ONLY_WORDS)
+
+
+def run_step(args, num_classes, device):
+    """A closure running one optimizer step of the training run `args` (``python -m
+    jitfast.train``'s namespace: its family's objective and per-step draws, its optimizer and
+    EMAs, one process, eagerly) on a fixed batch of images in [-1, 1]; each call is the next
+    step (its draws and EMA decays), at the run's base lr."""
+    torch.manual_seed(args.seed)
+    denoiser, model = build_training(args, num_classes, device, world=1)
+    ema = build_ema(args, denoiser)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = build_optimizer(args, denoiser, ema, lr, device, world=1)
+    draw = family_of(args.model).inputs(denoiser, args, num_classes, device)
+    batch, size = args.batch_size, args.image_size
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    y = torch.randint(num_classes, (batch,), device=device)
+    steps = count()
+
+    def step():
+        index = next(steps)
+        ema.at_step(index)
+        return train_step(model, denoiser, optimizer, ema, *draw(index, 0, batch, x, y),
+                          clip_grad=args.clip_grad)
+    return step
 
 
 def random_batch(batch, image, device, seed=0):

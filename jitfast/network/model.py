@@ -290,6 +290,15 @@ class JiT(nn.Module):
     gathered weights after its forward, needs it off (``jitfast.training.build`` sets it).
     """
 
+    family = "JiT"
+
+    def example_inputs(self, batch, device=None, dtype=None):
+        """forward's tensor arguments by name, a batch of `batch` (``torch.export``'s example)."""
+        size = self.input_size
+        return dict(x=torch.zeros(batch, self.in_channels, size, size, device=device, dtype=dtype),
+                    t=torch.full((batch,), 0.5, device=device),
+                    y=torch.zeros(batch, dtype=torch.long, device=device))
+
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=1024, depth=24,
                  num_heads=16, mlp_ratio=4.0, attn_drop=0.0, proj_drop=0.0, num_classes=1000,
                  bottleneck_dim=128, in_context_len=32, in_context_start=8, backend="auto",

@@ -178,6 +178,18 @@ class PMF(nn.Module):
     derives; ``backend`` selects the op implementations as for JiT.
     """
 
+    family = "pMF"
+
+    def example_inputs(self, batch, device=None, dtype=None):
+        """forward's tensor arguments by name, a batch of `batch` (``torch.export``'s example)."""
+        size = self.input_size
+
+        def times(value):
+            return torch.full((batch,), value, device=device)
+        return dict(z=torch.zeros(batch, self.in_channels, size, size, device=device, dtype=dtype),
+                    t=times(0.5), h=times(0.5), omega=times(2.0), t_min=times(0.0),
+                    t_max=times(1.0), y=torch.zeros(batch, dtype=torch.long, device=device))
+
     def __init__(self, input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=16,
                  num_heads=12, num_classes=1000, head_depth=8, mlp_hidden=None,
                  bottleneck_dim=None, v_head=False, backend="auto"):

@@ -33,7 +33,7 @@ JIT_GRID = dict(sample_steps=15, sample_method="unipc2", sample_schedule="cosine
 
 def jit_training_defaults(preset):
     """``training_defaults`` with AdamW, the warm-up, P_std and the sample grid's settings."""
-    return {**training_defaults(preset), "optimizer": "adamw", "warmup_steps": 50,
+    return {**training_defaults(preset), "steps": 1600, "optimizer": "adamw", "warmup_steps": 50,
             "P_std": 0.8, **JIT_GRID,
             "sample_interval": list(JIT_GRID["sample_interval"])}
 
@@ -58,10 +58,10 @@ PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min,
 # for the rest at one constant lr, 1e-3 whatever the batch (learning_rate, adam_b2,
 # lr_schedule warmup_const with warmup_epochs 0; utils/trainstate_util.py's optax.contrib.muon),
 # and three EDM EMAs (ema_type edm, ema_val [500, 1000, 2000] kimg; utils/ema_util.py)
-PMF_OFFICIAL = dict(optimizer="muon", lr=1e-3, schedule="constant", warmup_steps=0,
+PMF_OFFICIAL = dict(steps=1600, optimizer="muon", lr=1e-3, schedule="constant", warmup_steps=0,
                     ema_halflives=(500, 1000, 2000))
 # the small presets' (CPU minutes at 28-64 px; docs/quickstart.md measured it)
-PMF_QUICK_START = dict(optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
+PMF_QUICK_START = dict(steps=600, optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
                        ema_halflives=(0.5, 1, 2))
 
 

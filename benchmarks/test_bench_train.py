@@ -49,16 +49,20 @@ def test_loss_backward(measure, pair, family):
             shape=f"{batch}x{image}px", **info)
 
 
-# the quick starts' runs (python -m jitfast.train --model M: 28 px on the built-in Fashion-MNIST,
-# batch 32), each step as the trainer builds it: what its log's img/s should read
-QUICK_STARTS = ["JiT-T/4", "pMF-T/4"]
+# python -m jitfast.train's runs, each step as the command builds it (its family's recipe,
+# draws, optimizer and EMAs; on CUDA the whole step in one graph): what its log's img/s should
+# read. CPU: the quick starts (28 px on the built-in Fashion-MNIST, batch 32); CUDA: the B/16s.
+COMMANDS = [("JiT-B/16", 256, 128), ("pMF-B/16", 256, 128)] if ON_CUDA else \
+    [("JiT-T/4", 28, 32), ("pMF-T/4", 28, 32)]
 
 
-@pytest.mark.parametrize("model", QUICK_STARTS)
-def test_step_of_the_training_command(measure, model):
-    """One step of ``python -m jitfast.train --model MODEL`` (its recipe's optimizer, EMAs and
-    draws; eager, one process): the step the command's progress bar times, with its data."""
-    args = train.parse_args(["--model", model, "--device", DEVICE.type])
-    measure(run_step(args, 10, DEVICE), f"training command's step {model} batch "
-            f"{args.batch_size}", "train", model, baseline=model == QUICK_STARTS[0],
-            images=args.batch_size, preset=model, shape=f"{args.batch_size}x{args.image_size}px")
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{c[0]}-b{c[2]}" for c in COMMANDS])
+def test_step_of_the_training_command(measure, command):
+    """One step of ``python -m jitfast.train --model MODEL``: JiT's (the baseline) and pMF's."""
+    model, image, batch = command
+    args = train.parse_args(["--model", model, "--image-size", str(image), "--batch-size",
+                             str(batch), "--device", DEVICE.type])
+    measure(run_step(args, 10, DEVICE, train.training_step), f"training command's step, "
+            f"{COMMANDS[1][0]} vs {COMMANDS[0][0]} batch {batch}", "train", model,
+            baseline=model == COMMANDS[0][0], images=batch, preset=model,
+            shape=f"{batch}x{image}px")

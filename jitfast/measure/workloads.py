@@ -49,17 +49,22 @@ def cuda_only(variant):
     return any(word in variant for word in CUDA_ONLY_WORDS)
 
 
-def run_step(args, num_classes, device):
+def run_step(args, num_classes, device, make_step=None):
     """A closure running one optimizer step of the training run `args` (``python -m
     jitfast.train``'s namespace: its family's objective and per-step draws, its optimizer and
-    EMAs, one process, eagerly) on a fixed batch of images in [-1, 1]; each call is the next
-    step (its draws and EMA decays), at the run's base lr."""
+    EMAs, one process) on a fixed batch of images in [-1, 1]; each call is the next step (its
+    draws and EMA decays), at the run's base lr. make_step(args, model, objective, optimizer,
+    ema, device, world) -> step(*inputs): the command's own (``train.training_step``: on CUDA
+    one graph); default: ``train_step`` eagerly."""
     torch.manual_seed(args.seed)
     denoiser, model = build_training(args, num_classes, device, world=1)
     ema = build_ema(args, denoiser)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     optimizer = build_optimizer(args, denoiser, ema, lr, device, world=1)
     draw = family_of(args.model).inputs(denoiser, args, num_classes, device)
+    run = make_step(args, model, denoiser, optimizer, ema, device, 1) if make_step else \
+        (lambda *inputs: train_step(model, denoiser, optimizer, ema, *inputs,
+                                    clip_grad=args.clip_grad))
     batch, size = args.batch_size, args.image_size
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y = torch.randint(num_classes, (batch,), device=device)
@@ -68,8 +73,7 @@ def run_step(args, num_classes, device):
     def step():
         index = next(steps)
         ema.at_step(index)
-        return train_step(model, denoiser, optimizer, ema, *draw(index, 0, batch, x, y),
-                          clip_grad=args.clip_grad)
+        return run(*draw(index, 0, batch, x, y))
     return step
 
 

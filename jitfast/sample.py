@@ -22,8 +22,7 @@ from jitfast.diffusion.sampling import METHODS, SCHEDULES
 from jitfast.io.checkpoint import WEIGHT_KEYS, read_checkpoint, weights_in_use
 from jitfast.io.images import image_grid, load_png, save_png, to_uint8
 from jitfast.measure.fid import EvaluationError, check_fid_inputs, fid_and_inception_score
-from jitfast.network.pmf_presets import PMF_SAMPLING, pmf_preset_of
-from jitfast.network.presets import preset_differences
+from jitfast.network.families import PRESET_DIFFERENCES
 from jitfast.training.progress import Progress
 from jitfast.training.runfolder import FolderLock, RunFolderError, command_line
 from jitfast.util.files import (WriteError, atomic_write, atomic_write_json,
@@ -91,20 +90,12 @@ def parse_args(argv=None):
 
 
 def check_preset(net, name):
-    if isinstance(name, str) and name.startswith("pMF-"):
-        if name not in PMF_SAMPLING:
-            raise SampleError(f"--model: unknown pMF preset {name!r}; choose one of "
-                              f"{sorted(PMF_SAMPLING)}")
-        found = pmf_preset_of(net.config) if hasattr(net, "u_heads") else "a JiT"
-        if found != name:
-            raise SampleError(f"the checkpoint is not a {name}: it holds "
-                              f"{found or 'a pMF network of no preset'}")
-        return
-    if hasattr(net, "u_heads"):
-        raise SampleError(f"the checkpoint is not a {name}: it holds "
-                          f"{pmf_preset_of(net.config) or 'a pMF network of no preset'}")
+    """Refuse a checkpoint whose network is not the preset `name` (--model)."""
+    family = name.split("-", 1)[0]
+    if family != net.family:
+        raise SampleError(f"the checkpoint is not a {name}: it holds a {net.family} network")
     try:
-        differences = preset_differences(net.config, name)
+        differences = PRESET_DIFFERENCES[family](net.config, name)
     except KeyError as err:
         raise SampleError(f"--model: {err.args[0]}") from None
     diffs = [f"{k} {ours} (preset: {theirs})" for k, (ours, theirs) in differences.items()]

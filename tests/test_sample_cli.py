@@ -293,7 +293,7 @@ def test_pmf_file_samples_with_its_guidance_inputs(pmf_file, tmp_path):
     (["--cfg", "0.5"], r"omega .* must be >= 1"),
     (["--interval", "0.8", "0.2"], "interval must satisfy"),
     (["--steps", "0"], "steps must be an integer >= 1"),
-    (["--model", "pMF-B/16"], "not a pMF-B/16: it holds a pMF network of no preset"),
+    (["--model", "pMF-B/16"], r"not a pMF-B/16: .*hidden_size \d+ \(preset: 768\)"),
     (["--model", "JiT-B/16"], "not a JiT-B/16: it holds a pMF network"),
 ])
 def test_pmf_bad_input(pmf_file, tmp_path, extra, message):

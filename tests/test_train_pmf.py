@@ -11,6 +11,7 @@ from PIL import Image
 
 from jitfast import load_checkpoint, read_checkpoint, train
 from jitfast.convert import main as convert_main
+from jitfast.sample import main as sample_main
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.network.pmf import PMF
 from jitfast.training.progress import read_metrics
@@ -75,6 +76,11 @@ def test_a_pmf_run_end_to_end(tmp_path):
     assert load_checkpoint(result["checkpoint"], v_head=True).has_v_head
     sampler = denoiser_from_checkpoint(result["checkpoint"])  # python -m jitfast.sample's
     assert (sampler.noise_scale, sampler.omega, sampler.interval) == (1.5, 2.5, (0.1, 0.9))
+    command = ["--ckpt", result["checkpoint"], "--classes", "1", "--device", "cpu"]
+    sample_main(command + ["--model", "pMF-T/4", "--out", str(tmp_path / "s")])  # its preset
+    for other, why in (("pMF-T/8", r"patch_size 4 \(preset: 8\)"), ("JiT-T/4", "a pMF network")):
+        with pytest.raises(SystemExit, match=f"not a {other}: .*{why}"):
+            sample_main(command + ["--model", other, "--out", str(tmp_path / other[-1])])
     # the run folder in the published layout: the official key names (those of pMF-B/16's file,
     # block numbers aside), the v-head included, holding EMA 1's weights
     convert_main([str(tmp_path / "run"), str(tmp_path / "official.pt"), "--layout", "official"])

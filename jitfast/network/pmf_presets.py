@@ -41,17 +41,28 @@ def pmf_preset_config(name):
                 depth=depth, num_heads=heads, head_depth=HEAD_DEPTH)
 
 
+def pmf_architecture(name):
+    """The architecture keywords of a preset: ``pmf_preset_config``'s but the image size, with
+    the widths it derives (the image size and number of classes are not part of a preset's
+    architecture); KeyError for an unknown name."""
+    preset = pmf_preset_config(name)
+    del preset["input_size"]
+    hidden = preset["hidden_size"]
+    return {"mlp_hidden": official_mlp_hidden(hidden),
+            "bottleneck_dim": default_bottleneck(hidden), "in_channels": 3, **preset}
+
+
+def pmf_preset_differences(config, name):
+    """{field: (config's value, the preset's)} for each architecture field of pMF preset `name`
+    on which the PMF config `config` differs from it; KeyError for an unknown name."""
+    return {k: (config.get(k, v), v) for k, v in pmf_architecture(name).items()
+            if config.get(k, v) != v}
+
+
 def pmf_preset_of(config):
-    """The preset whose architecture `config` (PMF keywords) has, or None. (The image size and
-    number of classes are not part of a preset's architecture.)"""
-    for name in PMF_SAMPLING:
-        preset = pmf_preset_config(name)
-        hidden = preset["hidden_size"]
-        preset.update(mlp_hidden=official_mlp_hidden(hidden),
-                      bottleneck_dim=default_bottleneck(hidden), in_channels=3)
-        if all(config.get(k, v) == v for k, v in preset.items() if k != "input_size"):
-            return name
-    return None
+    """The paper's preset whose architecture `config` (PMF keywords) has, or None."""
+    return next((name for name in PMF_SAMPLING if not pmf_preset_differences(config, name)),
+                None)
 
 
 def build(name, **kwargs):

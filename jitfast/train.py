@@ -25,7 +25,7 @@ from jitfast.io.checkpoint import WEIGHT_KEYS, CheckpointError, atomic_save, rea
 from jitfast.io.images import image_grid, save_png, to_uint8
 from jitfast.io.weight_files import save_training_weights
 from jitfast.network.transfer import TransferError
-from jitfast.training.build import build, build_ema, build_optimizer
+from jitfast.training.build import base_lr, build, build_ema, build_optimizer
 from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
                                    open_dataset, to_model_input)
 from jitfast.training.parent import transferred_run
@@ -367,9 +367,9 @@ def run_training(args, rank, world, device, folder):
             print(line, file=sys.stderr)
     denoiser, model = build(args, dataset.num_classes, device, world, child)
     ema = build_ema(args, denoiser)
-    base_lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    lr = base_lr(args)
     try:
-        optimizer = build_optimizer(args, denoiser, ema, base_lr, device, world)
+        optimizer = build_optimizer(args, denoiser, ema, lr, device, world)
     except ImportError as err:
         raise TrainingError(str(err)) from None
     start = 0
@@ -394,7 +394,7 @@ def run_training(args, rank, world, device, folder):
                    "without classes (an unconditional model)")
         print(f"{args.model} ({params / 1e6:.1f}M parameters) at {args.image_size} px on "
               f"{world}x {device}, {len(dataset)} images {classes}, global batch "
-              f"{args.batch_size}, lr {base_lr:.3g}, steps {start}..{args.steps}",
+              f"{args.batch_size}, lr {lr:.3g}, steps {start}..{args.steps}",
               file=sys.stderr)
         if getattr(dataset, "origin", None):
             print(f"data: {dataset.origin}", file=sys.stderr)
@@ -411,7 +411,7 @@ def run_training(args, rank, world, device, folder):
             x = to_model_input(images.to(device, non_blocking=True), out=x)
             y = labels.to(device, non_blocking=True)
             inputs = draw(step, rank * local, local, x, y)
-        set_lr(optimizer, lr_at(step, base_lr, args.steps, args.warmup_steps, args.schedule,
+        set_lr(optimizer, lr_at(step, lr, args.steps, args.warmup_steps, args.schedule,
                                 args.min_lr))
         ema.at_step(step)
         loss_sum += step_fn(*inputs)

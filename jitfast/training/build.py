@@ -46,6 +46,11 @@ def build(args, num_classes, device, world, net=None):
     return denoiser, denoiser
 
 
+def base_lr(args):
+    """The run's learning rate before its schedule: --lr, else --blr scaled by the batch."""
+    return args.lr if args.lr is not None else args.blr * args.batch_size / 256
+
+
 def build_ema(args, denoiser):
     """The run's EMAs: EDM-style ones at --ema-halflives (kimg, the global batch's images),
     else constant --ema-decays."""

@@ -52,7 +52,7 @@ class EMA:
         self.sets = len(self.halflives or self.decays)
         self.shadows = [[p.detach().clone() for p in self.params] for _ in range(self.sets)]
         device = self.params[0].device if self.params else "cpu"
-        self.weights = [torch.zeros((), device=device) for _ in range(self.sets)]  # 1 - decay
+        self.weights = [torch.zeros((), device=device) for _ in self.halflives or ()]  # 1 - decay
 
     def at_step(self, step):
         """Set the EDM decays of the update after optimizer step `step` (0 for the first);

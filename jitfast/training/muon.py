@@ -36,10 +36,10 @@ def newton_schulz(x, steps=5, eps=1e-8, coefficients=NS_COEFFICIENTS):
     return x if wide else x.transpose(-2, -1)
 
 
-def nesterov(moment, grad, beta, count):
-    """optax's bias-corrected Nesterov momentum at step `count` (a tensor, ≥ 1), after the
-    moment's update."""
-    return moment * (beta / (1 - beta ** (count + 1))) + grad * ((1 - beta) / (1 - beta ** count))
+def nesterov_scales(beta, count):
+    """(a, b) of optax's bias-corrected Nesterov momentum a·m + b·g at step `count` (a tensor,
+    >= 1), m the moment after its update."""
+    return beta / (1 - beta ** (count + 1)), (1 - beta) / (1 - beta ** count)
 
 
 class Muon(torch.optim.Optimizer):
@@ -62,54 +62,74 @@ class Muon(torch.optim.Optimizer):
                               weight_decay=weight_decay, adam_betas=tuple(adam_betas),
                               coefficients=tuple(coefficients)))
 
-    def _state(self, p, moments):
+    def _count(self):
+        """The step count: one tensor on the parameters' device, shared by every parameter's
+        state (the state dict keeps one per parameter, all equal; optax keeps one), made on
+        first use."""
+        device = self.param_groups[0]["params"][0].device
+        for state in self.state.values():
+            if "step" in state:
+                return state["step"].to(device)
+        return torch.zeros((), dtype=torch.float32, device=device)
+
+    def _state(self, p, count, moments):
         state = self.state[p]
         if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             for name in moments:
                 state[name] = torch.zeros_like(p)
-        state["step"] += 1
+        state["step"] = count
         return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)  # keeps a loaded "step" on the CPU: moved here
+        count = self._count()
+        for state in self.state.values():
+            if "step" in state:
+                state["step"] = count
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("Muon takes no closure")
+        count = self._count()
+        count += 1
         for group in self.param_groups:
             if group["muon"]:
-                self.muon_step(group)
+                self.muon_step(group, count)
             else:
-                self.adam_step(group)
+                self.adam_step(group, count)
 
-    def muon_step(self, group):
+    def muon_step(self, group, count):
         beta, lr = group["beta"], group["lr"]
+        a, b = nesterov_scales(beta, count)
         for p, blocks in zip(group["params"], group["blocks"]):
             if p.grad is None:
                 continue
-            state = self._state(p, ("moment",))
+            state = self._state(p, count, ("moment",))
             grad = p.grad.float()
             state["moment"].lerp_(grad, 1 - beta)
             rows, cols = p.shape[0] // blocks, p.shape[1]
-            update = newton_schulz(nesterov(state["moment"], grad, beta, state["step"])
-                                   .view(blocks, rows, cols), group["ns_steps"], group["eps"],
+            update = newton_schulz((state["moment"] * a + grad * b).view(blocks, rows, cols),
+                                   group["ns_steps"], group["eps"],
                                    group["coefficients"]).reshape(p.shape)
             update *= math.sqrt(max(1.0, rows / cols))  # fan_out / fan_in of a block
             if group["weight_decay"]:
                 update += group["weight_decay"] * p
             apply(p, update, lr)
 
-    def adam_step(self, group):
+    def adam_step(self, group, count):
         (b1, b2), lr, eps = group["adam_betas"], group["lr"], group["eps"]
+        a, b = nesterov_scales(b1, count)
+        second = 1 / (1 - b2 ** count)
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self._state(p, ("exp_avg", "exp_avg_sq"))
+            state = self._state(p, count, ("exp_avg", "exp_avg_sq"))
             grad = p.grad.float()
             state["exp_avg"].lerp_(grad, 1 - b1)
             state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            step = state["step"]
-            moment = nesterov(state["exp_avg"], grad, b1, step)
-            update = moment / ((state["exp_avg_sq"] / (1 - b2 ** step)).sqrt() + eps)
+            update = (state["exp_avg"] * a + grad * b) / ((state["exp_avg_sq"] * second).sqrt()
+                                                          + eps)
             apply(p, update, lr)
 
 

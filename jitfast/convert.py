@@ -20,33 +20,11 @@ import glob
 import os
 import sys
 
-from jitfast.io.checkpoint import (WEIGHT_KEYS, CheckpointError, atomic_save, model_family,
-                                   model_from_checkpoint, read_checkpoint, select_weights,
-                                   weights_in_use)
-from jitfast.io.layouts import strip_prefixes
-from jitfast.io.pmf_weights import V_HEAD as PMF_V_HEAD
-from jitfast.io.pmf_weights import official_pmf_state
-from jitfast.io.pretrained import save_pretrained
+from jitfast.io.checkpoint import WEIGHT_KEYS, CheckpointError, read_checkpoint
+from jitfast.io.conversion import convert_weights
 from jitfast.training.runfolder import CHECKPOINT_GLOB, latest_checkpoint
 
 LAYOUTS = ("official", "diffusers", "jitfast")
-OFFICIAL_SETS = ("model", "ema1", "ema2")  # the official JiT checkpoint's
-
-
-def official_checkpoint(ckpt, weights, **overrides):
-    """The official checkpoint dict of every weight set of `ckpt` (missing ones: `weights`')."""
-    chosen = model_from_checkpoint(ckpt, weights, **overrides)  # checks keys, shapes, config
-    sets = {}
-    for name in OFFICIAL_SETS:
-        try:
-            sets[WEIGHT_KEYS[name]] = select_weights(ckpt, name)
-        except CheckpointError:
-            pass
-    copied = [WEIGHT_KEYS[name] for name in OFFICIAL_SETS if WEIGHT_KEYS[name] not in sets]
-    for entry in copied:
-        sets[entry] = chosen.state_dict()
-    out = {entry: {f"net.{k}": v for k, v in state.items()} for entry, state in sets.items()}
-    return {**out, "config": dict(chosen.config)}, copied
 
 
 def convert(src, dst, layout, weights=None, **overrides):
@@ -56,37 +34,11 @@ def convert(src, dst, layout, weights=None, **overrides):
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if os.path.isdir(src) and glob.glob(os.path.join(src, CHECKPOINT_GLOB)):
         src = latest_checkpoint(src)  # a training run's folder
-    ckpt = read_checkpoint(src)
-    if model_family(select_weights(ckpt, weights)) == "pMF" and layout != "jitfast":
-        return official_pmf_file(ckpt, src, dst, layout, weights)
-    if layout != "official":
-        net = model_from_checkpoint(ckpt, weights, **overrides)
-        return save_pretrained(net, dst, layout, weights_in_use(ckpt, weights))
-    out, copied = official_checkpoint(ckpt, weights, **overrides)
+    path, copied = convert_weights(read_checkpoint(src), dst, layout, weights, src, **overrides)
     if copied:
         print(f"the source has no {', '.join(copied)}: they hold a copy of its "
               f"{weights or 'ema1'} weights")
-    if not os.fspath(dst).endswith(".pth"):
-        os.makedirs(dst, exist_ok=True)
-        dst = os.path.join(dst, "checkpoint-last.pth")
-    atomic_save(out, dst)
-    return dst
-
-
-def official_pmf_file(ckpt, src, dst, layout, weights):
-    """Write pMF weights in the official port's published layout to the file `dst`."""
-    if layout != "official":
-        raise CheckpointError(f"{src!r} holds pixel MeanFlow weights, which have no {layout!r} "
-                              f"layout: convert them with --layout official (the published "
-                              f"pMF-*.pt layout) or --layout jitfast (a safetensors folder for "
-                              f"PMF.from_pretrained)")
-    if not os.fspath(dst).endswith((".pt", ".pth")):
-        raise CheckpointError(f"pMF weights in the official layout are one file, as the "
-                              f"published pMF-*.pt are: give a DST ending in .pt, not {dst!r}")
-    state = select_weights(ckpt, weights)
-    v_head = any(PMF_V_HEAD.match(k) for k in strip_prefixes(state))
-    atomic_save(official_pmf_state(model_from_checkpoint(ckpt, weights, v_head=v_head)), dst)
-    return dst
+    return path
 
 
 def main(argv=None):

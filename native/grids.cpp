@@ -16,13 +16,13 @@ namespace {
 const std::map<std::string, std::pair<int64_t, int64_t>> kMethods = {
     {"ddim", {1, 0}}, {"dpm2m", {2, 0}}, {"dpm3m", {3, 0}}, {"unipc2", {2, 3}}, {"unipc3", {3, 4}}};
 
-// jitfast.ode.ode_time: λ(t) = ∫ dt / max(1 - t, t_eps)
+// jitfast.functional.ode.ode_time: λ(t) = ∫ dt / max(1 - t, t_eps)
 double ode_time(double t, double t_eps) {
   if (1.0 - t >= t_eps) return -std::log1p(-t);
   return -std::log(t_eps) + (t - (1.0 - t_eps)) / t_eps;
 }
 
-// jitfast.ode.exponential_weights: ∫_0^h e^(-(h-u)) ℓ_i(u) du for the Lagrange basis ℓ_i of
+// jitfast.functional.ode.exponential_weights: ∫_0^h e^(-(h-u)) ℓ_i(u) du for the Lagrange basis ℓ_i of
 // the nodes, through φ_j = ∫_0^h e^(-(h-u)) u^j du.
 std::vector<double> exponential_weights(double h, const std::vector<double>& nodes) {
   const size_t k = nodes.size();
@@ -49,7 +49,7 @@ std::vector<double> exponential_weights(double h, const std::vector<double>& nod
   return weights;
 }
 
-// jitfast.sampling.schedules.schedule_times: float32, the point nearest each jump moved onto it
+// jitfast.diffusion.sampling.schedules.schedule_times: float32, the point nearest each jump moved onto it
 std::vector<float> schedule_times(const std::string& schedule, int64_t steps, double cfg,
                                   double lo, double hi, double t_eps) {
   std::vector<float> t(steps + 1);

@@ -177,7 +177,7 @@ at::Tensor Sampler::generate(const at::Tensor& labels, const at::Tensor& z0,
   return at::cat(images);
 }
 
-// jitfast.sampling.generate (PMFSampler.generate) for one batch, op for op (each scalar enters
+// jitfast.diffusion.sampling.generate (PMFSampler.generate) for one batch, op for op (each scalar enters
 // as torch's does).
 at::Tensor Sampler::generate_batch(const at::Tensor& labels, const at::Tensor& z0,
                                    const SamplerOptions& o) {
@@ -202,7 +202,7 @@ at::Tensor Sampler::generate_batch(const at::Tensor& labels, const at::Tensor& z
   return z.cpu();
 }
 
-// jitfast.sampling.multistep.integrate_multistep: x̂ = z + c·v at each step's start, the
+// jitfast.diffusion.sampling.multistep.integrate_multistep: x̂ = z + c·v at each step's start, the
 // previous step redone with it when corrected, then the predictor's step.
 at::Tensor Sampler::integrate_multistep(const at::Tensor& y, at::Tensor z,
                                         const SamplerOptions& o) {

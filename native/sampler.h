@@ -1,5 +1,5 @@
 // The samplers of jitfast on a network exported by `python -m jitfast.export`: for a JiT, those
-// of jitfast.sampling (the same grid, guidance, solvers and float32 state, op for op); for a
+// of jitfast.diffusion.sampling (the same grid, guidance, solvers and float32 state, op for op); for a
 // pixel MeanFlow (pMF) network, PMFSampler's update. The images equal Python's up to the
 // network's own rounding.
 #pragma once
@@ -52,7 +52,7 @@ class Sampler {
   // "pmf" with the omega (as cfg) and interval it was exported with.
   SamplerOptions default_options() const;
 
-  // jitfast.sampling.generate (a JiT) or PMFSampler.generate (pMF): float32 images
+  // jitfast.diffusion.sampling.generate (a JiT) or PMFSampler.generate (pMF): float32 images
   // (B, C, H, W) on the CPU for int64 labels (B,) in [0, num_classes] (the last is the null
   // class) and a standard-normal start z0 (B, C, H, W), run at most max_batch images at a
   // time. Throws std::invalid_argument for bad input.

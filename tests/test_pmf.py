@@ -202,7 +202,7 @@ def test_convert_a_published_file_to_a_folder_and_refuse_other_layouts(tmp_path)
     f = OFFICIAL["forward"]
     u = net(f["z"], f["t"], f["h"], f["omega"], f["t_min"], f["t_max"], f["y"])
     assert rel_err(u, f["expected"]) < 1e-5
-    with pytest.raises(SystemExit, match="pixel MeanFlow weights, which have no"):
+    with pytest.raises(SystemExit, match="holds a pMF network .*which has no 'diffusers' layout"):
         convert_main([str(path), str(tmp_path / "d"), "--layout", "diffusers"])
     with pytest.raises(SystemExit, match="give a DST ending in .pt"):
         convert_main([str(path), str(tmp_path / "o"), "--layout", "official"])

@@ -6,7 +6,7 @@ files). Files are read with ``torch.load(weights_only=True)`` plus an allow-list
 a file that needs arbitrary unpickling is refused, never executed. jitfast adds ``config``, the
 model's constructor keywords as plain data, so custom configurations load exactly.
 .safetensors files, diffusers-format folders and the other published key layouts are read
-through jitfast.weights, into the same checkpoint dict.
+through jitfast.io.weight_files, into the same checkpoint dict.
 """
 import argparse
 import os
@@ -15,23 +15,16 @@ import re
 
 import torch
 
-from jitfast.io.configs import check_config_fits, shape_facts
 from jitfast.io.errors import CheckpointError
-from jitfast.io.layouts import foreign_keys_note, state_dict_problems, to_official
-from jitfast.io.pmf_weights import describe, is_pmf_state, pmf_config_from_state, \
-    pmf_from_official, pmf_model_from_state
+from jitfast.io.families import WEIGHT_KEYS, atomic_save, family_of_state
 from jitfast.io.weight_files import checkpoint_from_folder, checkpoint_from_safetensors
-from jitfast.network.model import JiT
-from jitfast.network.presets import ARCHITECTURES, preset_config
-from jitfast.util.files import atomic_write
 
-WEIGHT_KEYS = {"ema1": "model_ema1", "ema2": "model_ema2", "ema3": "model_ema3", "model": "model"}
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
 def read_checkpoint(path, map_location="cpu"):
     """Load a checkpoint file safely (weights only), turning every failure into a clear error.
-    A .safetensors file or a diffusers-format folder is read without pickle (jitfast.weights)."""
+    A .safetensors file or a diffusers-format folder is read without pickle (io/weight_files.py)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist (a Hub repo id goes to "
@@ -108,54 +101,8 @@ def weights_in_use(ckpt, weights=None):
 
 
 def network_state(state):
-    """A JiT state dict in the official layout (``to_official``); pMF weights as they are."""
-    return state if is_pmf_state(state) else to_official(state)
-
-
-def infer_config(state, ckpt=None, **overrides):
-    """JiT constructor keywords: the stored config, else the tensor shapes (plus the official
-    args); `overrides` win over both."""
-    stored = ckpt.get("config") if isinstance(ckpt, dict) else None
-    if isinstance(stored, dict):  # a config.json may leave fields to the shapes
-        check_config_fits(stored, state)
-        return infer_config(state, {"args": ckpt.get("args")}, **{**stored, **overrides})
-    facts = {k: value for k, (value, _) in shape_facts(state).items()}
-    hidden, mlp_hidden = facts["hidden_size"], facts.pop("mlp_hidden")
-    config = dict(facts, mlp_ratio=mlp_hidden * 1.5 / hidden)
-    if int(int(hidden * 4.0) * 2 / 3) == mlp_hidden:
-        config["mlp_ratio"] = 4.0
-    config.update(overrides)
-    if "in_context_start" not in config:
-        config["in_context_start"] = _in_context_start(config, ckpt)
-    return config
-
-
-def _in_context_start(config, ckpt):
-    """Not visible in the shapes: from the official args' preset name, else a matching preset."""
-    if config["in_context_len"] == 0:
-        return 0
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    name = getattr(args, "model", None) or (args.get("model") if isinstance(args, dict) else None)
-    if isinstance(name, str):
-        try:
-            return preset_config(name)["in_context_start"]
-        except KeyError:
-            pass
-    shape = (config["depth"], config["hidden_size"], config["num_heads"],
-             config["bottleneck_dim"], config["in_context_len"])
-    for arch in ARCHITECTURES.values():
-        if arch[:5] == shape:
-            return arch[5]
-    raise CheckpointError(f"cannot infer in_context_start for a model of depth {shape[0]}, "
-                          f"hidden {shape[1]}: pass it, load_checkpoint(path, "
-                          f"in_context_start=N)")
-
-
-def check_state_dict(model, state):
-    """Raise one error naming every missing/unexpected key and every shape mismatch."""
-    problems = state_dict_problems(model.state_dict(), state, foreign_keys_note)
-    if problems:
-        raise CheckpointError("the state dict does not fit the model — " + " | ".join(problems))
+    """A state dict in its family's canonical layout (JiT's: the official keys)."""
+    return family_of_state(state).network_state(state)
 
 
 def load_checkpoint(path, weights=None, device="cpu", backend="auto", family=None, **overrides):
@@ -172,48 +119,34 @@ def load_checkpoint(path, weights=None, device="cpu", backend="auto", family=Non
                                  **overrides)
 
 
-def model_family(state):
-    """"pMF" or "JiT": which network a state dict (any layout) holds."""
-    return "pMF" if is_pmf_state(state) else "JiT"
-
-
 def model_from_checkpoint(ckpt, weights=None, device="cpu", backend="auto", family=None,
                           **overrides):
     """``load_checkpoint`` for a checkpoint already read with ``read_checkpoint``."""
     state = select_weights(ckpt, weights)
-    found = model_family(state)
-    if family not in (None, found):
-        what = describe(pmf_config_from_state(pmf_from_official(state))) if found == "pMF" \
-            else "a JiT network"
-        loader = "jitfast.PMF" if found == "pMF" else "jitfast.JiT"
-        raise CheckpointError(f"the file holds {what}, not a {family} network: load it with "
-                              f"{loader}.from_pretrained or jitfast.load_checkpoint")
-    if found == "pMF":
-        return pmf_model_from_state(state, ckpt.get("config"), device, backend, **overrides)
-    if "v_head" in overrides:
-        raise CheckpointError("v_head is pMF's training head; the file holds a JiT network")
-    model = JiT(**infer_config(state, ckpt, **overrides), backend=backend)
-    check_state_dict(model, state)
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a
-    crash mid-write leaves the previous file intact; a failed write raises WriteError."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    found = family_of_state(state)
+    if family not in (None, found.name):
+        raise CheckpointError(f"the file holds {found.describe(state)}, not a {family} network: "
+                              f"load it with {found.loader}.from_pretrained or "
+                              f"jitfast.load_checkpoint")
+    return found.model(state, ckpt, device, backend, **overrides)
 
 
 def save_checkpoint(path, denoiser, ema=None, optimizer=None, epoch=0, args=None, **extra):
-    """Write the official layout (+ ``config`` and any extra plain-data entries) atomically."""
-    ckpt = {"model": denoiser.state_dict(), "epoch": epoch,
-            "config": dict(denoiser.net.config)}
-    if ema is not None:
-        for k in range(1, ema.sets + 1):
-            ckpt[f"model_ema{k}"] = ema.state_dict(k)
+    """Write a Denoiser's weights, its EMAs' and the optimizer's state in the official layout
+    (+ ``config`` and any extra plain-data entries) atomically."""
+    states = {"model": denoiser.state_dict()}
+    for k in range(1, ema.sets + 1 if ema is not None else 1):
+        states[f"model_ema{k}"] = ema.state_dict(k)
     if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
+        states["optimizer"] = optimizer.state_dict()
+    write_checkpoint(path, states, denoiser.net.config, epoch, args, **extra)
+
+
+def write_checkpoint(path, states, config, epoch=0, args=None, **extra):
+    """The one checkpoint writer: `states` (the entries ``model``, ``model_ema1``, ...,
+    ``optimizer``), ``epoch``, the network's ``config`` (its constructor keywords), ``args``
+    and any extra plain-data entries, atomically."""
+    ckpt = {**states, "epoch": epoch, "config": dict(config)}
     if args is not None:
         ckpt["args"] = args
-    ckpt.update(extra)
-    atomic_save(ckpt, path)
+    atomic_save({**ckpt, **extra}, path)

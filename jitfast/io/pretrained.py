@@ -9,8 +9,7 @@ import os
 import re
 
 from jitfast.io.checkpoint import CheckpointError, model_from_checkpoint, read_checkpoint
-from jitfast.io.configs import diffusers_config
-from jitfast.io.layouts import from_official
+from jitfast.io.families import family_named
 from jitfast.io.weight_files import CONFIG_NAME, WEIGHTS_NAME, save_safetensors
 from jitfast.util.files import atomic_write
 
@@ -22,16 +21,12 @@ def save_pretrained(net, folder, layout="jitfast", weights=None):
     """Write `net` as a model folder. layout "jitfast": jitfast's (= the official) keys and the
     JiT keywords; "diffusers": the keys and config.json of diffusers pull request #13098's
     JiTTransformer2DModel. `weights` ("ema1", ...) names the set in the file's metadata."""
-    if layout not in FOLDER_LAYOUTS:
-        raise ValueError(f"layout must be one of {FOLDER_LAYOUTS}, got {layout!r}")
-    state = net.state_dict()
-    family = type(net).__name__  # "JiT" or "PMF"
-    if family != "JiT" and layout != "jitfast":
-        raise ValueError(f"a {family} network has no {layout!r} layout; use layout='jitfast'")
-    if layout == "jitfast":
-        config = {"_class_name": family, **net.config}
-    else:
-        config, state = diffusers_config(net.config), from_official(state, "diffusers")
+    family = family_named(net.family)
+    if layout not in FOLDER_LAYOUTS or layout not in family.layouts:
+        offered = [name for name in FOLDER_LAYOUTS if name in family.layouts]
+        raise ValueError(f"a {family.name} network's folder layouts are {offered}, not "
+                         f"{layout!r}")
+    config, state = family.folder(net, layout)
     os.makedirs(folder, exist_ok=True)
     save_safetensors(state, os.path.join(folder, WEIGHTS_NAME),
                      **({"weights": weights} if weights else {}))

@@ -13,8 +13,8 @@ import os
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from jitfast.io.configs import jit_config
 from jitfast.io.errors import CheckpointError
+from jitfast.io.families import family_of_folder
 from jitfast.io.layouts import strip_prefixes
 from jitfast.util.files import atomic_write
 
@@ -77,10 +77,7 @@ def checkpoint_from_folder(path):
     if os.path.isfile(config_path):
         with open(config_path) as f:
             fields = json.load(f)
-        if fields.get("_class_name") == "PMF":  # jitfast's own pMF folder: PMF keywords
-            ckpt["config"] = {k: v for k, v in fields.items() if not k.startswith("_")}
-        else:
-            ckpt["config"] = jit_config(fields, config_path)
+        ckpt["config"] = family_of_folder(fields).config_from_fields(fields, config_path)
     return ckpt
 
 

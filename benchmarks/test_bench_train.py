@@ -62,7 +62,7 @@ def test_step_of_the_training_command(measure, command):
     model, image, batch = command
     args = train.parse_args(["--model", model, "--image-size", str(image), "--batch-size",
                              str(batch), "--device", DEVICE.type])
-    measure(run_step(args, 10, DEVICE, train.training_step), f"training command's step, "
+    measure(run_step(args, 10, DEVICE), f"training command's step, "
             f"{COMMANDS[1][0]} vs {COMMANDS[0][0]} batch {batch}", "train", model,
             baseline=model == COMMANDS[0][0], images=batch, preset=model,
             shape=f"{batch}x{image}px")

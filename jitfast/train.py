@@ -21,33 +21,29 @@ import torch.distributed as dist
 
 from jitfast.diffusion.draws import seed_of
 from jitfast.diffusion.sampling import METHODS, SCHEDULES
-from jitfast.io.checkpoint import WEIGHT_KEYS, CheckpointError, atomic_save, read_checkpoint
-from jitfast.io.images import image_grid, save_png, to_uint8
-from jitfast.io.weight_files import save_training_weights
+from jitfast.io.checkpoint import WEIGHT_KEYS, CheckpointError
+from jitfast.io.images import save_png
 from jitfast.network.transfer import TransferError
-from jitfast.training.build import base_lr, build, build_ema, build_optimizer
-from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, make_loader,
-                                   open_dataset, to_model_input)
+from jitfast.training.build import base_lr, build, build_ema, build_optimizer, build_step
+from jitfast.training.checkpoints import restore, save_run_checkpoint
+from jitfast.training.data import (BUILTIN_DATASETS, DataError, StepBatches, check_unreadable,
+                                   make_loader, open_dataset, to_model_input)
+from jitfast.training.errors import TrainingError
+from jitfast.training.families import all_presets, family_of
+from jitfast.training.grid import sample_grid
 from jitfast.training.parent import transferred_run
 from jitfast.training.progress import MetricsLog, Progress
-from jitfast.training.families import all_presets, family_of
-from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, QUICK_START
+from jitfast.training.recipes import DATASET_DEFAULTS, OFFICIAL, PERCEPTUAL_TERMS, QUICK_START
 from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_line,
                                         latest_checkpoint)
 from jitfast.training.schedule import lr_at
-from jitfast.training.step import (GraphedTrainStep, lr_on_device, optimizer_state, set_lr,
-                                   train_step)
+from jitfast.training.step import set_lr
 from jitfast.util.files import WriteError, report_size_limit_as_error
 from jitfast.util.markers import phase
 from jitfast.util.threads import set_cpu_threads
 
-CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
 # a recipe's value that the user's choice of the other argument replaces
 ALTERNATIVES = {"lr": "blr", "ema_halflives": "ema_decays"}
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on: a non-finite loss, a missing optimizer, a finished checkpoint."""
 
 
 def parse_args(argv=None):
@@ -113,6 +109,18 @@ def parse_args(argv=None):
     add("--cfg-beta", type=float, default=None,
         help="pMF: the power of the guidance scales drawn in training (the configs' cfg_beta; "
              "default: the preset's)")
+    add("--perceptual", default=None, metavar="MODULE:FACTORY",
+        help="pMF: the perceptual terms of its configs (LPIPS and ConvNeXt features of x-hat "
+             "against x), from feature networks you supply: FACTORY() (in a module, or a "
+             "FILE.py) returns a callable (x_hat, x) -> (lpips, convnext), each of shape (B,); "
+             "jitfast ships none, and without it the terms are off")
+    add("--lpips-lambda", type=float, default=None,
+        help="with --perceptual: the LPIPS term's weight; default: the preset's config (0.4)")
+    add("--convnext-lambda", type=float, default=None,
+        help="with --perceptual: the ConvNeXt term's weight; default: the preset's config (0.1)")
+    add("--perceptual-max-t", type=float, default=None,
+        help="with --perceptual: the terms count for examples with t below this; default: the "
+             "preset's config (0.8; 0.6 for L/32 and H/32)")
     add("--seed", type=int, default=0, help="seeds data order, init and every draw")
     add("--out", default="runs/jitfast", help="folder for checkpoints, samples and metrics")
     add("--resume", default=None, help="checkpoint file, or a folder (its latest checkpoint)")
@@ -174,6 +182,9 @@ def parse_args(argv=None):
     for name, value in DATASET_DEFAULTS[None if args.data_path else args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    given = [name for name in PERCEPTUAL_TERMS if getattr(args, name) is not None]
+    if given and args.perceptual is None:
+        p.error(f"--{given[0].replace('_', '-')} sets a perceptual term: give --perceptual too")
     family = family_of(args.model)
     for name, value in family.defaults(args.model).items():  # the preset's recipe
         given_instead = getattr(args, ALTERNATIVES.get(name, ""), None) is not None
@@ -195,9 +206,6 @@ def parse_args(argv=None):
         p.error("--overwrite starts a new run; it does not go with --resume")
     if not 1 <= len(args.ema_halflives or args.ema_decays) <= 3:
         p.error("give one to three EMAs (--ema-decays or --ema-halflives)")
-    if args.ema_halflives and args.fsdp:
-        p.error("--ema-halflives does not go with --fsdp (its sharded EMAs take constant "
-                "--ema-decays)")
     return args
 
 
@@ -212,130 +220,6 @@ def setup_distributed(device_arg):
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
-
-
-def full_state(denoiser, ema, optimizer, fsdp):
-    """The official entries model, model_ema1/2 and optimizer as plain (unsharded) state dicts."""
-    states = {"model": denoiser.state_dict(),
-              **{f"model_ema{k}": ema.state_dict(k) for k in range(1, ema.sets + 1)}}
-    if not fsdp:
-        return {**states, "optimizer": optimizer_state(optimizer.state_dict())}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    from torch.distributed.tensor import DTensor
-    def full(v):
-        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
-
-    states = {key: {k: full(v) for k, v in sd.items()} for key, sd in states.items()}
-    states["optimizer"] = optimizer_state(get_optimizer_state_dict(
-        denoiser, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
-    return states
-
-
-def save(args, step, steps_per_epoch, denoiser, ema, optimizer, rank, folder):
-    """Write checkpoint-<step>.safetensors and .pt atomically (rank 0); delete this run's beyond
-    --keep-checkpoints."""
-    if rank != 0 and not args.fsdp:
-        return None
-    states = full_state(denoiser, ema, optimizer, args.fsdp)  # a collective under FSDP
-    if rank != 0:
-        return None
-    epoch = step // steps_per_epoch
-    path = os.path.join(args.out, CHECKPOINT_NAME.format(step))
-    # the weights first: a checkpoint-<step>.pt, written last, always has its .safetensors
-    weights = path[:-len(".pt")] + ".safetensors"
-    save_training_weights(weights, states, denoiser.net.config)
-    try:
-        atomic_save({**states, "epoch": epoch, "args": dict(vars(args)),
-                     "config": dict(denoiser.net.config), "step": step, "run_id": folder.run_id,
-                     "data": {"epoch": epoch, "batch_in_epoch": step % steps_per_epoch,
-                              "images_seen": step * args.batch_size}}, path)
-    except Exception:
-        os.remove(weights)  # no weights of a step whose checkpoint failed
-        raise
-    folder.prune(args.keep_checkpoints, path)
-    return path
-
-
-def restore(path, denoiser, ema, optimizer, args):
-    """Load a checkpoint into the run; returns its step."""
-    ckpt = read_checkpoint(path)
-    needed = ("model", *(f"model_ema{k}" for k in range(1, ema.sets + 1)), "optimizer", "step")
-    missing = [k for k in needed if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path!r} cannot be resumed: it lacks {', '.join(missing)}")
-    saved = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
-    differ = [f"--{k.replace('_', '-')} {saved[k]}" for k in ("model", "image_size", "dataset")
-              if k in saved and saved[k] != getattr(args, k) and not (k == "dataset" and
-                                                                      args.data_path)]
-    if differ:
-        raise TrainingError(f"{path!r} was trained with {', '.join(differ)}: pass the same to "
-                            f"resume it (the defaults may have changed since)")
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(denoiser, optimizer, model_state_dict=ckpt["model"],
-                       optim_state_dict=ckpt["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-    else:
-        denoiser.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    lr_on_device(optimizer, next(denoiser.parameters()).device)  # the file holds floats
-    if saved.get("noise_scale", args.noise_scale) != args.noise_scale:
-        raise TrainingError(f"{path!r} was trained with noise scale {saved['noise_scale']:g}, "
-                            f"this run has {args.noise_scale:g}: pass --noise-scale "
-                            f"{saved['noise_scale']:g}")
-    args.parent = saved.get("parent")
-    for k in range(1, ema.sets + 1):
-        state = ckpt[f"model_ema{k}"]
-        ema.load_state_dict(sharded_like(state, denoiser) if args.fsdp else state, k)
-    return ckpt["step"]
-
-
-def sharded_like(state, model):
-    """The full tensors of `state` laid out like the (FSDP2-sharded) parameters of `model`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-    params = dict(model.named_parameters())
-    return {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
-            if isinstance(params.get(k), DTensor) else v for k, v in state.items()}
-
-
-def training_step(args, model, denoiser, optimizer, ema, device, world):
-    """step(x, y, t, noise) -> loss: ``train_step``, replayed from one CUDA graph when
-    --cuda-graph asks (auto: wherever the graph can hold the whole step)."""
-    conflicts = [why for why, present in (
-        ("it needs a CUDA device", device.type != "cuda"),
-        ("it holds one process's step, not a distributed one", world > 1 or args.fsdp),
-        ("--activation-checkpointing recomputes outside it", args.activation_checkpointing),
-        (f"--compile-mode {args.compile_mode} captures graphs of its own",
-         args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")),
-        ("--optimizer apex cannot be captured", args.optimizer == "apex")) if present]
-    if args.cuda_graph == "on" and conflicts:
-        raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "
-                            f"(or auto)")
-    if args.cuda_graph == "off" or conflicts:
-        return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
-                                         clip_grad=args.clip_grad)
-    return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad)
-
-
-def check_unreadable(bad, seen, max_fraction, min_seen):
-    """Stop once enough images were read to judge and too many of them were unreadable."""
-    if bad > max_fraction * seen and seen >= min_seen:
-        raise DataError(f"{bad} of the {seen} images read so far could not be decoded (more "
-                        f"than --max-bad-fraction {max_fraction}); fix or remove them "
-                        f"(python -m jitfast.prepare lists them)")
-
-
-def sample_grid(denoiser, ema, args, num_classes, device):
-    """A uint8 (H, W, 3) grid of EMA-1 samples by the family's sampler, one row per class (evenly
-    spaced classes); for an unconditional model (no classes), --grid-classes rows of unguided
-    samples."""
-    y, count = None, args.grid_classes * args.samples_per_class
-    if num_classes:
-        classes = torch.linspace(0, num_classes - 1, min(args.grid_classes, num_classes)).round()
-        y = classes.long().repeat_interleave(args.samples_per_class).to(device)
-        count = None
-    images = family_of(args.model).grid(denoiser, ema, args, y, count, device)
-    return image_grid(to_uint8(images), columns=args.samples_per_class)
 
 
 def main(argv=None):
@@ -383,7 +267,7 @@ def run_training(args, rank, world, device, folder):
     loader = make_loader(dataset, sampler, args.num_workers, pin_memory=device.type == "cuda")
     family = family_of(args.model)
     draw = family.inputs(denoiser, args, dataset.num_classes, device)
-    step_fn = training_step(args, model, denoiser, optimizer, ema, device, world)
+    step_fn = build_step(args, model, denoiser, optimizer, ema, device, world)
     os.makedirs(args.out, exist_ok=True)
     log = MetricsLog(os.path.join(args.out, "metrics.jsonl"),
                      resumed_from=start if args.resume else None) if rank == 0 else None
@@ -399,7 +283,7 @@ def run_training(args, rank, world, device, folder):
         if getattr(dataset, "origin", None):
             print(f"data: {dataset.origin}", file=sys.stderr)
 
-    loss_sum = torch.zeros(len(family.metrics), device=device)  # the loss and its extras
+    loss_sum = torch.zeros(len(denoiser.metrics), device=device)  # the loss and its extras
     x = None  # a buffer, reused step after step
     seen = bad = 0
     last_ckpt, last_log, timer = None, start, time.perf_counter()
@@ -425,7 +309,7 @@ def run_training(args, rank, world, device, folder):
             if world > 1:
                 dist.all_reduce(loss_sum)
             means = {name: total / world / (step - last_log)
-                     for name, total in zip(family.metrics, loss_sum.tolist())}
+                     for name, total in zip(denoiser.metrics, loss_sum.tolist())}
             mean_loss = means["loss"]
             if not math.isfinite(mean_loss):
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
@@ -442,8 +326,8 @@ def run_training(args, rank, world, device, folder):
             loss_sum.zero_()
             last_log, timer = step, now
         if save_now:
-            last_ckpt = save(args, step, sampler.steps_per_epoch, denoiser, ema, optimizer,
-                             rank, folder) or last_ckpt
+            last_ckpt = save_run_checkpoint(args, step, sampler.steps_per_epoch, denoiser, ema,
+                                            optimizer, rank, folder) or last_ckpt
     if rank == 0:
         bar.close()
         log.close()

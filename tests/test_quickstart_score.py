@@ -20,8 +20,8 @@ def small_judges(monkeypatch):
 
 
 def test_grid_tiles_read_back_the_training_grid_row_by_row():
-    """Real images laid out as train.sample_grid lays out samples (rows: evenly spaced classes)
-    score as the same images do; a grid read with its rows' classes mixed up would not."""
+    """Real images laid out as training.grid.sample_grid lays out samples (rows: evenly spaced
+    classes) score as the same images do; a grid read with its rows' classes mixed up would not."""
     rows = quickstart.grid_classes(4, 10)
     assert rows.tolist() == [0, 3, 6, 9]
     data = ShapesDataset(16, 400, seed=5)

@@ -15,6 +15,7 @@ from jitfast.diffusion.denoiser import Denoiser
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
 from jitfast.io.images import to_uint8
 from jitfast.prepare import prepare
+from jitfast.training.build import build_step
 from jitfast.training.data import DataError
 from jitfast.training.progress import read_metrics
 from jitfast.training.runfolder import latest_checkpoint
@@ -207,7 +208,7 @@ def test_the_sample_grid_settings_are_refused_before_training(flags, message, ca
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "pMF-T/4", "--sample-method", "heun"], "--sample-method is JiT's"),
-    (["--model", "pMF-T/4", "--fsdp"], "--fsdp shards JiT's blocks only"),
+    (["--model", "pMF-T/4", "--activation-checkpointing"], "recomputes JiT's blocks only"),
     (["--model", "pMF-T/4", "--init-from", "x.pt"], "--init-from transfers JiT networks only"),
     (["--cfg-beta", "2"], "--cfg-beta belongs to pMF's objective")])
 def test_a_family_refuses_what_it_does_not_offer(flags, message, capsys):
@@ -272,7 +273,7 @@ def test_whole_step_graph_refuses_compile_modes_with_graphs_of_their_own(mode, r
     whole-step CUDA graph cannot hold (on the CPU the device is refused as well)."""
     args = train.parse_args(["--cuda-graph", "on", "--compile", "--compile-mode", mode])
     with pytest.raises(train.TrainingError) as error:
-        train.training_step(args, None, None, None, None, torch.device("cpu"), 1)
+        build_step(args, None, None, None, None, torch.device("cpu"), 1)
     assert (f"--compile-mode {mode} captures graphs of its own" in str(error.value)) == refused
 
 

@@ -57,16 +57,23 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert_equal_runs(tmp_path / "two", single_process(ARGS + ["--out", str(tmp_path / "one")]))
 
 
-def test_ddp_two_processes_train_pmf_as_one(tmp_path):
+def test_ddp_and_fsdp_two_processes_train_pmf_as_one(tmp_path):
     """pMF: each process draws its share of the batch (the flow-matching examples all in the
     first share, the label drops where they fall); DDP averages the gradients of the JVP pass's
-    loss as of any other."""
+    loss as of any other. FSDP2 gathers each block's weights for its dual form too
+    (``forward_dual``), Muon orthogonalises the whole matrices of its sharded rows, the EDM EMAs
+    update the shards; resuming its step-2 checkpoint, still sharded, repeats step 3."""
     # at JiT's lr here: Muon's and Adam's normalised steps carry the all-reduce's rounding of the
     # gradients into the weights in proportion to the lr (pMF's 1e-2: about 3e-5)
     pmf = ["--model", "pMF-T/4", *ARGS[2:], "--cfg-beta", "2", "--lr", "2e-4"]
-    run_distributed(pmf + ["--out", str(tmp_path / "two")])
-    assert_equal_runs(tmp_path / "two", single_process(pmf + ["--out", str(tmp_path / "one")]),
-                      metrics=("loss", "loss_u", "loss_v"))
+    metrics = ("loss", "loss_u", "loss_v")
+    one = single_process(pmf + ["--out", str(tmp_path / "one")])
+    run_distributed(pmf + ["--out", str(tmp_path / "ddp")])
+    assert_equal_runs(tmp_path / "ddp", one, metrics)
+    sharded = pmf + ["--fsdp", "--ckpt-every", "2"]
+    run_distributed(sharded + ["--out", str(tmp_path / "fsdp")])
+    assert_equal_runs(tmp_path / "fsdp", one, metrics)
+    assert_resumes(sharded, tmp_path / "fsdp", tmp_path / "resumed")
 
 
 def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
@@ -75,10 +82,15 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     sharded = ARGS + ["--fsdp", "--activation-checkpointing"]
     run_distributed(sharded + ["--ckpt-every", "2", "--out", str(tmp_path / "two")])
     assert_equal_runs(tmp_path / "two", single_process(ARGS + ["--out", str(tmp_path / "one")]))
-    middle = str(tmp_path / "two" / "checkpoint-00000002.pt")
-    run_distributed(sharded + ["--resume", middle, "--out", str(tmp_path / "resumed")])
-    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [3]
-    assert resumed[0]["loss"] == read_metrics(tmp_path / "two" / "metrics.jsonl")[-1]["loss"]
-    assert_same_weights(read_checkpoint(tmp_path / "resumed" / "checkpoint-00000003.pt"),
-                        read_checkpoint(tmp_path / "two" / "checkpoint-00000003.pt"))
+    assert_resumes(sharded, tmp_path / "two", tmp_path / "resumed")
+
+
+def assert_resumes(argv, run, resumed):
+    """Resuming `run`'s step-2 checkpoint with `argv` repeats its step 3 exactly."""
+    run_distributed(argv + ["--resume", str(run / "checkpoint-00000002.pt"), "--out",
+                            str(resumed)])
+    again = read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in again] == [3]
+    assert again[0]["loss"] == read_metrics(run / "metrics.jsonl")[-1]["loss"]
+    assert_same_weights(read_checkpoint(resumed / "checkpoint-00000003.pt"),
+                        read_checkpoint(run / "checkpoint-00000003.pt"))

@@ -45,6 +45,10 @@ def test_the_recipe_follows_the_official_config(preset):
     assert (args.optimizer, args.lr, args.blr) == ("muon", official["learning_rate"], None)
     assert official["ema_type"] == "edm" and args.ema_halflives == official["ema_val"]
     assert official["adam_b2"] == 0.95  # Muon's Adam part (training.muon.Muon's adam_betas)
+    terms = official["perceptual"]  # on in every config; here with --perceptual's networks
+    assert terms["lpips"] and terms["convnext"]
+    assert (args.perceptual, args.lpips_lambda, args.convnext_lambda, args.perceptual_max_t) == (
+        None, terms["lpips_lambda"], terms["convnext_lambda"], terms["perceptual_max_t"])
     given = train.parse_args(["--model", preset, "--cfg-beta", "3", "--sample-cfg", "2"])
     assert (given.cfg_beta, given.sample_cfg) == (3.0, 2.0)
     own = train.parse_args(["--model", preset, "--blr", "1e-4", "--ema-decays", "0.9", "0.99"])
@@ -106,3 +110,52 @@ def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):
     for key in ("model", "model_ema1", "model_ema2", "model_ema3"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
+
+
+STAND_IN = """
+import torch
+
+
+class Features(torch.nn.Module):
+    \"\"\"A stand-in for LPIPS and ConvNeXt: distances of one random convolution's features.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 3)
+
+    def forward(self, x_hat, x):
+        distance = (self.conv(x_hat) - self.conv(x)).square().flatten(1).mean(1)
+        return distance, 2 * distance
+
+
+def make():
+    torch.manual_seed(7)
+    return Features()
+"""
+
+
+def test_perceptual_terms_from_the_command_line(tmp_path):
+    """--perceptual FILE.py:FACTORY plugs the user's feature networks into the objective: the
+    terms are logged and change the loss; the feature network stays out of the optimizer, the
+    EMAs and the checkpoint; JiT and a weight without --perceptual are refused."""
+    (tmp_path / "features.py").write_text(STAND_IN)
+    spec = f"{tmp_path / 'features.py'}:make"
+    plain = run(tmp_path, "plain", "--steps", "2")
+    terms = run(tmp_path, "terms", "--steps", "2", "--perceptual", spec, "--lpips-lambda", "0.5",
+                "--perceptual-max-t", "1.0")
+    rows = read_metrics(terms["metrics"])
+    assert all(r["aux_loss_lpips"] > 0 for r in rows)
+    for r in rows:  # the stand-in's ConvNeXt term is twice its LPIPS term, example by example
+        assert r["aux_loss_convnext"] == pytest.approx(2 * r["aux_loss_lpips"], rel=1e-5)
+    assert "aux_loss_lpips" not in read_metrics(plain["metrics"])[0]
+    assert rows[0]["loss"] > read_metrics(plain["metrics"])[0]["loss"]  # the terms add
+    assert rows[0]["loss_u"] == read_metrics(plain["metrics"])[0]["loss_u"]  # same first step
+    ckpt = read_checkpoint(terms["checkpoint"])
+    assert set(ckpt["model"]) == set(read_checkpoint(plain["checkpoint"])["model"])
+    assert ckpt["args"]["perceptual"] == spec and ckpt["args"]["lpips_lambda"] == 0.5
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "pMF-T/4", "--convnext-lambda", "0.2"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "JiT-T/4", "--perceptual", spec])
+    with pytest.raises(train.TrainingError, match="has no function 'missing'"):
+        run(tmp_path, "bad", "--steps", "1", "--perceptual", f"{tmp_path / 'features.py'}:missing")

@@ -195,9 +195,17 @@ class PMFObjective(nn.Module):
                  "aux_loss_convnext": convnext.mean().detach()}
         return loss, parts
 
+    @property
+    def metrics(self):
+        """The names of forward's loss and extras: the perceptual terms where they are on."""
+        on = self.perceptual is not None and bool(self.lpips_lambda or self.convnext_lambda)
+        return ("loss", "loss_u", "loss_v", *(("aux_loss_lpips", "aux_loss_convnext") if on
+                                              else ()))
+
     def forward(self, images, labels, *draws):
         """The training step's call: the draws' fields flat (a CUDA-graphed step copies each
-        tensor in); returns (loss, [loss_u, loss_v]) of ``loss``."""
+        tensor in); returns (loss, [loss_u, loss_v, ...]) of ``loss``: the extras ``metrics``
+        names."""
         loss, parts = self.loss(images, labels, PMFDraws(*draws))
-        return loss, torch.stack([parts["loss_u"], parts["loss_v"]])
+        return loss, torch.stack([parts[name] for name in self.metrics[1:]])
 

@@ -47,7 +47,7 @@ def grid_tiles(grid, size, columns):
 
 
 def grid_classes(rows, num_classes):
-    """The classes of the training grid's rows (evenly spaced, as ``train.sample_grid``)."""
+    """The classes of the training grid's rows (evenly spaced, as ``training.grid.sample_grid``)."""
     return torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
 
 

@@ -15,7 +15,7 @@ from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build
 from jitfast.training.build import build as build_training
-from jitfast.training.build import base_lr, build_ema, build_optimizer
+from jitfast.training.build import base_lr, build_ema, build_optimizer, build_step
 from jitfast.training.families import family_of
 from jitfast.training.ema import EMA
 from jitfast.training.step import GraphedTrainStep, train_step
@@ -49,19 +49,18 @@ def cuda_only(variant):
     return any(word in variant for word in CUDA_ONLY_WORDS)
 
 
-def run_step(args, num_classes, device, make_step):
+def run_step(args, num_classes, device):
     """A closure running one optimizer step of the training run `args` (``python -m
     jitfast.train``'s namespace: its family's objective and per-step draws, its optimizer and
     EMAs, one process) on a fixed batch of images in [-1, 1]; each call is the next step (its
-    draws and EMA decays), at the run's base lr. make_step(args, model, objective, optimizer,
-    ema, device, world) -> step(*inputs): the command's own (``train.training_step``: eager, or
-    on CUDA one graph; a command is above this layer, so the caller passes it)."""
+    draws and EMA decays), at the run's base lr, by the command's own step (``build_step``:
+    eager, or on CUDA one graph)."""
     torch.manual_seed(args.seed)
     denoiser, model = build_training(args, num_classes, device, world=1)
     ema = build_ema(args, denoiser)
     optimizer = build_optimizer(args, denoiser, ema, base_lr(args), device, world=1)
     draw = family_of(args.model).inputs(denoiser, args, num_classes, device)
-    run = make_step(args, model, denoiser, optimizer, ema, device, 1)
+    run = build_step(args, model, denoiser, optimizer, ema, device, 1)
     batch, size = args.batch_size, args.image_size
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     y = torch.randint(num_classes, (batch,), device=device)

@@ -291,6 +291,12 @@ class JiT(nn.Module):
     """
 
     family = "JiT"
+    forward_methods = ()  # called in place of forward (FSDP2 hooks them too): none
+
+    @property
+    def sharding_units(self):
+        """The modules FSDP2 shards one by one (the rest is the root's): the blocks."""
+        return tuple(self.blocks)
 
     def example_inputs(self, batch, device=None, dtype=None):
         """forward's tensor arguments by name, a batch of `batch` (``torch.export``'s example)."""

@@ -108,6 +108,8 @@ class PMFBlock(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(dim))
         self.mlp_scale = nn.Parameter(torch.zeros(dim))
 
+    forward_methods = ("forward_dual",)  # called in place of forward (FSDP2 hooks them too)
+
     def forward(self, x, rope, ops, zeros, pending=None, defer=False):
         """zeros: a (B, D) zero shift/scale for the unmodulated norms; pending: the previous
         block's MLP update (h, gate) not yet added to x. Returns (x, pending): with defer, this
@@ -179,6 +181,7 @@ class PMF(nn.Module):
     """
 
     family = "pMF"
+    forward_methods = ("velocities", "forward_dual")  # called in place of forward
 
     def example_inputs(self, batch, device=None, dtype=None):
         """forward's tensor arguments by name, a batch of `batch` (``torch.export``'s example)."""
@@ -266,6 +269,11 @@ class PMF(nn.Module):
     @property
     def blocks(self):
         return (*self.shared_blocks, *self.u_heads)
+
+    @property
+    def sharding_units(self):
+        """The modules FSDP2 shards one by one (the rest is the root's): every block."""
+        return (*self.shared_blocks, *self.u_heads, *self.v_heads)
 
     def check_inputs(self, z, scalars, y):
         """Raise a ValueError/TypeError that says what was expected and what was given."""

@@ -1,16 +1,18 @@
 """The trained objects of a run as ``python -m jitfast.train`` builds them from its arguments:
 the objective of --model's family (JiT's Denoiser, pMF's PMFObjective:
 ``jitfast.training.families``) and the module the step calls (itself, or its DDP wrapper), with
-activation checkpointing, FSDP2 sharding and torch.compile as asked, and the optimizer.
+activation checkpointing, FSDP2 sharding and torch.compile as asked, the EMAs, the optimizer and
+the step (eager, or replayed from one CUDA graph).
 ``jitfast.measure.traced`` builds the step it prices the same way."""
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from jitfast.training.ema import EMA
+from jitfast.training.errors import TrainingError
 from jitfast.training.families import family_of
 from jitfast.training.muon import muon_for
 from jitfast.training.optimizer import AdamWEMA
-from jitfast.training.step import lr_on_device, make_optimizer
+from jitfast.training.step import GraphedTrainStep, lr_on_device, make_optimizer, train_step
 
 
 def checkpointed(block):
@@ -18,6 +20,19 @@ def checkpointed(block):
     forward = block.forward
     block.forward = lambda *a, **k: torch.utils.checkpoint.checkpoint(forward, *a,
                                                                       use_reentrant=False, **k)
+
+
+def shard(net):
+    """FSDP2 over `net`: each of its sharding units, then the rest as the root (not the
+    objective: sampling calls the net directly). The methods a module is called by instead of
+    forward (pMF's JVP pass: ``forward_dual``, ``velocities``) gather its weights as forward
+    does."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    net.residual_across_blocks = False  # a block's weights are freed after its forward
+    for module in (*net.sharding_units, net):
+        fully_shard(module)
+        for name in getattr(module, "forward_methods", ()):
+            register_fsdp_forward_method(module, name)
 
 
 def build(args, num_classes, device, world, net=None):
@@ -28,16 +43,12 @@ def build(args, num_classes, device, world, net=None):
         net = family.presets[args.model](input_size=args.image_size, num_classes=num_classes,
                                          backend=args.backend, **family.network_options)
     net.check_values = False  # t and labels are ours; the range checks would sync every step
-    denoiser = family.objective(net, args).to(device)
+    denoiser = family.objective(net, args, device).to(device)
     if args.activation_checkpointing:
         for block in net.blocks:
             checkpointed(block)
     if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        net.residual_across_blocks = False  # a block's weights are freed after its forward
-        for block in net.blocks:
-            fully_shard(block)
-        fully_shard(net)  # not the Denoiser: sampling calls the net directly
+        shard(net)
     if args.compile:
         denoiser.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
     if world > 1 and not args.fsdp:
@@ -79,3 +90,22 @@ def build_optimizer(args, denoiser, ema, lr, device, world, cuda=None):
         return optimizer
     return make_optimizer(denoiser.parameters(), lr, device, args.weight_decay, args.optimizer,
                           fused=cuda)
+
+
+def build_step(args, model, denoiser, optimizer, ema, device, world):
+    """step(*inputs) -> the loss and its extras: ``train_step``, replayed from one CUDA graph
+    when --cuda-graph asks (auto: wherever the graph can hold the whole step)."""
+    conflicts = [why for why, present in (
+        ("it needs a CUDA device", device.type != "cuda"),
+        ("it holds one process's step, not a distributed one", world > 1 or args.fsdp),
+        ("--activation-checkpointing recomputes outside it", args.activation_checkpointing),
+        (f"--compile-mode {args.compile_mode} captures graphs of its own",
+         args.compile and args.compile_mode in ("reduce-overhead", "max-autotune")),
+        ("--optimizer apex cannot be captured", args.optimizer == "apex")) if present]
+    if args.cuda_graph == "on" and conflicts:
+        raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "
+                            f"(or auto)")
+    if args.cuda_graph == "off" or conflicts:
+        return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
+                                         clip_grad=args.clip_grad)
+    return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad)

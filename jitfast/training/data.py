@@ -310,3 +310,11 @@ def to_model_input(images, out=None):
     if out is None:
         out = torch.empty(images.shape, device=images.device)
     return out.copy_(images).div_(127.5).sub_(1.0)
+
+
+def check_unreadable(bad, seen, max_fraction, min_seen):
+    """Stop once enough images were read to judge and too many of them were unreadable."""
+    if bad > max_fraction * seen and seen >= min_seen:
+        raise DataError(f"{bad} of the {seen} images read so far could not be decoded (more "
+                        f"than --max-bad-fraction {max_fraction}); fix or remove them "
+                        f"(python -m jitfast.prepare lists them)")

@@ -3,6 +3,7 @@ and 0.9996) or EDM-style ones set by a half-life in images (pMF keeps three)."""
 from contextlib import contextmanager
 
 import torch
+from torch.distributed.tensor import DTensor
 
 EDM_RAMPUP = 0.05  # the half-life is at most this fraction of the images seen (ema_util.py)
 
@@ -53,13 +54,16 @@ class EMA:
         self.shadows = [[p.detach().clone() for p in self.params] for _ in range(self.sets)]
         device = self.params[0].device if self.params else "cpu"
         self.weights = [torch.zeros((), device=device) for _ in self.halflives or ()]  # 1 - decay
+        self.host_weights = [0.0] * len(self.weights)  # the same, for FSDP2's sharded tensors
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)
 
     def at_step(self, step):
         """Set the EDM decays of the update after optimizer step `step` (0 for the first);
         nothing for constant decays."""
         if self.halflives is not None:
-            for weight, halflife in zip(self.weights, self.halflives):
-                weight.fill_(1.0 - edm_decay(step + 1, halflife, self.batch))
+            for k, halflife in enumerate(self.halflives):
+                self.host_weights[k] = 1.0 - edm_decay(step + 1, halflife, self.batch)
+                self.weights[k].fill_(self.host_weights[k])
 
     @torch.no_grad()
     def update(self):
@@ -67,7 +71,12 @@ class EMA:
         takes two; the results differ by float32 rounding)."""
         current = [p.detach() for p in self.params]
         for k, shadow in enumerate(self.shadows):
-            weight = 1.0 - self.decays[k] if self.decays else [self.weights[k]] * len(current)
+            if self.decays:
+                weight = 1.0 - self.decays[k]
+            elif self.sharded:  # a DTensor does not mix with a plain tensor's weight
+                weight = self.host_weights[k]
+            else:  # read on the device: a CUDA-graph step replays it
+                weight = [self.weights[k]] * len(current)
             torch._foreach_lerp_(shadow, current, weight)
 
     def _index(self, which):

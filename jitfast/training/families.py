@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from jitfast.diffusion.denoiser import Denoiser
 from jitfast.diffusion.from_checkpoint import sampler_settings
@@ -25,6 +26,7 @@ from jitfast.io.pmf_weights import FUSED
 from jitfast.network.pmf_presets import PMF_models
 from jitfast.network.presets import JiT_models
 from jitfast.training.draws import StepDraws
+from jitfast.training.perceptual import load_perceptual
 from jitfast.training.recipes import jit_training_defaults, pmf_training_defaults
 
 
@@ -32,9 +34,10 @@ from jitfast.training.recipes import jit_training_defaults, pmf_training_default
 class Family:
     """name; presets {name: builder(input_size=, num_classes=, backend=, **network_options)};
     defaults(preset) -> {argument: value}; check(args): raises ValueError for settings the family
-    cannot run (its grid's, options it does not offer); objective(net, args) -> the module whose
+    cannot run (its grid's, options it does not offer); objective(net, args, device) -> the module
+    whose
     forward(*inputs) is the loss, or (loss, extras) (its state dict holds the network under
-    ``net.``); metrics: the names of the loss and its extras; inputs(objective, args,
+    ``net.``, its ``metrics`` the names of the loss and its extras); inputs(objective, args,
     num_classes, device) -> draw(step, first, count, x, y) -> the step's inputs; grid(objective,
     ema, args, y, count, device) -> float32 images of the grid; sampling(setting) -> the
     keywords of the family sampler's ``generate`` that draw as a run's grid did, `setting(name,
@@ -49,14 +52,13 @@ class Family:
     defaults: Callable
     check: Callable
     objective: Callable
-    metrics: tuple
     inputs: Callable
     grid: Callable
     sampling: Callable
     muon_blocks: dict = None
 
 
-def jit_objective(net, args):
+def jit_objective(net, args, device):
     # the sampler settings python -m jitfast.sample reads from this run's checkpoints
     settings = sampler_settings(vars(args), args.image_size)
     return Denoiser(net, P_mean=args.P_mean, P_std=args.P_std, label_drop_prob=0.0,
@@ -76,6 +78,9 @@ def jit_check(args):
         raise ValueError("--cfg-beta belongs to pMF's objective; JiT's training has no guidance")
     if args.optimizer == "muon":
         raise ValueError("--optimizer muon is pMF's recipe; JiT's is AdamW (the official code's)")
+    if args.perceptual is not None:
+        raise ValueError("--perceptual belongs to pMF's objective; JiT's loss has no "
+                         "perceptual terms")
     grid_settings(check_settings, args.sample_steps, args.sample_method, args.sample_cfg,
                   tuple(args.sample_interval), args.sample_schedule)
 
@@ -116,15 +121,17 @@ def jit_sampling(setting):
                 **({} if interval is None else {"interval": tuple(interval)}))
 
 
-def pmf_objective(net, args):
+def pmf_objective(net, args, device):
+    terms = {} if args.perceptual is None else dict(
+        perceptual=load_perceptual(args.perceptual, device), lpips_lambda=args.lpips_lambda,
+        convnext_lambda=args.convnext_lambda, perceptual_max_t=args.perceptual_max_t)
     return PMFObjective(net, noise_scale=args.noise_scale, P_mean=args.P_mean, P_std=args.P_std,
-                        cfg_beta=args.cfg_beta, class_dropout_prob=args.label_drop_prob)
+                        cfg_beta=args.cfg_beta, class_dropout_prob=args.label_drop_prob, **terms)
 
 
 # what pMF's training does not offer yet, and why
 PMF_REFUSES = {
     "init_from": "--init-from transfers JiT networks only",
-    "fsdp": "--fsdp shards JiT's blocks only (pMF's JVP pass calls its blocks' dual forms)",
     "activation_checkpointing": "--activation-checkpointing recomputes JiT's blocks only",
     "sample_method": "pMF samples with its own one-step rule: --sample-method is JiT's",
     "sample_schedule": "pMF samples with its own one-step rule: --sample-schedule is JiT's",
@@ -154,7 +161,7 @@ def pmf_grid(objective, ema, args, y, count, device):
     a GPU)."""
     with ema.swapped(1):
         net = objective.net
-        state = {k: v for k, v in net.state_dict().items() if not k.startswith("v_")}
+        state = {k: full_tensor(v) for k, v in net.state_dict().items() if not k.startswith("v_")}
         with torch.device(device):
             copy = type(net)(**{**net.config, "v_head": False}, backend=net.backend)
         copy.load_state_dict(state)
@@ -167,6 +174,11 @@ def pmf_grid(objective, ema, args, y, count, device):
     return sampler.generate(y, steps=args.sample_steps, generator=gen, num_samples=count)
 
 
+def full_tensor(value):
+    """The whole of an FSDP2-sharded tensor (every process takes part), else `value`."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def pmf_sampling(setting):
     """PMFSampler.generate's settings of a run's grid (one step; the guidance where unrecorded:
     the sampler's, its preset's)."""
@@ -177,9 +189,9 @@ def pmf_sampling(setting):
 
 FAMILIES = {
     "JiT": Family("JiT", JiT_models, {}, jit_training_defaults, jit_check, jit_objective,
-                  ("loss",), jit_inputs, jit_grid, jit_sampling),
+                  jit_inputs, jit_grid, jit_sampling),
     "pMF": Family("pMF", PMF_models, {"v_head": True}, pmf_training_defaults, pmf_check,
-                  pmf_objective, ("loss", "loss_u", "loss_v"), pmf_inputs, pmf_grid, pmf_sampling,
+                  pmf_objective, pmf_inputs, pmf_grid, pmf_sampling,
                   muon_blocks={part: len(pieces) for part, pieces in FUSED.items()}),
 }
 

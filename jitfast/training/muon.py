@@ -16,10 +16,13 @@ sqrt(max(1, fan_out/fan_in)), weight decay 0, one learning rate for both parts. 
 optax itself (tests/fixtures/muon_optax.pt where it is absent).
 
 The step count and the learning rate may be device tensors (a CUDA-graph step reads them there).
+Under FSDP2 each process updates its rows of every parameter; a matrix's orthogonalisation
+gathers the whole matrix first (its Nesterov momentum) and keeps its own rows of the result.
 """
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default
 
@@ -106,16 +109,18 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self._state(p, count, ("moment",))
-            grad = p.grad.float()
-            state["moment"].lerp_(grad, 1 - beta)
+            grad = local(p.grad).float()
+            moment = local(state["moment"])
+            moment.lerp_(grad, 1 - beta)
             rows, cols = p.shape[0] // blocks, p.shape[1]
-            update = newton_schulz((state["moment"] * a + grad * b).view(blocks, rows, cols),
-                                   group["ns_steps"], group["eps"],
-                                   group["coefficients"]).reshape(p.shape)
+            nesterov = gathered(moment * a + grad * b, p)  # the whole matrix
+            update = newton_schulz(nesterov.view(blocks, rows, cols), group["ns_steps"],
+                                   group["eps"], group["coefficients"]).reshape(p.shape)
+            update = shard_of(update, p)
             update *= math.sqrt(max(1.0, rows / cols))  # fan_out / fan_in of a block
             if group["weight_decay"]:
-                update += group["weight_decay"] * p
-            apply(p, update, lr)
+                update += group["weight_decay"] * local(p)
+            apply(local(p), update, lr)
 
     def adam_step(self, group, count):
         (b1, b2), lr, eps = group["adam_betas"], group["lr"], group["eps"]
@@ -125,12 +130,38 @@ class Muon(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self._state(p, count, ("exp_avg", "exp_avg_sq"))
-            grad = p.grad.float()
-            state["exp_avg"].lerp_(grad, 1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-            update = (state["exp_avg"] * a + grad * b) / ((state["exp_avg_sq"] * second).sqrt()
-                                                          + eps)
-            apply(p, update, lr)
+            grad = local(p.grad).float()
+            exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+            exp_avg.lerp_(grad, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            update = (exp_avg * a + grad * b) / ((exp_avg_sq * second).sqrt() + eps)
+            apply(local(p), update, lr)
+
+
+def local(tensor):
+    """The part of `tensor` this process holds: an FSDP2-sharded parameter's (or gradient's,
+    or state's: sharded alike) local rows, else the tensor itself. In-place updates of it
+    update the parameter."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered(rows, like):
+    """The whole matrix of which `rows` are this process's part, sharded as `like` (every
+    process takes part); `rows` itself where `like` is not sharded. Orthogonalisation needs the
+    whole matrix, as optax's Muon sees it."""
+    if not isinstance(like, DTensor):
+        return rows
+    return DTensor.from_local(rows, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def shard_of(whole, like):
+    """This process's part of a matrix every process holds whole, sharded as `like`."""
+    if not isinstance(like, DTensor):
+        return whole
+    replicated = DTensor.from_local(whole, like.device_mesh,
+                                    [Replicate()] * like.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(like.device_mesh, like.placements).to_local()
 
 
 def apply(p, update, lr):

@@ -39,21 +39,25 @@ def jit_training_defaults(preset):
 
 
 # pMF: the official configs (github Lyy-iiis/pMF, branch main, configs/pMF_*_config.yml) give per
-# preset the noise distribution (P_mean, P_std), the noise scale, cfg_beta and the grid's
-# `sampling` (one step at omega on [t_min, t_max]). H/16 and H/32 have no published config: L's,
+# preset the noise distribution (P_mean, P_std), the noise scale, cfg_beta, the grid's `sampling`
+# (one step at omega on [t_min, t_max]) and the perceptual terms' weights and cut-off
+# (lpips_lambda, convnext_lambda, perceptual_max_t). H/16 and H/32 have no published config: L's,
 # with the README's sampling. The small presets (CPU minutes at 28-64 px) are ours.
-PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max))
-    "pMF-B/16": (0.8, 0.8, 1.0, 1.0, (8.5, 0.1, 0.7)),    # pMF_B_16_config.yml
-    "pMF-B/32": (0.8, 0.8, 2.0, 1.0, (6.5, 0.1, 0.7)),    # pMF_B_32_config.yml
-    "pMF-L/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.7)),    # pMF_L_16_config.yml
-    "pMF-L/32": (0.0, 0.8, 4.0, 1.0, (7.5, 0.2, 0.6)),    # pMF_L_32_config.yml
-    "pMF-H/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.6)),    # L/16's; the README's sampling
-    "pMF-H/32": (0.0, 0.8, 4.0, 1.0, (5.5, 0.1, 0.6)),    # L/32's; the README's sampling
-    "pMF-T/4": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0)),
-    "pMF-T/8": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0)),
+PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max),
+    #                          (lpips_lambda, convnext_lambda, perceptual_max_t))
+    "pMF-B/16": (0.8, 0.8, 1.0, 1.0, (8.5, 0.1, 0.7), (0.4, 0.1, 0.8)),  # pMF_B_16_config.yml
+    "pMF-B/32": (0.8, 0.8, 2.0, 1.0, (6.5, 0.1, 0.7), (0.4, 0.1, 0.8)),  # pMF_B_32_config.yml
+    "pMF-L/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.7), (0.4, 0.1, 0.8)),  # pMF_L_16_config.yml
+    "pMF-L/32": (0.0, 0.8, 4.0, 1.0, (7.5, 0.2, 0.6), (0.4, 0.1, 0.6)),  # pMF_L_32_config.yml
+    "pMF-H/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.6), (0.4, 0.1, 0.8)),  # L/16's; README's grid
+    "pMF-H/32": (0.0, 0.8, 4.0, 1.0, (5.5, 0.1, 0.6), (0.4, 0.1, 0.6)),  # L/32's; README's grid
+    "pMF-T/4": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),
+    "pMF-T/8": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),
 }
 
 
+# the perceptual terms' arguments (on with --perceptual, the user's feature networks)
+PERCEPTUAL_TERMS = ("lpips_lambda", "convnext_lambda", "perceptual_max_t")
 # the configs' training (the same in all four): Muon for the Dense kernels and Adam (b2 0.95)
 # for the rest at one constant lr, 1e-3 whatever the batch (learning_rate, adam_b2,
 # lr_schedule warmup_const with warmup_epochs 0; utils/trainstate_util.py's optax.contrib.muon),
@@ -69,8 +73,10 @@ def pmf_training_defaults(preset):
     """{argument: value} of a pMF preset's recipe: its config's noise, guidance draws and grid,
     the configs' optimizer, lr and EMAs for the paper's presets, the quick start's for the small
     ones."""
-    P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max) = PMF_CONFIGS[preset]
+    P_mean, P_std, noise_scale, cfg_beta, (omega, t_min, t_max), perceptual = \
+        PMF_CONFIGS[preset]
     recipe = PMF_QUICK_START if is_small(preset) else PMF_OFFICIAL
     return {**recipe, "ema_halflives": list(recipe["ema_halflives"]), "P_mean": P_mean,
             "P_std": P_std, "noise_scale": noise_scale, "cfg_beta": cfg_beta, "sample_steps": 1,
-            "sample_cfg": omega, "sample_interval": [t_min, t_max]}
+            "sample_cfg": omega, "sample_interval": [t_min, t_max],
+            **dict(zip(PERCEPTUAL_TERMS, perceptual))}

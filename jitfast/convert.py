@@ -1,4 +1,5 @@
-"""Convert JiT weights between the published layouts.
+"""Convert JiT or pMF weights between the published layouts (which a family has, and how its
+official file is written, its weights' family says: ``jitfast.io.families``).
 
     python -m jitfast.convert SRC DST --layout official|diffusers|jitfast [--weights ema1]
 
@@ -13,7 +14,7 @@ folder (its latest checkpoint). Layouts of DST:
   files do (the --weights set, the v-head included where the source has one).
 - diffusers: a folder that diffusers pull request #13098's ``JiTTransformer2DModel`` loads.
 - jitfast: a folder for ``JiT.from_pretrained`` (or ``PMF.from_pretrained``: pixel MeanFlow
-  weights, such as the published pMF-*.pt files, convert to this layout only).
+  weights have this layout and the official one, not diffusers').
 """
 import argparse
 import glob

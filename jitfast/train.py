@@ -109,6 +109,9 @@ def parse_args(argv=None):
     add("--cfg-beta", type=float, default=None,
         help="pMF: the power of the guidance scales drawn in training (the configs' cfg_beta; "
              "default: the preset's)")
+    add("--data-proportion", type=float, default=None,
+        help="pMF: the share of each batch trained as flow matching (r = t), the rest as mean "
+             "flows over [r, t] (the configs' data_proportion; default: the preset's)")
     add("--perceptual", default=None, metavar="MODULE:FACTORY",
         help="pMF: the perceptual terms of its configs (LPIPS and ConvNeXt features of x-hat "
              "against x), from feature networks you supply: FACTORY() (in a module, or a "

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import types
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ def native(tmp_path_factory):
     """The built program, the net, and its packages: x-prediction through the CLI (batch up to
     MAX_BATCH images), and e-prediction through jitfast.export(net, path, ...)."""
     root = tmp_path_factory.mktemp("native")
-    program = build(root / "build")
+    # the C++ build runs while the packages are exported (each mostly one compiler process)
+    building = ThreadPoolExecutor(1).submit(build, root / "build")
     net = lively_net()
     ckpt = root / "checkpoint.pth"
     save_checkpoint(ckpt, Denoiser(net), EMA(Denoiser(net)),
@@ -96,7 +98,7 @@ def native(tmp_path_factory):
     package_e = root / "model_e.pt2"
     jitfast.export(net, package_e, noise_scale=NOISE_SCALE, t_eps=T_EPS, pred="e",
                    max_batch=MAX_BATCH)
-    return types.SimpleNamespace(program=program, net=net, package=str(package),
+    return types.SimpleNamespace(program=building.result(), net=net, package=str(package),
                                  package_e=str(package_e))
 
 

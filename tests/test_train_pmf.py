@@ -45,6 +45,7 @@ def test_the_recipe_follows_the_official_config(preset):
     assert (args.optimizer, args.lr, args.blr) == ("muon", official["learning_rate"], None)
     assert official["ema_type"] == "edm" and args.ema_halflives == official["ema_val"]
     assert official["adam_b2"] == 0.95  # Muon's Adam part (training.muon.Muon's adam_betas)
+    assert args.data_proportion == official["data_proportion"]
     terms = official["perceptual"]  # on in every config; here with --perceptual's networks
     assert terms["lpips"] and terms["convnext"]
     assert (args.perceptual, args.lpips_lambda, args.convnext_lambda, args.perceptual_max_t) == (
@@ -159,3 +160,12 @@ def test_perceptual_terms_from_the_command_line(tmp_path):
         train.parse_args(["--model", "JiT-T/4", "--perceptual", spec])
     with pytest.raises(train.TrainingError, match="has no function 'missing'"):
         run(tmp_path, "bad", "--steps", "1", "--perceptual", f"{tmp_path / 'features.py'}:missing")
+
+
+def test_data_proportion_reaches_the_objective():
+    """--data-proportion sets the share of flow-matching examples (r = t) of each batch."""
+    from jitfast.training.build import build
+    args = train.parse_args(TINY + ["--data-proportion", "0.25"])
+    objective, _ = build(args, 10, torch.device("cpu"), world=1)
+    assert objective.flow_matching_examples(8) == 2
+    assert objective.draw(8, 0, 0, shape=(3, 16, 16)).fm.tolist() == [True] * 2 + [False] * 6

@@ -76,6 +76,9 @@ def grid_settings(check, *settings):
 def jit_check(args):
     if args.cfg_beta is not None:
         raise ValueError("--cfg-beta belongs to pMF's objective; JiT's training has no guidance")
+    if args.data_proportion is not None:
+        raise ValueError("--data-proportion belongs to pMF's objective; JiT's trains one time "
+                         "per example")
     if args.optimizer == "muon":
         raise ValueError("--optimizer muon is pMF's recipe; JiT's is AdamW (the official code's)")
     if args.perceptual is not None:
@@ -126,7 +129,8 @@ def pmf_objective(net, args, device):
         perceptual=load_perceptual(args.perceptual, device), lpips_lambda=args.lpips_lambda,
         convnext_lambda=args.convnext_lambda, perceptual_max_t=args.perceptual_max_t)
     return PMFObjective(net, noise_scale=args.noise_scale, P_mean=args.P_mean, P_std=args.P_std,
-                        cfg_beta=args.cfg_beta, class_dropout_prob=args.label_drop_prob, **terms)
+                        cfg_beta=args.cfg_beta, data_proportion=args.data_proportion,
+                        class_dropout_prob=args.label_drop_prob, **terms)
 
 
 # what pMF's training does not offer yet, and why

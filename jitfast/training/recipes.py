@@ -56,6 +56,7 @@ PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min,
 }
 
 
+PMF_DATA_PROPORTION = 0.5  # every config's (configs/default.py, model.data_proportion)
 # the perceptual terms' arguments (on with --perceptual, the user's feature networks)
 PERCEPTUAL_TERMS = ("lpips_lambda", "convnext_lambda", "perceptual_max_t")
 # the configs' training (the same in all four): Muon for the Dense kernels and Adam (b2 0.95)
@@ -77,6 +78,7 @@ def pmf_training_defaults(preset):
         PMF_CONFIGS[preset]
     recipe = PMF_QUICK_START if is_small(preset) else PMF_OFFICIAL
     return {**recipe, "ema_halflives": list(recipe["ema_halflives"]), "P_mean": P_mean,
+            "data_proportion": PMF_DATA_PROPORTION,
             "P_std": P_std, "noise_scale": noise_scale, "cfg_beta": cfg_beta, "sample_steps": 1,
             "sample_cfg": omega, "sample_interval": [t_min, t_max],
             **dict(zip(PERCEPTUAL_TERMS, perceptual))}

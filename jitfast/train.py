@@ -46,8 +46,9 @@ def parse_args(argv=None):
         help="the built-in dataset trained on without --data-path: a subset of Fashion-MNIST "
              "(photos of clothes, 10 classes), or procedurally drawn shapes (10 classes)")
     add("--steps", type=int, default=None,
-        help="optimizer steps in the whole run; default: 1600, 600 for pMF-T (a pMF step costs "
-             "about five of JiT-T/4's on the CPU: the quick start's 15 minutes)")
+        help="optimizer steps in the whole run; default: 1600, 750 for pMF-T (a pMF-T/4 step "
+             "costs about 2.3 of JiT-T/4's on the CPU: its quick start trains about as long as "
+             "JiT's)")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
         help=f"base lr; lr = blr * batch / 256. Default: {OFFICIAL['blr']:g} (official) for "
@@ -82,7 +83,9 @@ def parse_args(argv=None):
     add("--P-mean", type=float, default=None,
         help=f"logit-normal t: mean. Default: {OFFICIAL['P_mean']} (official, 256-512 px) for "
              f"JiT-B/L/H/G; {QUICK_START['P_mean']} for the small presets at 32-64 px, where "
-             f"{OFFICIAL['P_mean']} trains too little near clean images (docs/quickstart.md)")
+             f"{OFFICIAL['P_mean']} trains too little near clean images (docs/quickstart.md). "
+             f"pMF (its time: t = 1 noise): the preset's config, 1.2 for pMF-T, whose one step "
+             f"starts from pure noise")
     add("--P-std", type=float, default=None, help="logit-normal t: std; default: 0.8")
     add("--noise-scale", type=float, default=None,
         help="noise std (official: 2.0 at 512 px). Default: 1.0 for JiT (with --init-from, the "

@@ -51,13 +51,13 @@ def grid_classes(rows, num_classes):
     return torch.linspace(0, num_classes - 1, min(rows, num_classes)).round().long()
 
 
-def run_samples(ckpt, per_class, seed, overrides=None):
-    """Class-conditional samples of the checkpoint's EMA-1, with its training grid's sampler
-    (its family's: JiT's ODE, pMF's one step); `overrides` {argument: value} replace the run's
-    (sample_cfg, sample_interval, ...)."""
+def run_samples(ckpt, per_class, seed, overrides=None, weights="ema1"):
+    """Class-conditional samples of the checkpoint's `weights` (EMA 1, as the grid), with its
+    training grid's sampler (its family's: JiT's ODE, pMF's one step); `overrides` {argument:
+    value} replace the run's (sample_cfg, sample_interval, ...)."""
     overrides = overrides or {}
     setting = lambda name, default: overrides.get(name, training_setting(ckpt, name, default))
-    denoiser = denoiser_from_checkpoint(ckpt, "ema1", backend="torch")
+    denoiser = denoiser_from_checkpoint(ckpt, weights, backend="torch")
     classes = ckpt["config"]["num_classes"]
     labels = torch.arange(classes).repeat_interleave(per_class)
     settings = family_of(setting("model", "JiT-B/16")).sampling(setting)
@@ -82,11 +82,13 @@ def run_judges(ckpt, size, folder):
                      f"only (--dataset fashion-mnist or shapes)")
 
 
-def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000, overrides=None):
+def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000, overrides=None,
+              weights="ema1"):
     """{"grid", "samples", "real"}: each {judge: {"accuracy", "frechet"}}; "ratio" and
     "frechet": for grid and samples the mean and std over the judges of merit of the accuracy
     ratio (samples / real) and the distance; for the latest checkpoint of the run folder `run`
-    and the grid drawn at its step. overrides: of the samples' settings (``run_samples``)."""
+    and the grid drawn at its step. overrides, weights: of the samples (``run_samples``; the grid
+    is EMA 1's)."""
     path = latest_checkpoint(run)
     ckpt = read_checkpoint(path)
     size, columns = ckpt["config"]["input_size"], training_setting(ckpt, "samples_per_class", 8)
@@ -98,7 +100,7 @@ def score_run(run, per_class=30, judges_folder="runs/judges", seed=1000, overrid
     judges, merit = run_judges(ckpt, size, judges_folder)
     tiles, rows = grid_tiles(load_png(grid_path), size, columns)
     grid_labels = grid_classes(int(rows.max()) + 1, ckpt["config"]["num_classes"])[rows]
-    images, labels = run_samples(ckpt, per_class, seed, overrides)
+    images, labels = run_samples(ckpt, per_class, seed, overrides, weights)
     result = {"checkpoint": path, "grid_png": grid_path,
               "grid": {name: j.score(tiles, grid_labels) for name, j in judges.items()},
               "samples": {name: j.score(images, labels) for name, j in judges.items()},
@@ -142,6 +144,8 @@ def main(argv=None):
                         "run's grid's")
     p.add_argument("--sample-interval", type=float, nargs=2, default=None,
                    help="the samples' guidance interval; default: the run's grid's")
+    p.add_argument("--weights", default="ema1", choices=("ema1", "ema2", "ema3", "model"),
+                   help="the weights the samples are drawn with (the grid is EMA 1's)")
     p.add_argument("--out", default=None, help="the JSON written; default: RUN/quickstart.json")
     args = p.parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("sample_cfg", "sample_interval")
@@ -150,11 +154,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
-        result = score_run(args.run, args.samples_per_class, args.judges, overrides=overrides)
+        result = score_run(args.run, args.samples_per_class, args.judges, overrides=overrides,
+                           weights=args.weights)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["overrides"] = overrides
+    result["overrides"], result["weights"] = overrides, args.weights
     with open(args.out or os.path.join(args.run, "quickstart.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(report(result))

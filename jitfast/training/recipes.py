@@ -51,8 +51,8 @@ PMF_CONFIGS = {  # preset: (P_mean, P_std, noise_scale, cfg_beta, (omega, t_min,
     "pMF-L/32": (0.0, 0.8, 4.0, 1.0, (7.5, 0.2, 0.6), (0.4, 0.1, 0.6)),  # pMF_L_32_config.yml
     "pMF-H/16": (0.8, 0.8, 1.0, 2.0, (7.0, 0.2, 0.6), (0.4, 0.1, 0.8)),  # L/16's; README's grid
     "pMF-H/32": (0.0, 0.8, 4.0, 1.0, (5.5, 0.1, 0.6), (0.4, 0.1, 0.6)),  # L/32's; README's grid
-    "pMF-T/4": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),
-    "pMF-T/8": (0.0, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),
+    "pMF-T/4": (1.2, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),  # docs/quickstart.md
+    "pMF-T/8": (1.2, 0.8, 1.0, 1.0, (2.0, 0.0, 1.0), (0.4, 0.1, 0.8)),
 }
 
 
@@ -66,7 +66,7 @@ PERCEPTUAL_TERMS = ("lpips_lambda", "convnext_lambda", "perceptual_max_t")
 PMF_OFFICIAL = dict(steps=1600, optimizer="muon", lr=1e-3, schedule="constant", warmup_steps=0,
                     ema_halflives=(500, 1000, 2000))
 # the small presets' (CPU minutes at 28-64 px; docs/quickstart.md measured it)
-PMF_QUICK_START = dict(steps=600, optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
+PMF_QUICK_START = dict(steps=750, optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
                        ema_halflives=(0.5, 1, 2))
 
 

@@ -69,8 +69,8 @@ class JiTWeights:
         as dst/checkpoint-last.pth, the file the official ``--resume DST`` reads. Returns (path,
         the sets copied)."""
         copied = [name for name in self.OFFICIAL_SETS if name not in sets]
-        out = {WEIGHT_KEYS[name]: {f"net.{k}": v for k, v in
-                                   sets.get(name, net.state_dict()).items()}
+        sets = {**{name: net.state_dict() for name in copied}, **sets}
+        out = {WEIGHT_KEYS[name]: {f"net.{k}": v for k, v in sets[name].items()}
                for name in self.OFFICIAL_SETS}
         if not os.fspath(dst).endswith(".pth"):
             os.makedirs(dst, exist_ok=True)
@@ -134,8 +134,8 @@ def family_of_folder(fields):
 
 
 def family_named(name):
-    """The family of a name ("JiT" | "pMF") or of a network class name ("JiT" | "PMF")."""
+    """The family of a name ("JiT" | "pMF": a network's ``family``)."""
     for family in FAMILIES:
-        if name in (family.name, family.class_name):
+        if name == family.name:
             return family
     raise ValueError(f"no model family {name!r}: one of {[f.name for f in FAMILIES]}")

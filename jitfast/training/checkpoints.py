@@ -8,6 +8,7 @@ from jitfast.io.checkpoint import CheckpointError, read_checkpoint, write_checkp
 from jitfast.io.weight_files import save_training_weights
 from jitfast.training.errors import TrainingError
 from jitfast.training.step import lr_on_device, optimizer_state
+from jitfast.util.sharded import full_tensor, is_sharded
 
 CHECKPOINT_NAME = "checkpoint-{:08d}.pt"
 MUST_MATCH = ("model", "image_size", "dataset")  # the args a resumed run must share
@@ -21,12 +22,8 @@ def full_state(denoiser, ema, optimizer, fsdp):
     if not fsdp:
         return {**states, "optimizer": optimizer_state(optimizer.state_dict())}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    from torch.distributed.tensor import DTensor
-
-    def full(v):
-        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
-
-    states = {key: {k: full(v) for k, v in sd.items()} for key, sd in states.items()}
+    states = {key: {k: full_tensor(v, "cpu") for k, v in sd.items()}
+              for key, sd in states.items()}
     states["optimizer"] = optimizer_state(get_optimizer_state_dict(
         denoiser, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     return states
@@ -93,7 +90,7 @@ def restore(path, denoiser, ema, optimizer, args):
 
 def sharded_like(state, model):
     """The full tensors of `state` laid out like the (FSDP2-sharded) parameters of `model`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
     params = dict(model.named_parameters())
     return {k: distribute_tensor(v, params[k].device_mesh, params[k].placements)
-            if isinstance(params.get(k), DTensor) else v for k, v in state.items()}
+            if is_sharded(params.get(k)) else v for k, v in state.items()}

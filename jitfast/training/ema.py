@@ -3,7 +3,8 @@ and 0.9996) or EDM-style ones set by a half-life in images (pMF keeps three)."""
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from jitfast.util.sharded import is_sharded
 
 EDM_RAMPUP = 0.05  # the half-life is at most this fraction of the images seen (ema_util.py)
 
@@ -55,7 +56,7 @@ class EMA:
         device = self.params[0].device if self.params else "cpu"
         self.weights = [torch.zeros((), device=device) for _ in self.halflives or ()]  # 1 - decay
         self.host_weights = [0.0] * len(self.weights)  # the same, for FSDP2's sharded tensors
-        self.sharded = any(isinstance(p, DTensor) for p in self.params)
+        self.sharded = any(is_sharded(p) for p in self.params)
 
     def at_step(self, step):
         """Set the EDM decays of the update after optimizer step `step` (0 for the first);

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from jitfast.diffusion.denoiser import Denoiser
 from jitfast.diffusion.from_checkpoint import sampler_settings
@@ -28,6 +27,7 @@ from jitfast.network.presets import JiT_models
 from jitfast.training.draws import StepDraws
 from jitfast.training.perceptual import load_perceptual
 from jitfast.training.recipes import jit_training_defaults, pmf_training_defaults
+from jitfast.util.sharded import full_tensor
 
 
 @dataclass(frozen=True)
@@ -176,11 +176,6 @@ def pmf_grid(objective, ema, args, y, count, device):
                          interval=tuple(args.sample_interval))
     gen = torch.Generator(device).manual_seed(args.seed)
     return sampler.generate(y, steps=args.sample_steps, generator=gen, num_samples=count)
-
-
-def full_tensor(value):
-    """The whole of an FSDP2-sharded tensor (every process takes part), else `value`."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def pmf_sampling(setting):

@@ -24,6 +24,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
+from jitfast.util.sharded import is_sharded, local
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default
 
 
@@ -138,18 +140,11 @@ class Muon(torch.optim.Optimizer):
             apply(local(p), update, lr)
 
 
-def local(tensor):
-    """The part of `tensor` this process holds: an FSDP2-sharded parameter's (or gradient's,
-    or state's: sharded alike) local rows, else the tensor itself. In-place updates of it
-    update the parameter."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def gathered(rows, like):
     """The whole matrix of which `rows` are this process's part, sharded as `like` (every
     process takes part); `rows` itself where `like` is not sharded. Orthogonalisation needs the
     whole matrix, as optax's Muon sees it."""
-    if not isinstance(like, DTensor):
+    if not is_sharded(like):
         return rows
     return DTensor.from_local(rows, like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride()).full_tensor()
@@ -157,7 +152,7 @@ def gathered(rows, like):
 
 def shard_of(whole, like):
     """This process's part of a matrix every process holds whole, sharded as `like`."""
-    if not isinstance(like, DTensor):
+    if not is_sharded(like):
         return whole
     replicated = DTensor.from_local(whole, like.device_mesh,
                                     [Replicate()] * like.device_mesh.ndim, run_check=False)

@@ -23,8 +23,9 @@ from jitfast.training.runfolder import (RunFolderError, TrainingFolder, command_
                                         latest_checkpoint)
 from jitfast.util.files import WriteError, report_size_limit_as_error
 
-# a recipe's value that the user's choice of the other argument replaces
-ALTERNATIVES = {"lr": "blr", "ema_halflives": "ema_decays"}
+# a recipe's value that the user's choice of the other argument replaces (--init-from: the
+# parent's noise scale times the resolution factor)
+ALTERNATIVES = {"lr": "blr", "ema_halflives": "ema_decays", "noise_scale": "init_from"}
 
 
 def parse_args(argv=None):
@@ -88,8 +89,8 @@ def parse_args(argv=None):
              f"starts from pure noise")
     add("--P-std", type=float, default=None, help="logit-normal t: std; default: 0.8")
     add("--noise-scale", type=float, default=None,
-        help="noise std (official: 2.0 at 512 px). Default: 1.0 for JiT (with --init-from, the "
-             "parent's times the resolution factor); pMF: its preset's config")
+        help="noise std (official: 2.0 at 512 px). Default: 1.0 for JiT, the preset's config "
+             "for pMF; with --init-from the parent's times the resolution factor")
     add("--cfg-beta", type=float, default=None,
         help="pMF: the power of the guidance scales drawn in training (the configs' cfg_beta; "
              "default: the preset's)")
@@ -114,7 +115,7 @@ def parse_args(argv=None):
     add("--init-from", default=None,
         help="start a new run from a checkpoint at a lower resolution (any file load_checkpoint "
              "reads): its network transferred to --image-size with --model's patch size "
-             "(jitfast.network.transfer), a fresh optimizer, both EMAs from the transferred "
+             "(jitfast.network.transfer), a fresh optimizer, the EMAs from the transferred "
              "weights")
     add("--init-weights", default="ema1", choices=sorted(WEIGHT_KEYS),
         help="which weights of the --init-from checkpoint")

@@ -208,8 +208,6 @@ def test_the_sample_grid_settings_are_refused_before_training(flags, message, ca
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "pMF-T/4", "--sample-method", "heun"], "--sample-method is JiT's"),
-    (["--model", "pMF-T/4", "--activation-checkpointing"], "recomputes JiT's blocks only"),
-    (["--model", "pMF-T/4", "--init-from", "x.pt"], "--init-from transfers JiT networks only"),
     (["--cfg-beta", "2"], "--cfg-beta belongs to pMF's objective"),
     (["--data-proportion", "0.3"], "--data-proportion belongs to pMF's objective")])
 def test_a_family_refuses_what_it_does_not_offer(flags, message, capsys):

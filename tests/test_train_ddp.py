@@ -70,7 +70,7 @@ def test_ddp_and_fsdp_two_processes_train_pmf_as_one(tmp_path):
     one = single_process(pmf + ["--out", str(tmp_path / "one")])
     run_distributed(pmf + ["--out", str(tmp_path / "ddp")])
     assert_equal_runs(tmp_path / "ddp", one, metrics)
-    sharded = pmf + ["--fsdp", "--ckpt-every", "2"]
+    sharded = pmf + ["--fsdp", "--activation-checkpointing", "--ckpt-every", "2"]
     run_distributed(sharded + ["--out", str(tmp_path / "fsdp")])
     assert_equal_runs(tmp_path / "fsdp", one, metrics)
     assert_resumes(sharded, tmp_path / "fsdp", tmp_path / "resumed")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from jitfast import load_checkpoint, read_checkpoint, train
+from jitfast import TransferError, load_checkpoint, read_checkpoint, train, transfer
 from jitfast.convert import main as convert_main
 from jitfast.sample import main as sample_main
 from jitfast.diffusion.from_checkpoint import denoiser_from_checkpoint
@@ -169,3 +169,65 @@ def test_data_proportion_reaches_the_objective():
     objective, _ = build(args, 10, torch.device("cpu"), world=1)
     assert objective.flow_matching_examples(8) == 2
     assert objective.draw(8, 0, 0, shape=(3, 16, 16)).fm.tolist() == [True] * 2 + [False] * 6
+
+
+def test_activation_checkpointing_recomputes_every_block_and_changes_nothing(tmp_path,
+                                                                              monkeypatch):
+    """--activation-checkpointing on pMF: each block (the v-head's included) runs its JVP pass
+    (forward_dual) or forward again in the backward, and the run's losses and weights are those
+    of the run without it."""
+    from jitfast.network.pmf import PMFBlock
+    from jitfast.training.build import build
+    calls = []
+    for name in ("forward", "forward_dual"):
+        def counted(block, *a, method=getattr(PMFBlock, name), **k):
+            if torch.is_grad_enabled():  # not the guidance pass's
+                calls.append(block)
+            return method(block, *a, **k)
+        monkeypatch.setattr(PMFBlock, name, counted)
+    args = train.parse_args(TINY + ["--activation-checkpointing"])
+    objective, _ = build(args, 10, torch.device("cpu"), world=1)
+    draws = objective.draw(4, 0, 0, shape=(3, 16, 16))
+    loss = objective(torch.rand(4, 3, 16, 16) * 2 - 1, torch.arange(4), *draws)[0]
+    assert sorted(map(id, calls)) == sorted(map(id, objective.net.sharding_units))
+    loss.backward()
+    assert sorted(map(id, calls)) == sorted(2 * list(map(id, objective.net.sharding_units)))
+    monkeypatch.undo()
+
+    plain = run(tmp_path, "plain", "--steps", "2")
+    recomputed = run(tmp_path, "recomputed", "--steps", "2", "--activation-checkpointing")
+    keys = ("loss", "loss_u", "loss_v")
+    assert [[r[k] for k in keys] for r in read_metrics(recomputed["metrics"])] == \
+        [[r[k] for k in keys] for r in read_metrics(plain["metrics"])]
+    a, b = read_checkpoint(plain["checkpoint"]), read_checkpoint(recomputed["checkpoint"])
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-6, atol=1e-7)
+
+
+def test_init_from_a_pmf_checkpoint(tmp_path, capsys):
+    """`--init-from` for pMF: a pMF-T/4 at 16 px becomes a pMF-T/8 at 32 px, both heads
+    transferred (at lr 0 the child's weights stay the transferred parent's), the noise scale
+    doubled; a file without the v-head and another family's preset are refused."""
+    parent = run(tmp_path, "parent", "--steps", "2")
+    capsys.readouterr()
+    child = run(tmp_path, "child", "--init-from", parent["checkpoint"], "--model", "pMF-T/8",
+                "--image-size", "32", "--steps", "1", "--lr", "0")
+    assert (f"init from {parent['checkpoint']} (ema1, step 2): 16 px patch 4 -> 32 px patch 8 "
+            f"(factor 2); noise scale 2 (the parent's 1 x 2; --noise-scale overrides)"
+            in capsys.readouterr().err)
+    ckpt = read_checkpoint(child["checkpoint"])
+    assert ckpt["args"]["noise_scale"] == 2.0 and child["denoiser"].noise_scale == 2.0
+    assert ckpt["args"]["parent"]["path"] == parent["checkpoint"]
+    start = transfer(load_checkpoint(parent["checkpoint"], v_head=True), 32, 8).state_dict()
+    assert any(k.startswith("v_final_layer.") for k in start)
+    assert set(ckpt["model"]) == {f"net.{k}" for k in start}
+    for name, value in start.items():
+        assert torch.equal(ckpt["model"][f"net.{name}"], value), name
+    sampling_file = tmp_path / "sampling.pt"  # the u-head's network alone, as published
+    torch.save(load_checkpoint(parent["checkpoint"]).state_dict(), sampling_file)
+    with pytest.raises(TransferError, match="cannot start a pMF-T/8 run: .*no v-head"):
+        run(tmp_path, "bare", "--init-from", str(sampling_file), "--init-weights", "model",
+            "--model", "pMF-T/8", "--image-size", "32", "--steps", "1")
+    with pytest.raises(TransferError, match="cannot start a JiT-T/8 run: the file holds .*pMF"):
+        run(tmp_path, "jit", "--init-from", parent["checkpoint"], "--model", "JiT-T/8",
+            "--image-size", "32", "--steps", "1")

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from test_train import run
 
-from jitfast import Denoiser, JiT, TransferError, load_checkpoint, read_checkpoint, train, transfer
+from jitfast import (PMF, Denoiser, JiT, TransferError, load_checkpoint, read_checkpoint, train,
+                     transfer)
 
 TINY = dict(in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=7,
             bottleneck_dim=5, in_context_len=3, in_context_start=1)
@@ -44,6 +45,30 @@ def test_child_of_upsampled_input_is_upsampled_parent(backend, size, patch, k):
     with torch.no_grad():
         want = F.interpolate(parent(F.avg_pool2d(x, k), t, y), scale_factor=k, mode="nearest")
         assert rel_err(child(x, t, y), want) < 1e-5
+
+@pytest.mark.parametrize("size, patch, k", [(12, 2, 2), (8, 2, 3)])
+def test_pmf_child_of_upsampled_input_is_upsampled_parent(size, patch, k):
+    """pMF: both heads' velocities (z - x̂)/t, the u-head's and the training v-head's."""
+    torch.manual_seed(0)
+    parent = PMF(input_size=size, patch_size=patch, hidden_size=32, depth=3, head_depth=1,
+                 num_heads=2, num_classes=7, bottleneck_dim=5, v_head=True, backend="torch")
+    with torch.no_grad():
+        for param in parent.parameters():
+            param.normal_(0, 0.2)
+    child = transfer(parent.eval(), size * k, patch * k)
+    assert child.config == {**parent.config, "input_size": size * k, "patch_size": patch * k}
+    z = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    t, h = torch.tensor([0.1, 0.5, 0.97]), torch.tensor([0.05, 0.5, 0.3])
+    omega, t_min, t_max = torch.tensor([1.0, 2.0, 7.5]), torch.zeros(3), torch.full((3,), 0.7)
+    y = torch.tensor([0, 6, 7])  # 7: the null class
+    up = lambda a: F.interpolate(a, scale_factor=k, mode="nearest")
+    with torch.no_grad():
+        want = [up(v) for v in parent.velocities(z, t, h, omega, t_min, t_max, y)]
+        got = child.velocities(up(z), t, h, omega, t_min, t_max, y)
+    for a, b in zip(got, want):
+        assert b.abs().mean() > 0.1  # not trivially zero
+        assert rel_err(a, b) < 1e-5
+
 
 def test_body_is_shared_and_the_parent_untouched():
     parent = random_parent(12, 2)

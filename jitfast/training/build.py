@@ -4,6 +4,8 @@ the objective of --model's family (JiT's Denoiser, pMF's PMFObjective:
 activation checkpointing, FSDP2 sharding and torch.compile as asked, the EMAs, the optimizer and
 the step (eager, or replayed from one CUDA graph).
 ``jitfast.measure.traced`` builds the step it prices the same way."""
+import functools
+
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
@@ -16,10 +18,12 @@ from jitfast.training.step import GraphedTrainStep, lr_on_device, make_optimizer
 
 
 def checkpointed(block):
-    """Recompute `block` in the backward pass; state-dict keys stay unchanged."""
-    forward = block.forward
-    block.forward = lambda *a, **k: torch.utils.checkpoint.checkpoint(forward, *a,
-                                                                      use_reentrant=False, **k)
+    """Recompute `block` in the backward pass, through whichever of its methods the network
+    calls (forward, and those it calls instead: pMF's JVP pass, ``forward_dual``); state-dict
+    keys stay unchanged."""
+    for name in ("forward", *getattr(block, "forward_methods", ())):
+        setattr(block, name, functools.partial(torch.utils.checkpoint.checkpoint,
+                                               getattr(block, name), use_reentrant=False))
 
 
 def shard(net):
@@ -45,7 +49,7 @@ def build(args, num_classes, device, world, net=None):
     net.check_values = False  # t and labels are ours; the range checks would sync every step
     denoiser = family.objective(net, args, device).to(device)
     if args.activation_checkpointing:
-        for block in net.blocks:
+        for block in net.sharding_units:
             checkpointed(block)
     if args.fsdp:
         shard(net)

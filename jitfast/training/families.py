@@ -135,8 +135,6 @@ def pmf_objective(net, args, device):
 
 # what pMF's training does not offer yet, and why
 PMF_REFUSES = {
-    "init_from": "--init-from transfers JiT networks only",
-    "activation_checkpointing": "--activation-checkpointing recomputes JiT's blocks only",
     "sample_method": "pMF samples with its own one-step rule: --sample-method is JiT's",
     "sample_schedule": "pMF samples with its own one-step rule: --sample-schedule is JiT's",
 }

@@ -3,23 +3,31 @@
 scaled with it."""
 import os
 
-from jitfast.io.checkpoint import model_from_checkpoint, read_checkpoint, training_setting
-from jitfast.network.presets import preset_config, preset_differences
+from jitfast.io.checkpoint import (CheckpointError, model_from_checkpoint, read_checkpoint,
+                                   training_setting)
+from jitfast.network.families import PRESET_DIFFERENCES
 from jitfast.network.transfer import TransferError, transfer
+from jitfast.training.families import family_of
 
 
 def transferred_run(path, preset, image_size, num_classes, weights="ema1", backend="auto",
                     noise_scale=None):
-    """For ``python -m jitfast.train --init-from``: (child JiT in train mode, the record of its
-    parent for the child's checkpoints, the noise scale, a line saying what was done). The
-    checkpoint's `weights` (any file ``load_checkpoint`` reads) are transferred to `image_size`
-    with the patch size of `preset`, whose architecture must be the parent's; the noise scale
-    is `noise_scale` when given, else the parent's (1.0 when it does not say) times the factor."""
+    """For ``python -m jitfast.train --init-from``: (child network in train mode (a JiT, or a
+    pMF with its v-head), the record of its parent for the child's checkpoints, the noise scale,
+    a line saying what was done). The checkpoint's `weights` (any file ``load_checkpoint``
+    reads) are transferred to `image_size` with the patch size of `preset`, whose architecture
+    must be the parent's; the noise scale is `noise_scale` when given, else the parent's (1.0
+    when it does not say) times the factor."""
     ckpt = read_checkpoint(path)
-    parent = model_from_checkpoint(ckpt, weights, backend=backend).train()
-    patch = preset_config(preset)["patch_size"]
-    differ = [f"{k} {ours} vs {theirs}" for k, (ours, theirs)
-              in preset_differences(parent.config, preset, ignore=("patch_size",)).items()]
+    family = family_of(preset)
+    try:  # pMF's with its v-head, which its training needs
+        parent = model_from_checkpoint(ckpt, weights, backend=backend, family=family.name,
+                                       **family.network_options).train()
+    except CheckpointError as err:
+        raise TransferError(f"--init-from {path!r} cannot start a {preset} run: {err}") from None
+    differences = PRESET_DIFFERENCES[family.name](parent.config, preset)
+    patch = differences.pop("patch_size", (None, parent.patch_size))[1]
+    differ = [f"{k} {ours} vs {theirs}" for k, (ours, theirs) in differences.items()]
     if differ:
         raise TransferError(f"--model {preset} is not the architecture of {path!r} "
                             f"({', '.join(differ)}): pass the parent's architecture with the "

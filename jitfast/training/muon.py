@@ -35,9 +35,9 @@ def newton_schulz(x, steps=5, eps=1e-8, coefficients=NS_COEFFICIENTS):
     wide = x.shape[-2] <= x.shape[-1]
     x = x if wide else x.transpose(-2, -1)
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
+    for _ in range(steps):  # a·x + (b·G + c·G²)·x, G = x·xᵀ, the scalings in the GEMMs
         gram = x @ x.transpose(-2, -1)
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return x if wide else x.transpose(-2, -1)
 
 

@@ -231,3 +231,17 @@ def test_init_from_a_pmf_checkpoint(tmp_path, capsys):
     with pytest.raises(TransferError, match="cannot start a JiT-T/8 run: the file holds .*pMF"):
         run(tmp_path, "jit", "--init-from", parent["checkpoint"], "--model", "JiT-T/8",
             "--image-size", "32", "--steps", "1")
+
+
+def test_a_compiled_pmf_run_trains_as_the_eager_one(tmp_path):
+    """`--compile` (the one-step quick start's): torch.compile of the objective, its JVP pass
+    included, gives the eager run's losses and weights to rounding."""
+    keys = ("loss", "loss_u", "loss_v")
+    eager = run(tmp_path, "eager", "--steps", "2")
+    compiled = run(tmp_path, "compiled", "--steps", "2", "--compile")
+    want = [r[k] for r in read_metrics(eager["metrics"]) for k in keys]
+    got = [r[k] for r in read_metrics(compiled["metrics"]) for k in keys]
+    assert len(got) == 6 and got == pytest.approx(want, rel=1e-4)
+    a, b = read_checkpoint(eager["checkpoint"]), read_checkpoint(compiled["checkpoint"])
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-3, atol=1e-5)

@@ -66,7 +66,7 @@ PERCEPTUAL_TERMS = ("lpips_lambda", "convnext_lambda", "perceptual_max_t")
 PMF_OFFICIAL = dict(steps=1600, optimizer="muon", lr=1e-3, schedule="constant", warmup_steps=0,
                     ema_halflives=(500, 1000, 2000))
 # the small presets' (CPU minutes at 28-64 px; docs/quickstart.md measured it)
-PMF_QUICK_START = dict(steps=750, optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
+PMF_QUICK_START = dict(steps=800, optimizer="muon", lr=1e-2, schedule="cosine", warmup_steps=0,
                        ema_halflives=(0.5, 1, 2))
 
 

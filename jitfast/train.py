@@ -48,8 +48,7 @@ def parse_args(argv=None):
              "(photos of clothes, 10 classes), or procedurally drawn shapes (10 classes)")
     add("--steps", type=int, default=None,
         help="optimizer steps in the whole run; default: 1600, 800 for pMF-T (a compiled "
-             "pMF-T/4 step costs about twice JiT-T/4's on the CPU: its quick start trains about "
-             "as long as JiT's)")
+             "pMF-T/4 step costs about 2.4 of JiT-T/4's on the CPU; docs/quickstart.md)")
     add("--batch-size", type=int, default=32, help="global batch, over all processes")
     add("--blr", type=float, default=None,
         help=f"base lr; lr = blr * batch / 256. Default: {OFFICIAL['blr']:g} (official) for "

@@ -36,12 +36,10 @@ def preset_config(name):
                 in_context_len=ic_len, in_context_start=ic_start, patch_size=int(patch))
 
 
-def preset_differences(config, name, ignore=()):
-    """{field: (config's value, the preset's)} for each architecture field of preset `name`
-    (but those in `ignore`) on which the JiT config `config` differs from it; KeyError for an
-    unknown name."""
-    return {k: (config[k], v) for k, v in preset_config(name).items()
-            if k not in ignore and config[k] != v}
+def preset_differences(config, name):
+    """{field: (config's value, the preset's)} for each architecture field of preset `name` on
+    which the JiT config `config` differs from it; KeyError for an unknown name."""
+    return {k: (config[k], v) for k, v in preset_config(name).items() if config[k] != v}
 
 
 def build(name, **kwargs):

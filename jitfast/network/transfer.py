@@ -35,8 +35,9 @@ def transfer(net, image_size, patch_size):
     Supported: integer factors k ≥ 1 that keep the token grid (image_size / patch_size equal to
     the parent's). Refused, with a TransferError: a patch size that does not divide the image,
     a non-integer (or shrinking) factor, and a changed token grid — that would need the position
-    table (JiT's sin-cos, pMF's learned) and the 2-D RoPE interpolated to the new grid (positions scaled to the old
-    range), which is not function-preserving and is not implemented.
+    table (JiT's sin-cos, pMF's learned) and the 2-D RoPE interpolated to the new grid
+    (positions scaled to the old range), which is not function-preserving and is not
+    implemented.
     The result is on net's device and dtype, in net's train/eval mode, with its backend.
     """
     if not isinstance(net, (JiT, PMF)):

@@ -51,18 +51,23 @@ def test_loss_backward(measure, pair, family):
 
 # python -m jitfast.train's runs, each step as the command builds it (its family's recipe,
 # draws, optimizer and EMAs; on CUDA the whole step in one graph): what its log's img/s should
-# read. CPU: the quick starts (28 px on the built-in Fashion-MNIST, batch 32); CUDA: the B/16s.
-COMMANDS = [("JiT-B/16", 256, 128), ("pMF-B/16", 256, 128)] if ON_CUDA else \
-    [("JiT-T/4", 28, 32), ("pMF-T/4", 28, 32)]
+# read. CPU: the quick starts (28 px on the built-in Fashion-MNIST, batch 32), by default and as
+# the README runs them (JiT with --compile, pMF with --compile --precision bf16); CUDA: the B/16s.
+QUICK_STARTS = {"JiT-T/4": ["--compile"], "pMF-T/4": ["--compile", "--precision", "bf16"]}
+COMMANDS = [("JiT-B/16", 256, 128, []), ("pMF-B/16", 256, 128, [])] if ON_CUDA else \
+    [("JiT-T/4", 28, 32, []), ("pMF-T/4", 28, 32, []),
+     *((model, 28, 32, flags) for model, flags in QUICK_STARTS.items())]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=[f"{c[0]}-b{c[2]}" for c in COMMANDS])
+@pytest.mark.parametrize("command", COMMANDS,
+                         ids=[f"{c[0]}-b{c[2]}{''.join(c[3])}" for c in COMMANDS])
 def test_step_of_the_training_command(measure, command):
-    """One step of ``python -m jitfast.train --model MODEL``: JiT's (the baseline) and pMF's."""
-    model, image, batch = command
+    """One step of ``python -m jitfast.train --model MODEL [flags]``: JiT's (the baseline) and
+    pMF's."""
+    model, image, batch, flags = command
     args = train.parse_args(["--model", model, "--image-size", str(image), "--batch-size",
-                             str(batch), "--device", DEVICE.type])
-    measure(run_step(args, 10, DEVICE), f"training command's step, "
-            f"{COMMANDS[1][0]} vs {COMMANDS[0][0]} batch {batch}", "train", model,
-            baseline=model == COMMANDS[0][0], images=batch, preset=model,
+                             str(batch), "--device", DEVICE.type, *flags])
+    measure(run_step(args, 10, DEVICE), f"training command's step{' ' if flags else ''}"
+            f"{' '.join(flags)}, {COMMANDS[1][0]} vs {COMMANDS[0][0]} batch {batch}", "train",
+            model, baseline=model == COMMANDS[0][0], images=batch, preset=model,
             shape=f"{batch}x{image}px")

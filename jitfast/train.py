@@ -134,6 +134,12 @@ def parse_args(argv=None):
         help="torch.compile mode; reduce-overhead and max-autotune add CUDA graphs of the "
              "model on GPU (and so turn off --cuda-graph's whole-step graph)")
     add("--backend", default="auto", choices=("auto", "torch", "triton"), help="model ops")
+    add("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+        help="what the step computes in: bf16 runs the forward and backward under bf16 autocast "
+             "(float32 weights, optimizer and EMAs) and Muon's Newton-Schulz in bf16; auto: bf16 "
+             "on CUDA, fp32 on the CPU. On a CPU with native bf16 dot products (avx512_bf16, "
+             "AMX) bf16 makes a small model's step up to 1.3x faster; elsewhere it is emulated "
+             "and slower")
     add("--device", default=None, help="default: cuda when available, else cpu")
     add("--cpu-threads", type=int, default=None,
         help="torch threads when training on the CPU; default: all cores. On a busy small "

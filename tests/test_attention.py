@@ -29,6 +29,31 @@ def test_fp32_scores_accept_bf16_inputs():
     assert (out.double() - expected).abs().max() < 0.05
 
 
+def test_cpu_attention_takes_float32_where_gradients_flow(monkeypatch):
+    """On the CPU, bf16 q, k, v that need gradients (a bf16 training step) go to SDPA in float32
+    (its bf16 backward is the slower one there), the output back in bf16 with its gradients;
+    without gradients (sampling), SDPA takes the bf16 inputs as they are."""
+    import torch.nn.functional as F
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **options):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **options)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 11, 16, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
+    with torch.autocast("cpu", torch.bfloat16):
+        out = attention(q, k, v)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    assert (out.double() - explicit_attention(q, k, v)).abs().max() < 0.02
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+    with torch.no_grad():
+        attention(q, k, v)
+    assert seen == [torch.float32, torch.bfloat16]
+
+
 def test_backend_choice():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention_backend(cpu, torch.float32) == "sdpa"  # SDPA's CPU dispatch, not pinned

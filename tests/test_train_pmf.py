@@ -97,8 +97,10 @@ def test_a_pmf_run_end_to_end(tmp_path):
     assert all(torch.equal(ema1[k], again[k]) for k in ema1)
 
 
-def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path):
-    common = ["--steps", "4", "--ckpt-every", "2", "--keep-checkpoints", "3"]
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_a_resumed_pmf_run_repeats_the_uninterrupted_one(tmp_path, precision):
+    common = ["--steps", "4", "--ckpt-every", "2", "--keep-checkpoints", "3",
+              "--precision", precision]
     full = run(tmp_path, "full", *common)
     resumed = run(tmp_path, "resumed", *common, "--resume",
                   str(tmp_path / "full" / "checkpoint-00000002.pt"))
@@ -245,3 +247,24 @@ def test_a_compiled_pmf_run_trains_as_the_eager_one(tmp_path):
     a, b = read_checkpoint(eager["checkpoint"]), read_checkpoint(compiled["checkpoint"])
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_precision_on_the_cpu_trains_near_the_float32_run(tmp_path, capsys, monkeypatch):
+    """`--precision bf16` (the one-step quick start's): the step under bf16 autocast and Muon's
+    Newton-Schulz in bf16, its losses near the float32 run's but not equal (the runs are
+    deterministic: auto on the CPU is that float32 run, bit for bit). The first step's are
+    equal: the heads start at zero. The log says which, and where a CPU has no bf16 dot
+    products, that bf16 is slower there."""
+    import jitfast.training.run
+    monkeypatch.setattr(jitfast.training.run, "native_bf16", lambda: False)
+    keys = ("loss", "loss_u", "loss_v")
+    losses = {}
+    for precision in ("auto", "fp32", "bf16"):
+        result = run(tmp_path, precision, "--steps", "2", "--precision", precision)
+        losses[precision] = [r[k] for r in read_metrics(result["metrics"]) for k in keys]
+        log = capsys.readouterr().err
+        assert (", bf16, steps" in log) == (precision == "bf16") != (", float32, steps" in log)
+        assert ("emulated there, slower" in log) == (precision == "bf16")
+    assert losses["auto"] == losses["fp32"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=5e-2)
+    assert losses["bf16"][:3] == losses["fp32"][:3] and losses["bf16"][3:] != losses["fp32"][3:]

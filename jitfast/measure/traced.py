@@ -16,6 +16,7 @@ from jitfast.diffusion.pmf_sampler import PMFSampler
 from jitfast.diffusion.sampling.trajectory import check_settings, integrate, make_time_grid
 from jitfast.measure.roofline import H200
 from jitfast.measure.trace import fake_tensors, faked, record
+from jitfast.network.attention import as_on_cuda
 from jitfast.network.pmf import PMF
 from jitfast.network.pmf_presets import pmf_preset_config
 from jitfast.network.presets import build as build_network
@@ -42,10 +43,11 @@ def training_step(args, num_classes=NUM_CLASSES, roofline=H200):
     state. torch.compile, FSDP and DDP are not traced (the step is the eager one, as graphed)."""
     args = copy(args)
     args.backend, args.compile, args.fsdp = on_cuda(args.backend), False, False
+    args.precision = "bf16"  # as the step below runs
     with META:
         denoiser, model = build_training(args, num_classes, META, world=1)
     size, batch = args.image_size, args.batch_size
-    with fake_tensors():
+    with fake_tensors(), as_on_cuda():
         faked(denoiser)
         ema = build_ema(args, denoiser)
         optimizer = build_optimizer(args, denoiser, ema, 1e-4, HOST, world=1, cuda=True)
@@ -124,7 +126,7 @@ def pmf_loss_step(preset, image_size, batch, backend="auto", num_classes=NUM_CLA
     with META:
         net = PMF(**config, v_head=True, backend=backend)
     net.check_values = False
-    with fake_tensors():
+    with fake_tensors(), as_on_cuda():
         objective = PMFObjective(faked(net))
         images = torch.empty(batch, 3, image_size, image_size)
         labels = torch.zeros(batch, dtype=torch.long)

@@ -22,7 +22,7 @@ from jitfast.training.step import GraphedTrainStep, train_step
 
 NUM_CLASSES = 1000
 # the trainer's settings that choose its optimizer: one process, AdamW (on CUDA: AdamWEMA)
-ONE_PROCESS = SimpleNamespace(fsdp=False, optimizer="adamw", weight_decay=0.0)
+ONE_PROCESS = SimpleNamespace(fsdp=False, optimizer="adamw", weight_decay=0.0, precision="auto")
 # training variant -> (op backend, torch.compile mode or None, whole step in one CUDA graph);
 # the first is the baseline. "+graphs" is torch.compile's own CUDA graphs of the model alone.
 TRAIN_VARIANTS = {

@@ -73,21 +73,30 @@ def build_ema(args, denoiser):
                batch=args.batch_size)
 
 
+def computes_bf16(args, cuda):
+    """Whether the run computes in bf16 (the forward and backward under bf16 autocast, Muon's
+    Newton–Schulz): --precision, whose auto is bf16 on CUDA (`cuda`) and float32 elsewhere."""
+    return cuda if args.precision == "auto" else args.precision == "bf16"
+
+
 def build_optimizer(args, denoiser, ema, lr, device, world, cuda=None):
     """The run's optimizer: --optimizer muon: Muon for the family's matrices and Adam for the
-    rest (``training.muon``, optax's, pMF's recipe); on one CUDA process without FSDP, with EMAs
-    of constant decays, ``AdamWEMA`` (AdamW, the EMA `ema` and bf16 compute copies of the
-    weights in one pass per weight); else ``make_optimizer``'s (torch's fused AdamW on CUDA,
-    AdamW elsewhere, or apex's with --optimizer apex). The EMA is then updated by the step.
+    rest (``training.muon``, optax's, pMF's recipe; Newton–Schulz in bf16 in a bf16 run); on
+    one CUDA process computing in bf16 without FSDP, with EMAs of constant decays, ``AdamWEMA``
+    (AdamW, the EMA `ema` and bf16 compute copies of the weights in one pass per weight); else
+    ``make_optimizer``'s (torch's fused AdamW on CUDA, AdamW elsewhere, or apex's with
+    --optimizer apex). The EMA is then updated by the step.
     cuda: whether the run is on CUDA (default: `device`'s type; the trace prices a CUDA run on
     fake CPU tensors)."""
     cuda = device.type == "cuda" if cuda is None else cuda
+    bf16 = computes_bf16(args, cuda)
     if args.optimizer == "muon":
         optimizer = muon_for(denoiser, lr, family_of(args.model).muon_blocks,
-                             weight_decay=args.weight_decay)
+                             weight_decay=args.weight_decay,
+                             ns_dtype=torch.bfloat16 if bf16 else torch.float32)
         lr_on_device(optimizer, device)
         return optimizer
-    if cuda and world == 1 and not args.fsdp and args.optimizer == "adamw" and \
+    if cuda and bf16 and world == 1 and not args.fsdp and args.optimizer == "adamw" and \
             ema.decays is not None and len(ema.decays) <= 2:
         optimizer = AdamWEMA(denoiser, lr, ema, weight_decay=args.weight_decay)
         lr_on_device(optimizer, device)
@@ -109,7 +118,8 @@ def build_step(args, model, denoiser, optimizer, ema, device, world):
     if args.cuda_graph == "on" and conflicts:
         raise TrainingError(f"--cuda-graph on: {'; '.join(conflicts)}. Use --cuda-graph off "
                             f"(or auto)")
+    bf16 = computes_bf16(args, device.type == "cuda")
     if args.cuda_graph == "off" or conflicts:
         return lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
-                                         clip_grad=args.clip_grad)
-    return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad)
+                                         clip_grad=args.clip_grad, bf16=bf16)
+    return GraphedTrainStep(model, denoiser, optimizer, ema, args.clip_grad, bf16=bf16)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from jitfast.diffusion.draws import seed_of
 from jitfast.io.images import save_png
-from jitfast.training.build import base_lr, build, build_ema, build_optimizer, build_step
+from jitfast.training.build import (base_lr, build, build_ema, build_optimizer, build_step,
+                                    computes_bf16)
 from jitfast.training.checkpoints import restore, save_run_checkpoint
 from jitfast.training.data import (StepBatches, check_unreadable, make_loader, open_dataset,
                                    to_model_input)
@@ -31,7 +32,7 @@ from jitfast.training.runfolder import latest_checkpoint
 from jitfast.training.schedule import lr_at
 from jitfast.training.step import set_lr
 from jitfast.util.markers import phase
-from jitfast.util.threads import set_cpu_threads
+from jitfast.util.threads import native_bf16, set_cpu_threads
 
 def setup_distributed(device_arg):
     """(rank, world size, device); initialises the process group under torchrun."""
@@ -93,10 +94,15 @@ def run_training(args, rank, world, device, folder):
                    "without classes (an unconditional model)")
         print(f"{args.model} ({params / 1e6:.1f}M parameters) at {args.image_size} px on "
               f"{world}x {device}, {len(dataset)} images {classes}, global batch "
-              f"{args.batch_size}, lr {lr:.3g}, steps {start}..{args.steps}",
+              f"{args.batch_size}, lr {lr:.3g}, "
+              f"{'bf16' if computes_bf16(args, device.type == 'cuda') else 'float32'}, "
+              f"steps {start}..{args.steps}",
               file=sys.stderr)
         if getattr(dataset, "origin", None):
             print(f"data: {dataset.origin}", file=sys.stderr)
+        if device.type == "cpu" and computes_bf16(args, False) and native_bf16() is False:
+            print("note: --precision bf16 on a CPU without bf16 dot products (avx512_bf16, "
+                  "AMX) is emulated there, slower than --precision fp32", file=sys.stderr)
 
     loss_sum = torch.zeros(len(denoiser.metrics), device=device)  # the loss and its extras
     x = None  # a buffer, reused step after step

@@ -112,12 +112,12 @@ class GraphedTrainStep:
     CUDA graph captured and replayed for every later step. Every call's tensors must have the
     shapes and dtypes of the first's, and its other inputs (a count) the same values."""
 
-    def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3):
+    def __init__(self, model, denoiser, optimizer, ema, clip_grad=0.0, warmup=3, bf16=None):
         if not graphable(optimizer):
             raise ValueError("a graphed training step needs fused AdamW (make_optimizer on "
                              f"CUDA, or AdamWEMA) or Muon, got {type(optimizer).__name__}")
         self.step = lambda *batch: train_step(model, denoiser, optimizer, ema, *batch,
-                                              clip_grad=clip_grad)
+                                              clip_grad=clip_grad, bf16=bf16)
         self.optimizer, self.warmup = optimizer, warmup
         self.side = torch.cuda.Stream() if warmup > 0 else None
         self.graph = self.inputs = self.loss = None

@@ -67,7 +67,8 @@ def test_step_of_the_training_command(measure, command):
     model, image, batch, flags = command
     args = train.parse_args(["--model", model, "--image-size", str(image), "--batch-size",
                              str(batch), "--device", DEVICE.type, *flags])
-    measure(run_step(args, 10, DEVICE), f"training command's step{' ' if flags else ''}"
-            f"{' '.join(flags)}, {COMMANDS[1][0]} vs {COMMANDS[0][0]} batch {batch}", "train",
-            model, baseline=model == COMMANDS[0][0], images=batch, preset=model,
+    how = " as the README runs it" if flags else ""
+    measure(run_step(args, 10, DEVICE), f"training command's step{how}, {COMMANDS[1][0]} vs "
+            f"{COMMANDS[0][0]} batch {batch}", "train", f"{model} {' '.join(flags)}".strip(),
+            baseline=model == COMMANDS[0][0], images=batch, preset=model,
             shape=f"{batch}x{image}px")

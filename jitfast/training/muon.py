@@ -13,7 +13,7 @@ three ways that change the run.
 What matches: the Newton–Schulz iteration (5 steps, coefficients (3.4445, −4.7750, 2.0315), on the
 wide orientation, after dividing by the Frobenius norm + ε), the update scale
 sqrt(max(1, fan_out/fan_in)), weight decay 0, one learning rate for both parts. The test runs
-optax itself (tests/fixtures/muon_optax.pt where it is absent)
+optax itself (tests/fixtures/muon_optax.pt where it is absent).
 Newton–Schulz runs in float32, or in bf16 (``ns_dtype``, a bf16 run's: what a TPU computes for
 optax's float32 matmuls at JAX's default precision, and what Muon's authors run; about 2x faster
 on a CPU with native bf16 dot products, measured at pMF-T/4's matrices).

@@ -8,7 +8,9 @@ import torch.nn as nn
 from jitfast import Denoiser, JiT
 from jitfast.diffusion.denoiser import SPACES, convert
 
-OFFICIAL = torch.load(Path(__file__).parent / "fixtures" / "official_tiny.pt", weights_only=True)
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL = torch.load(FIXTURES / "official_tiny.pt", weights_only=True)
+OFFICIAL_GRADS = torch.load(FIXTURES / "official_tiny_grads.pt", weights_only=True)
 
 
 class Oracle(nn.Module):
@@ -32,6 +34,29 @@ def test_loss_matches_official(backend):
     denoiser = Denoiser(net, noise_scale=L["noise_scale"], t_eps=L["t_eps"]).eval()
     loss = denoiser.loss(L["x"], L["labels"], t=L["t"], noise=L["noise"])
     assert abs(loss.item() - L["expected"].item()) / L["expected"].item() < 1e-5
+
+
+@pytest.mark.parametrize("across_blocks", [True, False])
+def test_loss_gradients_match_official(backend, across_blocks):
+    """Every parameter's gradient of that loss against the official code's, run in float64
+    (fixtures/make_official_grads.py), within twice the official float32 run's own worst error
+    (6e-6, a q/k norm weight's: a sum over every token and head): each fused op's backward, the
+    biases added by the ops that consume their Linear's output, and, across blocks (off under
+    FSDP2), the residual update added by the next block's norm and the adaLN vectors from one
+    stacked matmul."""
+    L = OFFICIAL["loss"]
+    net = JiT(**OFFICIAL["config"], backend=backend)
+    net.load_state_dict(OFFICIAL["state_dict"])
+    net.fuse_across_blocks = across_blocks
+    denoiser = Denoiser(net, noise_scale=L["noise_scale"], t_eps=L["t_eps"]).eval()
+    denoiser.loss(L["x"], L["labels"], t=L["t"], noise=L["noise"]).backward()
+    grads = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    truth = OFFICIAL_GRADS["grads"]
+    assert grads.keys() == truth.keys()
+    errors = {name: ((grads[name].double() - g).norm() / g.norm()).item()
+              for name, g in truth.items()}
+    bound = 2 * max(OFFICIAL_GRADS["float32_error"].values())
+    assert max(errors.values()) < bound, sorted(errors.items(), key=lambda e: -e[1])[:5]
 
 
 @pytest.mark.parametrize("pred", SPACES)

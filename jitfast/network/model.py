@@ -285,9 +285,11 @@ class JiT(nn.Module):
     implementations, ``attn_scores_fp32`` computes attention scores in float32 as the official
     code does, and ``check_values`` (attribute, default True) enables the t/label range checks,
     which cost a host sync per call (they are skipped inside torch.compile and graph capture);
-    ``residual_across_blocks`` (attribute, default True) leaves each block's last residual
-    update to the next block's first fused op (see ``JiTBlock``): FSDP2, which frees a block's
-    gathered weights after its forward, needs it off (``jitfast.training.build`` sets it).
+    ``fuse_across_blocks`` (attribute, default True) runs work that spans blocks in one place:
+    each block's last residual update is left to the next block's first fused op (see
+    ``JiTBlock``), and every block's adaLN vectors come from one matmul before the first block
+    (``modulations``). FSDP2, which gathers a block's weights only inside its forward and frees
+    them after, needs it off (``jitfast.training.build`` sets it).
     """
 
     family = "JiT"
@@ -331,7 +333,7 @@ class JiT(nn.Module):
         self.in_context_len = in_context_len
         self.in_context_start = in_context_start
         self.check_values = True
-        self.residual_across_blocks = True
+        self.fuse_across_blocks = True
         grid = input_size // patch_size
 
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -402,9 +404,23 @@ class JiT(nn.Module):
         context = y_emb.unsqueeze(1) + self.in_context_posemb if self.in_context_len else None
         if not modulations:
             return Conditioning(context, c)
-        return Conditioning(context, c,
-                            tuple(block.adaLN_modulation(c) for block in self.blocks),
-                            self.final_layer.adaLN_modulation(c))
+        *blocks, final = self.modulations(c)
+        return Conditioning(context, c, tuple(blocks), final)
+
+    def modulations(self, c):
+        """Every block's six adaLN vectors (B, 6D) and the final layer's two (B, 2D), from SiLU(c)
+        computed once. With gradients, by all the adaLN Linears' weights stacked: one matmul
+        forward, one per grad backward and no per-block sums of c's grad, about 12 launches in
+        all where one Linear per block took 12 each. Without, each Linear reads its own weight
+        (stacking would copy them all, for no backward)."""
+        linears = [block.adaLN_modulation[1] for block in self.blocks]
+        linears.append(self.final_layer.adaLN_modulation[1])
+        s = F.silu(c)
+        if not torch.is_grad_enabled():
+            return tuple(linear(s) for linear in linears)
+        weight = torch.cat([linear.weight for linear in linears])
+        bias = torch.cat([linear.bias for linear in linears])
+        return F.linear(s, weight, bias).split([linear.out_features for linear in linears], -1)
 
     def forward(self, x, t, y=None, head=None, cond=None, noise=None, noise_scale=1.0):
         """y=None: the null class (unconditional). ``cond``: ``conditioning(t, y)``, when the
@@ -416,7 +432,7 @@ class JiT(nn.Module):
         if cond is None:
             if y is None:
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
-            cond = self.conditioning(t, y, modulations=False)
+            cond = self.conditioning(t, y, modulations=self.fuse_across_blocks)
         modulations = cond.blocks or (None,) * len(self.blocks)
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
                             self.x_embedder.proj2.bias, self.pos_embed, noise,
@@ -433,6 +449,6 @@ class JiT(nn.Module):
             else:
                 rope = (self.rope_in_context_cos, self.rope_in_context_sin)
             x, pending = block(x, cond.c, rope, ops, modulation, pending,
-                               defer=self.residual_across_blocks)
+                               defer=self.fuse_across_blocks)
         return self.final_layer(x, cond.c, ops, head, cond.final, pending,
                                 skip=self.in_context_len)

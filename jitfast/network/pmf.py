@@ -211,7 +211,7 @@ class PMF(nn.Module):
         self.in_channels = self.out_channels = in_channels
         self.num_classes = num_classes
         self.check_values = True
-        self.residual_across_blocks = True  # see JiT: off under FSDP2
+        self.fuse_across_blocks = True  # see JiT: off under FSDP2
         grid = input_size // patch_size
         self.num_prefix = sum(n for _, n in TOKENS)
 
@@ -345,7 +345,7 @@ class PMF(nn.Module):
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
         rope = (self.rope_cos, self.rope_sin)
         for block in blocks:
-            x, pending = block(x, rope, ops, zeros, pending, defer=self.residual_across_blocks)
+            x, pending = block(x, rope, ops, zeros, pending, defer=self.fuse_across_blocks)
         return x, pending
 
     def forward(self, z, t, h, omega, t_min, t_max, y=None, head=None):
@@ -379,7 +379,7 @@ class PMF(nn.Module):
         x, tx = self.embed(z, h, omega, t_min, t_max, y, ops, tz, th)
         zeros = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
         rope = (self.rope_cos, self.rope_sin)
-        defer, pending = self.residual_across_blocks, None
+        defer, pending = self.fuse_across_blocks, None
         for block in self.shared_blocks:
             x, tx, pending = block.forward_dual(x, tx, rope, ops, zeros, pending, defer)
         trunk = (x, None if pending is None else pending[:2])

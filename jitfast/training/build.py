@@ -32,7 +32,7 @@ def shard(net):
     forward (pMF's JVP pass: ``forward_dual``, ``velocities``) gather its weights as forward
     does."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    net.residual_across_blocks = False  # a block's weights are freed after its forward
+    net.fuse_across_blocks = False  # a block's weights exist only inside its forward
     for module in (*net.sharding_units, net):
         fully_shard(module)
         for name in getattr(module, "forward_methods", ()):

@@ -145,3 +145,21 @@ def test_constructor_checks():
     with pytest.raises(ValueError, match="backend"):
         JiT(input_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2,
             in_context_start=1, backend="cuda")
+
+
+def test_swiglu_width_is_padded_to_a_multiple_of_8_inside_the_matmuls():
+    """The official tiny model's SwiGLU width, 170 (JiT-L/16's 2730), runs as 176: zero units in
+    both halves of w12 and zero columns of w3, which the official parity tests (forward, loss,
+    every gradient) then hold exact; a width that is a multiple of 8 is left as it is."""
+    from jitfast.network.alignment import padded_swiglu
+    net = official_tiny(backend="torch")
+    mlp = net.blocks[0].mlp
+    assert mlp.w3.weight.shape == (64, 170)
+    w12, b12, w3 = padded_swiglu(mlp.w12.weight, mlp.w12.bias, mlp.w3.weight)
+    assert (w12.shape, b12.shape, w3.shape) == ((352, 64), (352,), (64, 176))
+    for padded, weight in ((w12, mlp.w12.weight), (b12, mlp.w12.bias)):
+        assert torch.equal(padded[:170], weight[:170]) and torch.equal(padded[176:346], weight[170:])
+        assert not padded[170:176].any() and not padded[346:].any()
+    assert torch.equal(w3[:, :170], mlp.w3.weight) and not w3[:, 170:].any()
+    aligned = (torch.ones(32, 8), None, torch.ones(8, 16))
+    assert all(a is b for a, b in zip(padded_swiglu(*aligned), aligned))

@@ -5,14 +5,16 @@ a profile, group by group (``compare``).
 A launch costs kernels × launch + max(bytes / bandwidth, FLOPs / rate), the rate being cuBLAS's
 matmul peak for GEMMs, and for attention and jitfast's Triton matmul kernels (the patch embedding
 and the output head) the rate each reached in the profiled step: those two are measured, not
-modelled, and ``MODELLED`` leaves them out of the comparison.
+modelled, and ``MODELLED`` leaves them out of the comparison. A GEMM with an operand whose rows
+are not a multiple of 16 bytes runs on cuBLAS's fallback kernels, at ``unaligned_matmul``.
 """
 from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Roofline:
-    """bandwidth in bytes/s; matmul, attention and triton_dot in FLOP/s; launch in seconds."""
+    """bandwidth in bytes/s; the rates (matmul, attention, triton_dot, unaligned_matmul) in
+    FLOP/s; launch in seconds."""
     name: str
     bandwidth: float
     matmul: float
@@ -20,13 +22,18 @@ class Roofline:
     attention: float
     triton_dot: float
     sms: int
+    unaligned_matmul: float
 
 
 # Fitted (``fit``) to benchmarks/results/2026-12-04-h200-profile.json, the graphed JiT-B/16 step
 # at batch 128; tests/test_trace.py refits and checks them. The same lease measured 4.22 TB/s in a
-# 1 GiB copy and 736 TFLOP/s in a bf16 8192³ matmul.
+# 1 GiB copy and 736 TFLOP/s in a bf16 8192³ matmul. unaligned_matmul is fitted to JiT-L/16's
+# step (batch 64, graphed: 158 ms measured in benchmarks/results/2026-12-04-h200-bench.json),
+# whose MLP matmuls have rows of 2730 bf16 (5,460 bytes): the code measured traces 61.3 ms for
+# everything else and 29.3 ms for them at the matmul rate, so they ran 3.3x slower. JiT-H/16
+# (width 3413: 2-byte rows, worse kernels again) then models 310 ms where 373 were measured.
 H200 = Roofline("H200", bandwidth=4.0e12, matmul=740e12, launch=2.5e-6, attention=183e12,
-                triton_dot=80e12, sms=132)
+                triton_dot=80e12, sms=132, unaligned_matmul=224e12)
 PROFILE = "benchmarks/results/2026-12-04-h200-profile.json"
 PROFILED_STEP = "train step JiT-B/16 256px batch 128 (triton+graph)"
 
@@ -41,7 +48,8 @@ BANDWIDTH_GROUPS = MODELLED[1:]
 def price(launch, roofline):
     """Seconds of a launch (``jitfast.measure.trace.Launch``) on the roofline."""
     rate = {"matmul": roofline.matmul, "attention": roofline.attention,
-            "triton_dot": roofline.triton_dot}.get(launch.kind)
+            "triton_dot": roofline.triton_dot,
+            "unaligned_matmul": roofline.unaligned_matmul}.get(launch.kind)
     compute = launch.flops / rate if rate else 0.0
     return launch.kernels * roofline.launch + max(launch.bytes / roofline.bandwidth, compute)
 

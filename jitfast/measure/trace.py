@@ -63,6 +63,14 @@ def footprint(t):
     return min(t.numel(), span) * t.element_size()
 
 
+def rows_aligned(tensors, alignment=16):
+    """Whether every row of every tensor starts `alignment` bytes after the last (each stride
+    of a dimension longer than 1 but the innermost's): what a GPU's fast matmul kernels need of
+    their operands."""
+    return all(stride * t.element_size() % alignment == 0
+               for t in tensors for n, stride in zip(t.shape, t.stride()) if n > 1 and stride > 1)
+
+
 def launches_of_lists(lists, depth):
     """Kernels that multi-tensor-apply launches over tensor lists of `depth` lists (as PyTorch's
     MultiTensorApply packs chunks and tensors into launches); the first list sets the chunks."""
@@ -123,7 +131,8 @@ class Launch:
     kernels: int
     bytes: int
     flops: int
-    kind: str = "memory"  # what bounds it besides memory: "matmul", "attention", "triton_dot"
+    kind: str = "memory"  # what bounds it besides memory: "matmul", "attention", "triton_dot",
+    # "unaligned_matmul" (a GEMM on rows that are not a multiple of 16 bytes: rows_aligned)
     seconds: float = 0.0
 
 
@@ -346,6 +355,9 @@ class TraceMode(TorchDispatchMode):
             name, kernels, nbytes, flops = found
             group = aten_group(name, current_phase())
             kind = "attention" if group == "attention" else "matmul" if flops else "memory"
+            if kind == "matmul" and not rows_aligned(
+                    [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]):
+                kind, name = "unaligned_matmul", f"{name} (unaligned rows)"
             self.add(f"aten::{name}", group, kernels, nbytes, flops, kind)
         return out
 

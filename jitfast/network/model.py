@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d, sincos_2d
+from jitfast.network.alignment import padded_swiglu
 from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
 
@@ -85,14 +86,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
-def deferred_bias(linear, x, dropout=None):
-    """(x·Wᵀ, b): `linear` without its bias, which the fused op consuming its output adds (its
-    gradient then comes from that op's backward, not from a pass over the Linear's output
-    gradient); with an active `dropout` after the Linear, that dropout of the biased output and
-    None."""
+def deferred_bias(linear, x, dropout=None, weight=None):
+    """(x·Wᵀ, b): `linear` (with `weight` in place of its own, if given) without its bias, which
+    the fused op consuming its output adds (its gradient then comes from that op's backward, not
+    from a pass over the Linear's output gradient); with an active `dropout` after the Linear,
+    that dropout of the biased output and None."""
+    weight = linear.weight if weight is None else weight
     if dropout is not None and dropout.p > 0 and dropout.training:
-        return dropout(linear(x)), None
-    return F.linear(x, linear.weight), linear.bias
+        return dropout(F.linear(x, weight, linear.bias)), None
+    return F.linear(x, weight), linear.bias
 
 
 class Attention(nn.Module):
@@ -127,9 +129,11 @@ class SwiGLUFFN(nn.Module):
         self.ffn_dropout = nn.Dropout(drop)
 
     def forward(self, x, ops):
-        """The MLP update and the bias still to add to it (``deferred_bias``)."""
-        hidden = ops.swiglu(F.linear(x, self.w12.weight), bias=self.w12.bias)
-        return deferred_bias(self.w3, self.ffn_dropout(hidden))
+        """The MLP update and the bias still to add to it (``deferred_bias``), the hidden width
+        padded to a multiple of 8 (``padded_swiglu``)."""
+        w12, b12, w3 = padded_swiglu(self.w12.weight, self.w12.bias, self.w3.weight)
+        hidden = ops.swiglu(F.linear(x, w12), bias=b12)
+        return deferred_bias(self.w3, self.ffn_dropout(hidden), weight=w3)
 
 
 def adaln(hidden_size, chunks):

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d
+from jitfast.network.alignment import padded_swiglu
 from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
 from jitfast.network.model import (LabelEmbedder, RMSNorm, TimestepEmbedder, can_inspect_values,
@@ -43,11 +44,11 @@ def default_bottleneck(hidden_size):
     return 128 if hidden_size <= 1024 else 256
 
 
-def tangent_linear(linear, tx):
+def tangent_linear(weight, tx):
     """A bias-free Linear's tangent along tx: tx·Wᵀ, without gradient (pMF stops the gradient of
     its JVP)."""
     with torch.no_grad():
-        return F.linear(tx, linear.weight)
+        return F.linear(tx, weight)
 
 
 class PMFAttention(nn.Module):
@@ -71,11 +72,11 @@ class PMFAttention(nn.Module):
         B, N, D = x.shape
         q, k, v, tq, tk, tv = ops.qk_norm_rope_dual(
             self.qkv(x), self.num_heads, self.q_norm.weight, self.k_norm.weight, *rope,
-            tangent_linear(self.qkv, tx))
+            tangent_linear(self.qkv.weight, tx))
         out = self.out_proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
         with torch.no_grad():
             t_attn = ops.attention_tangent(q, k, v, tq, tk, tv).transpose(1, 2).reshape(B, N, D)
-        return out, tangent_linear(self.out_proj, t_attn)
+        return out, tangent_linear(self.out_proj.weight, t_attn)
 
 
 class PMFMlp(nn.Module):
@@ -84,12 +85,19 @@ class PMFMlp(nn.Module):
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # official w1 (gate), w3 (up)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
+    def weights(self):
+        """(w13, w2) with the hidden width padded to a multiple of 8 (``padded_swiglu``)."""
+        w13, _, w2 = padded_swiglu(self.w13.weight, None, self.w2.weight)
+        return w13, w2
+
     def forward(self, x, ops):
-        return self.w2(ops.swiglu(self.w13(x)))
+        w13, w2 = self.weights()
+        return F.linear(ops.swiglu(F.linear(x, w13)), w2)
 
     def forward_dual(self, x, tx, ops):
-        hidden, t_hidden = ops.swiglu_dual(self.w13(x), tangent_linear(self.w13, tx))
-        return self.w2(hidden), tangent_linear(self.w2, t_hidden)
+        w13, w2 = self.weights()
+        hidden, t_hidden = ops.swiglu_dual(F.linear(x, w13), tangent_linear(w13, tx))
+        return F.linear(hidden, w2), tangent_linear(w2, t_hidden)
 
 
 class PMFBlock(nn.Module):

@@ -22,6 +22,7 @@ CFG, INTERVAL = 2.9, (0.1, 1.0)
 MATCHED = {"unipc2-cosine-15": ("unipc2", 15, "cosine"),
            "unipc2-cosine-10": ("unipc2", 10, "cosine")}
 MATCHED_BATCHES = (1, 128) if ON_CUDA else (1, 8)
+LARGER = ("JiT-L/16",) if ON_CUDA else ()  # presets sampled at batch 1 beside SIZE's
 # pMF: (network, image size, batches, the JiT preset in whose groups it is shown), one step.
 # On the CPU, where JiT-B/16 does not run, a pMF of JiT-T/8's width and depth at its 64 px
 # (workloads.PMF_CUSTOM) sits beside JiT-T/8's rows, and pMF-B/16 (≈ 0.5 s a forward on 2
@@ -47,17 +48,31 @@ def shape(batch, image, what):
     return f"{batch}x{image}px, {what}, cfg {CFG} on {list(INTERVAL)}"
 
 
-@pytest.mark.parametrize("variant", list(SAMPLE_VARIANTS))
-@pytest.mark.parametrize("batch", SIZE[3])
-def test_sampling(measure, batch, variant):
+def measure_heun(measure, preset, image, steps, batch, variant):
+    """Heun with guidance, `steps` steps, in the group of its preset and batch (eager the
+    baseline)."""
     if SAMPLE_VARIANTS[variant]:
         skip_unless_cuda(variant)
-    preset, image, steps, _ = SIZE
     measure(sampler(preset, image, steps, batch, variant, DEVICE, CFG, INTERVAL),
             f"sample {preset} batch {batch}", "sample", variant,
             baseline=variant == next(iter(SAMPLE_VARIANTS)), images=batch,
             flops=forward_flops(preset, image) * batch * network_passes("heun", steps),
             preset=preset, shape=shape(batch, image, f"{steps} Heun steps"))
+
+
+@pytest.mark.parametrize("variant", list(SAMPLE_VARIANTS))
+@pytest.mark.parametrize("batch", SIZE[3])
+def test_sampling(measure, batch, variant):
+    preset, image, steps, _ = SIZE
+    measure_heun(measure, preset, image, steps, batch, variant)
+
+
+@pytest.mark.parametrize("variant", list(SAMPLE_VARIANTS))
+@pytest.mark.parametrize("preset", LARGER)
+def test_sampling_larger(measure, preset, variant):
+    """A larger preset's Heun-50 at batch 1 (on CUDA): JiT-L/16, whose SwiGLU weights the
+    sampler pads once a trajectory (benchmarks/NOTES.md)."""
+    measure_heun(measure, preset, 256, 50, 1, variant)
 
 
 @pytest.mark.parametrize("setting", MATCHED)

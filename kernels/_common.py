@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from jitfast.util.amp import autocast_dtype
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # the SMs of the GPU a recording of launches stands for (``offline.recording``), else None
 RECORDED_SMS = None
@@ -67,13 +69,6 @@ def weight_grad(a, b, dtype):
     the (tokens × features) operands or a float32 GEMM. float32 stays float32, faithful to the
     reference."""
     return a.to(dtype) @ b.to(dtype)
-
-
-def autocast_dtype(device_type):
-    """Autocast's dtype where it is enabled for this device type, else None."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 def autocast_operands(*tensors):

@@ -263,9 +263,9 @@ def _promoted(dtype, *tensors):
 
 
 def _outputs(x, h, gate, h_bias, weight, shift, scale, skip, u_dtype):
-    """Empty (x_new, u, rstd) in the reference's dtypes (u in u_dtype if given); empty(0) for
-    what the form lacks."""
-    new_dtype = _promoted(x.dtype, h, gate, h_bias)
+    """Empty (x_new, u, rstd) in the reference's dtypes (u in u_dtype if given; x_new in those of
+    x, h and gate, not h_bias's: see ref.gated_residual); empty(0) for what the form lacks."""
+    new_dtype = _promoted(x.dtype, h, gate)
     x_new = x.new_empty(x.shape, dtype=new_dtype) if h is not None else empty(x)
     if weight is None:
         return x_new, empty(x), empty(x)

@@ -137,8 +137,11 @@ def _patch_embed_bwd(X, NOISE, T, noise_scale, W1, W2, DOUT, H, DH, Z, DX, DNOIS
                 tl.store(DX + offs, dz, mask=mask)
 
 
-def _out_dtype(x, b2, pos):
-    """The reference's: the matmuls run in x's dtype, then bias and table are added."""
+def _out_dtype(x, w2, b2, pos, in_matmul_dtype=False):
+    """The reference's: the matmuls run in x's dtype (w2's), then bias and table are added
+    (promoting, unless in_matmul_dtype)."""
+    if in_matmul_dtype:
+        return w2.dtype
     return torch.promote_types(torch.promote_types(x.dtype, b2.dtype), pos.dtype)
 
 
@@ -153,13 +156,14 @@ def _noisy_args(noise, t, noise_scale):
     return (noise, t, noise_scale), noise is not None
 
 
-def _forward(x, w1, w2, b2, pos, noise, t, noise_scale, tx=None):
+def _forward(x, w1, w2, b2, pos, noise, t, noise_scale, tx=None, in_matmul_dtype=False):
     """[out] of the embedding, and with the image's tangent tx [out, tout]."""
     x, w1, w2, b2, pos, noise, t, tx = (None if v is None else v.contiguous()
                                         for v in (x, w1, w2, b2, pos, noise, t, tx))
     M, n_cols, K, p = _shapes(x, w1)
     D = w2.shape[0]
-    outputs = [x.new_empty(x.shape[0], M // x.shape[0], D, dtype=_out_dtype(x, b2, pos))
+    outputs = [x.new_empty(x.shape[0], M // x.shape[0], D,
+                           dtype=_out_dtype(x, w2, b2, pos, in_matmul_dtype))
                for _ in range(1 if tx is None else 2)]
     noisy, noisy_flag = _noisy_args(noise, t, noise_scale)
     _patch_embed_fwd[tile_grid(BLOCK_M=M)](x, *noisy, w1, w2, b2, pos, outputs[0], tx,
@@ -174,9 +178,10 @@ def _forward(x, w1, w2, b2, pos, noise, t, noise_scale, tx=None):
 @torch.library.custom_op("jitfast::patch_embed", mutates_args=())
 def patch_embed_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                    pos: torch.Tensor, noise: Optional[torch.Tensor], t: Optional[torch.Tensor],
-                   noise_scale: float) -> torch.Tensor:
+                   noise_scale: float, in_matmul_dtype: bool) -> torch.Tensor:
     """The embedding of x, or with noise and t of z = t·x + (1 - t)·noise_scale·noise."""
-    return _forward(x, w1, w2, b2, pos, noise, t, noise_scale)[0]
+    return _forward(x, w1, w2, b2, pos, noise, t, noise_scale,
+                    in_matmul_dtype=in_matmul_dtype)[0]
 
 
 @torch.library.custom_op("jitfast::patch_embed_dual", mutates_args=())
@@ -192,14 +197,15 @@ def patch_embed_dual_op(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, b2:
 def _(x, w1, w2, b2, pos, tx):
     M, _, _, _ = _shapes(x, w1)
     shape = (x.shape[0], M // x.shape[0], w2.shape[0])
-    return (x.new_empty(shape, dtype=_out_dtype(x, b2, pos)),
-            x.new_empty(shape, dtype=_out_dtype(x, b2, pos)))
+    return (x.new_empty(shape, dtype=_out_dtype(x, w2, b2, pos)),
+            x.new_empty(shape, dtype=_out_dtype(x, w2, b2, pos)))
 
 
 @patch_embed_op.register_fake
-def _(x, w1, w2, b2, pos, noise, t, noise_scale):
+def _(x, w1, w2, b2, pos, noise, t, noise_scale, in_matmul_dtype):
     M, _, _, _ = _shapes(x, w1)
-    return x.new_empty(x.shape[0], M // x.shape[0], w2.shape[0], dtype=_out_dtype(x, b2, pos))
+    return x.new_empty(x.shape[0], M // x.shape[0], w2.shape[0],
+                       dtype=_out_dtype(x, w2, b2, pos, in_matmul_dtype))
 
 
 def _image_grads(x, noise, needs_dx):
@@ -247,7 +253,7 @@ def _(dout, x, noise, t, noise_scale, w1, w2, needs_dx):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, w2, b2, pos, noise, t, noise_scale = inputs
+    x, w1, w2, b2, pos, noise, t, noise_scale = inputs[:8]
     ctx.b2_dtype, ctx.pos_dtype, ctx.noise_scale = b2.dtype, pos.dtype, noise_scale
     ctx.save_for_backward(x, noise, t, w1, w2)
 
@@ -256,7 +262,7 @@ def _dual_setup_context(ctx, inputs, output):
     x, w1, w2, b2, pos, _ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # the tangent gets no grad, not even a zero one
-    _setup_context(ctx, (x, w1, w2, b2, pos, None, None, 1.0), output[0])
+    _setup_context(ctx, (x, w1, w2, b2, pos, None, None, 1.0, False), output[0])
 
 
 def _dual_backward_fn(ctx, dout, _):
@@ -275,24 +281,26 @@ def _backward_fn(ctx, dout):
     dpos = dout.sum(0, keepdim=True, dtype=torch.float32).to(ctx.pos_dtype) if needs[4] else None
     # t gets no grad: the objective's draw, not a parameter (as the head's velocity ops' t)
     return (dx if needs[0] else None, dw1, dw2, db2, dpos, dnoise if needs[5] else None, None,
-            None)
+            None, None)
 
 
 patch_embed_op.register_autograd(_backward_fn, setup_context=_setup_context)
 patch_embed_dual_op.register_autograd(_dual_backward_fn, setup_context=_dual_setup_context)
 
 
-def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0):
+def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0,
+                in_matmul_dtype=False):
     """``ops.patch_embed``; under autocast the matmul operands run in its dtype, and the bias and
-    position table are added in theirs, as in the reference. With noise and t, the embedding of
+    position table are added in theirs, as in the reference (the sum then written in the
+    matmuls' dtype with in_matmul_dtype). With noise and t, the embedding of
     z = t·x + (1 - t)·noise_scale·noise (formed in float32, then cast like an image would be)."""
     if not use_kernel(x):
-        return ref.patch_embed(x, w1, w2, b2, pos, noise, t, noise_scale)
+        return ref.patch_embed(x, w1, w2, b2, pos, noise, t, noise_scale, in_matmul_dtype)
     if noise is None:
         x, w1, w2 = autocast_operands(x, w1, w2)
     else:
         w1, w2 = autocast_operands(w1, w2)
-    return patch_embed_op(x, w1, w2, b2, pos, noise, t, float(noise_scale))
+    return patch_embed_op(x, w1, w2, b2, pos, noise, t, float(noise_scale), in_matmul_dtype)
 
 
 def patch_embed_dual(x, w1, w2, b2, pos, tx):

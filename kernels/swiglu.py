@@ -14,7 +14,7 @@ import triton.language as tl
 
 from jitfast.functional import ops as ref
 
-from ._common import autotune, empty, program_tiles, reduction_programs, row_bucket, use_kernel
+from ._common import autotune, empty, reduction_programs, row_bucket, use_kernel
 
 BLOCK = 1024
 # (BLOCK_R, BLOCK_F, num_warps): 8 to 32 elements of each of the five tiles per thread

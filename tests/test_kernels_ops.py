@@ -113,9 +113,11 @@ def qk_case(B, grid, prefix, H, hd, real_tables, bias=False):
                         id=f"qk_norm_rope-{'bias-' if bias else ''}{B}x{N}x{H}x{hd}")
 
 
-def patch_embed_case(B, C, H, W, p, K, D, noisy=False, learned_pos=False):
+def patch_embed_case(B, C, H, W, p, K, D, noisy=False, learned_pos=False,
+                     in_matmul_dtype=False):
     """With noisy, the training objective's input z = t·x + (1 - t)·s·noise formed inside: the
-    grads of x and of the noise too; with learned_pos, the position table's grad (pMF's)."""
+    grads of x and of the noise too; with learned_pos, the position table's grad (pMF's); with
+    in_matmul_dtype, the output in the matmuls' dtype (JiT's)."""
     def make(r):
         pos = r(1, (H // p) * (W // p), D)
         inputs = [r(B, C, H, W), r(K, C, p, p), r(D, K, 1, 1), r(D)]
@@ -125,8 +127,10 @@ def patch_embed_case(B, C, H, W, p, K, D, noisy=False, learned_pos=False):
             return inputs, lambda f, x, w1, w2, b2: f(x, w1, w2, b2, pos)
         t = torch.linspace(0.1, 0.9, B, device=DEVICE)
         return (inputs + [r(B, C, H, W)],
-                lambda f, x, w1, w2, b2, noise: f(x, w1, w2, b2, pos, noise, t, 1.7))
+                lambda f, x, w1, w2, b2, noise: f(x, w1, w2, b2, pos, noise, t, 1.7,
+                                                  in_matmul_dtype=in_matmul_dtype))
     kind = "noisy-" if noisy else "pos-" if learned_pos else ""
+    kind += "matmul-dtype-" if in_matmul_dtype else ""
     return pytest.param("patch_embed", make, id=f"patch_embed-{kind}{B}x{C}x{H}x{W}-p{p}-{K}-{D}")
 
 
@@ -169,6 +173,7 @@ CASES = [
     patch_embed_case(2, 1, 18, 30, 6, 20, 40), patch_embed_case(2, 3, 12, 12, 6, 12, 40),
     patch_embed_case(3, 3, 12, 12, 4, 16, 72, noisy=True),
     patch_embed_case(2, 1, 18, 30, 6, 20, 40, noisy=True),
+    patch_embed_case(2, 1, 18, 30, 6, 20, 40, noisy=True, in_matmul_dtype=True),
     patch_embed_case(2, 3, 12, 12, 4, 16, 40, learned_pos=True),
     output_head_case(1, 2, 4, 3, 40), output_head_case(3, 3, 4, 3, 72),
     output_head_case(2, 5, 2, 1, 40),
@@ -419,8 +424,8 @@ def opcheck_cases():
         (jf.qk_norm_rope, (qkv, randn(3 * H * hd), H, randn(hd), randn(hd), cos, sin, 1e-6)),
         (jf.qk_norm_rope_backward, (dq, dq * 2, dq * 3, qkv, randn(3 * H * hd), randn(hd),
                                     randn(hd), cos, sin, 1e-6)),
-        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), None, None, 1.0)),
-        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), noise, t, 2.0)),
+        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), None, None, 1.0, False)),
+        (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), noise, t, 2.0, True)),
         (jf.patch_embed_backward, (randn(B, 6, D), img, None, None, 1.0, w1, w2, True)),
         (jf.patch_embed_backward, (randn(B, 6, D), img, noise, t, 2.0, w1, w2, True)),
         (jf.patch_embed_backward, (randn(B, 6, D), img, None, None, 1.0, w1, w2, False)),

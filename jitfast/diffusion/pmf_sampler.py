@@ -14,6 +14,7 @@ import torch
 
 from jitfast.diffusion.denoiser import default_noise_scale
 from jitfast.diffusion.sampling import GraphCache, check_labels
+from jitfast.network.alignment import padded_once
 from jitfast.network.backend import head_kernels
 from jitfast.network.pmf import U_T_MIN
 from jitfast.network.pmf_presets import PMF_SAMPLING, pmf_preset_of
@@ -40,14 +41,15 @@ def integrate_pmf(net, y, z, grid, guidance):
     B = z.shape[0]
     omega, t_min, t_max = (g.expand(B) for g in guidance)
     kernels = head_kernels(net, z.device)
-    for i in range(len(grid.h)):
-        t, h = grid.t[i].expand(B), grid.h[i].expand(B)
-        if kernels is not None:  # u and the update in the head's epilogue
-            head = partial(kernels.output_head_step, z=z, t=grid.jit_t[i:i + 1],
-                           dt=grid.h[i:i + 1], p=net.patch_size, t_eps=U_T_MIN)
-            z = net(z, t, h, omega, t_min, t_max, y, head=lambda *w: head(*w)[0])
-        else:
-            z = z - h.view(-1, 1, 1, 1) * net(z, t, h, omega, t_min, t_max, y)
+    with padded_once(net):  # the SwiGLU weights padded once for all the steps
+        for i in range(len(grid.h)):
+            t, h = grid.t[i].expand(B), grid.h[i].expand(B)
+            if kernels is not None:  # u and the update in the head's epilogue
+                head = partial(kernels.output_head_step, z=z, t=grid.jit_t[i:i + 1],
+                               dt=grid.h[i:i + 1], p=net.patch_size, t_eps=U_T_MIN)
+                z = net(z, t, h, omega, t_min, t_max, y, head=lambda *w: head(*w)[0])
+            else:
+                z = z - h.view(-1, 1, 1, 1) * net(z, t, h, omega, t_min, t_max, y)
     return z
 
 

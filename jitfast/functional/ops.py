@@ -29,10 +29,13 @@ def rms_norm_modulate(x, weight, shift, scale, eps=RMS_EPS):
 
 def gated_residual(x, h, gate, h_bias=None):
     """x + gate·(h + h_bias) with a per-sample gate (B, D); h_bias (D,), the bias of the Linear
-    that made h, or None."""
+    that made h, or None. The result has the dtype of x, h and gate promoted, not the bias's: the
+    Linear would have returned h + h_bias in h's dtype (under autocast the official code's bf16
+    residual stream stays bf16)."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, h.dtype), gate.dtype)
     if h_bias is not None:
         h = h + h_bias
-    return x + gate.unsqueeze(1) * h
+    return (x + gate.unsqueeze(1) * h).to(dtype)
 
 
 def gated_residual_rms_norm_modulate(x, h, gate, weight, shift, scale, eps=RMS_EPS, h_bias=None,
@@ -58,19 +61,25 @@ def unpatchify(x, p, channels):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * p, h * p)
 
 
-def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0):
+def patch_embed(x, w1, w2, b2, pos, noise=None, t=None, noise_scale=1.0,
+                in_matmul_dtype=False):
     """Bottleneck patch embedding: two matmuls on the (c, p, q) patch vector, bias, position table.
 
     w1: (bottleneck, C, p, p) conv weight without bias; w2: (D, bottleneck, 1, 1); b2: (D,);
-    pos: (1, N, D). Returns (B, N, D). With noise (shaped like x) and times t (B,), the embedding
-    of the noisy images z = t·x + (1 - t)·noise_scale·noise (the training objective's input).
+    pos: (1, N, D). Returns (B, N, D), in the dtype of the matmuls with bias and table promoted,
+    or with in_matmul_dtype in the matmuls' (the official JiT's: under autocast its conv returns
+    bf16, and `x += pos_embed` keeps it). With noise (shaped like x) and times t (B,), the
+    embedding of the noisy images z = t·x + (1 - t)·noise_scale·noise (the training objective's
+    input).
     """
     if noise is not None:
         t = t.view(-1, 1, 1, 1).to(x.dtype)
         x = t * x + (1 - t) * (noise * noise_scale)
     p = w1.shape[-1]
     h = patchify(x, p) @ w1.reshape(w1.shape[0], -1).t()
-    return h @ w2.reshape(w2.shape[0], -1).t() + b2 + pos
+    h = h @ w2.reshape(w2.shape[0], -1).t()
+    out = h + b2 + pos
+    return out.to(h.dtype) if in_matmul_dtype else out
 
 
 def output_head(x, weight, bias, p, channels):

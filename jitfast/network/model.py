@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d, sincos_2d
-from jitfast.network.alignment import padded_swiglu
+from jitfast.network.alignment import PaddedSwiGLU
 from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
 
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         return deferred_bias(self.proj, out, self.proj_drop)
 
 
-class SwiGLUFFN(nn.Module):
+class SwiGLUFFN(nn.Module, PaddedSwiGLU):
     def __init__(self, dim, hidden_dim, drop=0.0):
         super().__init__()
         hidden_dim = int(hidden_dim * 2 / 3)
@@ -128,10 +128,13 @@ class SwiGLUFFN(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim)
         self.ffn_dropout = nn.Dropout(drop)
 
+    def unpadded(self):
+        return self.w12.weight, self.w12.bias, self.w3.weight
+
     def forward(self, x, ops):
         """The MLP update and the bias still to add to it (``deferred_bias``), the hidden width
-        padded to a multiple of 8 (``padded_swiglu``)."""
-        w12, b12, w3 = padded_swiglu(self.w12.weight, self.w12.bias, self.w3.weight)
+        padded to a multiple of 8 (``PaddedSwiGLU``)."""
+        w12, b12, w3 = self.swiglu_weights()
         hidden = ops.swiglu(F.linear(x, w12), bias=b12)
         return deferred_bias(self.w3, self.ffn_dropout(hidden), weight=w3)
 
@@ -438,9 +441,12 @@ class JiT(nn.Module):
                 y = torch.full_like(t, self.num_classes, dtype=torch.long)
             cond = self.conditioning(t, y, modulations=self.fuse_across_blocks)
         modulations = cond.blocks or (None,) * len(self.blocks)
+        # the residual stream starts in the matmuls' dtype (bf16 under autocast, as the official
+        # code's: its `x += pos_embed` keeps the conv's dtype) and turns float32 where the
+        # float32 in-context tokens join it
         x = ops.patch_embed(x, self.x_embedder.proj1.weight, self.x_embedder.proj2.weight,
                             self.x_embedder.proj2.bias, self.pos_embed, noise,
-                            None if noise is None else t, noise_scale)
+                            None if noise is None else t, noise_scale, in_matmul_dtype=True)
         pending = None  # the last block's MLP update, added by the next fused norm
         for i, (block, modulation) in enumerate(zip(self.blocks, modulations)):
             if self.in_context_len > 0 and i == self.in_context_start:

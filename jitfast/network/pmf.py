@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from jitfast.functional.positions import rope_2d
-from jitfast.network.alignment import padded_swiglu
+from jitfast.network.alignment import PaddedSwiGLU
 from jitfast.network.attention import attention
 from jitfast.network.backend import check_backend, ops_for
 from jitfast.network.model import (LabelEmbedder, RMSNorm, TimestepEmbedder, can_inspect_values,
@@ -79,15 +79,18 @@ class PMFAttention(nn.Module):
         return out, tangent_linear(self.out_proj.weight, t_attn)
 
 
-class PMFMlp(nn.Module):
+class PMFMlp(nn.Module, PaddedSwiGLU):
     def __init__(self, dim, hidden):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)  # official w1 (gate), w3 (up)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
+    def unpadded(self):
+        return self.w13.weight, None, self.w2.weight
+
     def weights(self):
-        """(w13, w2) with the hidden width padded to a multiple of 8 (``padded_swiglu``)."""
-        w13, _, w2 = padded_swiglu(self.w13.weight, None, self.w2.weight)
+        """(w13, w2) with the hidden width padded to a multiple of 8 (``PaddedSwiGLU``)."""
+        w13, _, w2 = self.swiglu_weights()
         return w13, w2
 
     def forward(self, x, ops):

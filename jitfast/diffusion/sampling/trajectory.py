@@ -8,6 +8,7 @@ from jitfast.diffusion.sampling.multistep import (EXPONENTIAL_METHODS, Multistep
                                                   integrate_multistep)
 from jitfast.diffusion.sampling.official import TimeGrid, integrate_official
 from jitfast.diffusion.sampling.schedules import SCHEDULES
+from jitfast.network.alignment import padded_once
 from jitfast.util.cuda_graphs import CapturedRun
 
 OFFICIAL_METHODS = ("heun", "euler")
@@ -90,10 +91,12 @@ def make_time_grid(denoiser, steps, method, cfg, interval, schedule, device, rev
 
 def integrate(denoiser, y, z, time_grid, method):
     """The ODE from float32 state z over the time grid, tensor ops only: the eager sampler runs
-    it and a CUDA graph captures it whole."""
-    if method in OFFICIAL_METHODS:
-        return integrate_official(denoiser, y, z, time_grid, method)
-    return integrate_multistep(denoiser, y, z, time_grid)
+    it and a CUDA graph captures it whole. The network's SwiGLU weights are padded once for the
+    whole trajectory (``padded_once``)."""
+    with padded_once(denoiser.net):
+        if method in OFFICIAL_METHODS:
+            return integrate_official(denoiser, y, z, time_grid, method)
+        return integrate_multistep(denoiser, y, z, time_grid)
 
 
 class CapturedTrajectory(CapturedRun):

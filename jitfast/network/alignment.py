@@ -70,9 +70,11 @@ def padded_once(net):
     held = []
     with torch.no_grad():
         for module in net.modules():
-            if isinstance(module, PaddedSwiGLU) and \
-                    not any(is_sharded(w) for w in module.unpadded() if w is not None):
-                w_in, b_in, w_out = padded_swiglu(*module.unpadded())
+            if not isinstance(module, PaddedSwiGLU):
+                continue
+            weights = module.unpadded()
+            if not any(is_sharded(w) for w in weights if w is not None):
+                w_in, b_in, w_out = padded_swiglu(*weights)
                 if dtype is not None:
                     w_in, w_out = w_in.to(dtype), w_out.to(dtype)
                 module.held = (w_in, b_in, w_out)

@@ -73,11 +73,11 @@ def norm_traffic(d, a, gated):
 
 
 def qk_norm_rope_traffic(d, a):
-    """Forward: qkv read, q, k, v written. Backward: dq, dk, dv and the q and k parts of qkv
-    read, dqkv written. Plus the cos/sin tables and the two norm weights (and their grads)."""
-    qkv = d.rows * 3 * d.D * a
+    """Forward: the q and k parts of qkv read, q and k written (v is a view of qkv). Backward:
+    dq, dk, dv and the q and k parts of qkv read, dqkv written. Plus the cos/sin tables and the
+    two norm weights (and their grads)."""
     small = 2 * d.tokens * d.hd * F32 + 2 * d.hd * F32
-    return 2 * qkv + small, d.rows * 8 * d.D * a + small + 2 * d.hd * F32
+    return d.rows * 4 * d.D * a + small, d.rows * 8 * d.D * a + small + 2 * d.hd * F32
 
 
 def output_head_traffic(d, a):

@@ -1,6 +1,9 @@
-"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D), plus that Linear's bias when
-given (the Linear then runs without it), to q, k, v as (B, H, N, hd) tensors laid out
-(B, N, H, hd) in memory ("BSHD", see ``bshd_empty``). The kernels see q (and k, v) as B·N·H rows
+"""q/k RMSNorm + 2-D RoPE: from the qkv Linear output (B, N, 3·D), its bias included, to q, k, v
+as (B, H, N, hd) tensors laid out (B, N, H, hd) in memory ("BSHD", see ``bshd_empty``); v is a view
+of qkv's v part, which nothing changes (flash attention reads its rows where the Linear wrote
+them). When the Linear's bias is given, the Linear ran with it detached and its gradient, the sum
+of qkv's gradient over the rows, is formed here: the backward kernel reads those rows anyway, a
+separate pass (AddmmBackward's) would read them again. The kernels see q (and k) as B·N·H rows
 of hd lanes, one per (token, head) in qkv's order — the order of the outputs' memory too — and
 work on 2-D tiles of such rows (a tile may span tokens and samples: nothing is per sample). Each
 row is normalised, then RoPE rotates its interleaved pairs, split apart and joined back in
@@ -18,7 +21,8 @@ contiguous run of tiles (program_tiles) and reduces the q/k norm weight grads an
 over each tile into one partial row per program, summed afterwards. The tile's size in elements
 is autotuned (TILE); BLOCK_M and BLOCK_T follow from it. The head dim is a constexpr
 (HD): row offsets are then known multiples of it, so loads and stores vectorise even where hd is
-not a multiple of 16 (JiT-G's 104, in 128 lanes).
+not a multiple of 16 (JiT-G's 104, in 128 lanes). The dual op (pMF's JVP) writes v and its
+tangent as copies: a custom op may not return a view of its input.
 """
 from typing import Optional
 
@@ -44,13 +48,13 @@ BWD_CONFIGS = [triton.Config({"TILE": t}, num_warps=w)
 def _qk_tile(tile, n_rows, n_tok, H, HD: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_HD: tl.constexpr):
     """Tile `tile` of the (token, head) rows: each row's offset into qkv's q part and into a
-    BSHD q (k, v), its token's index within its sample and its head, all (BLOCK_M, 1); then the
-    lanes (1, BLOCK_HD) and the tile's mask."""
+    BSHD q (k, v) and its token's index within its sample, all (BLOCK_M, 1); then the lanes
+    (1, BLOCK_HD) and the tile's mask."""
     r = (tile * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]).to(tl.int64)
     token, head = r // H, r % H
     src = token * 3 * H * HD + head * HD
     lanes = tl.arange(0, BLOCK_HD)[None, :]
-    return src, r * HD, token % n_tok, head, lanes, (r < n_rows) & (lanes < HD)
+    return src, r * HD, token % n_tok, lanes, (r < n_rows) & (lanes < HD)
 
 
 @triton.jit
@@ -63,7 +67,7 @@ def _token_tile(tile, n_tokens, n_tok, H, HD: tl.constexpr, BLOCK_T: tl.constexp
     head = i % H_PAD
     lanes = tl.arange(0, BLOCK_HD)[None, :]
     mask = (token < n_tokens) & (head < H) & (lanes < HD)
-    return token * 3 * H * HD + head * HD, (token * H + head) * HD, token % n_tok, head, lanes, mask
+    return token * 3 * H * HD + head * HD, (token * H + head) * HD, token % n_tok, lanes, mask
 
 
 @triton.jit
@@ -86,13 +90,9 @@ def _normalized(x, HD, eps):
 
 
 @triton.jit
-def _rows(QKV, src, part, BIAS, head, lanes, mask, HD, D, HAS_BIAS: tl.constexpr):
-    """The tile of rows of qkv's q, k or v part (0, 1, 2) at offsets src, in float32, plus the
-    bias of their heads and lanes."""
-    x = tl.load(QKV + src + part * D, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x += tl.load(BIAS + part * D + head * HD + lanes, mask=mask, other=0.0).to(tl.float32)
-    return x
+def _rows(QKV, src, part, mask, D):
+    """The tile of rows of qkv's q, k or v part (0, 1, 2) at offsets src, in float32."""
+    return tl.load(QKV + src + part * D, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -157,24 +157,24 @@ def _tables(COS, SIN, t, lanes, mask, HD):
 @autotune(FWD_CONFIGS, key=["H", "HD", "TANGENT"])
 @tile_rows("BLOCK_HD")
 @triton.jit
-def _qk_norm_rope_fwd(QKV, BIAS, WQ, WK, COS, SIN, Q, K, V, TQKV, TQ, TK, TV, n_rows, n_tok, H,
-                      HD: tl.constexpr, eps, ROW_BUCKET, HAS_BIAS: tl.constexpr,
-                      TANGENT: tl.constexpr, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
-    """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M); with TANGENT
-    also their tangents, from TQKV (laid out as qkv) to TQ, TK, TV (as q, k, v)."""
-    src, dst, t, head, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
-                                              BLOCK_HD)
+def _qk_norm_rope_fwd(QKV, WQ, WK, COS, SIN, Q, K, V, TQKV, TQ, TK, TV, n_rows, n_tok, H,
+                      HD: tl.constexpr, eps, ROW_BUCKET, TANGENT: tl.constexpr,
+                      BLOCK_HD: tl.constexpr, TILE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program `tile` handles BLOCK_M (token, head) rows (TILE only sets BLOCK_M): their q and k;
+    with TANGENT also a copy of their v, and their tangents, from TQKV (laid out as qkv) to TQ,
+    TK, TV (as q, k, v). QKV's rows are 3·D apart whether it is qkv or its q and k parts."""
+    src, dst, t, lanes, mask = _qk_tile(tl.program_id(0), n_rows, n_tok, H, HD, BLOCK_M,
+                                        BLOCK_HD)
     cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
     src = src + lanes
     dst = dst + lanes
     D = H * HD
-    xq = _rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS)
-    xk = _rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS)
+    xq = _rows(QKV, src, 0, mask, D)
+    xk = _rows(QKV, src, 1, mask, D)
     _norm_rope(xq, WQ, Q + dst, lanes, mask, cos, sin, HD, eps)
     _norm_rope(xk, WK, K + dst, lanes, mask, cos, sin, HD, eps)
-    tl.store(V + dst, _rows(QKV, src, 2, BIAS, head, lanes, mask, HD, D, HAS_BIAS), mask=mask)
     if TANGENT:
+        tl.store(V + dst, tl.load(QKV + src + 2 * D, mask=mask), mask=mask)
         tq = tl.load(TQKV + src, mask=mask, other=0.0).to(tl.float32)
         tk = tl.load(TQKV + src + D, mask=mask, other=0.0).to(tl.float32)
         _norm_rope_tangent(xq, tq, WQ, TQ + dst, lanes, mask, cos, sin, HD, eps)
@@ -185,12 +185,13 @@ def _qk_norm_rope_fwd(QKV, BIAS, WQ, WK, COS, SIN, Q, K, V, TQKV, TQ, TK, TV, n_
 @autotune(BWD_CONFIGS, key=["H", "HD"])
 @triton.heuristics({"BLOCK_T": lambda a: max(1, a["TILE"] // (a["BLOCK_HD"] * a["H_PAD"]))})
 @triton.jit
-def _qk_norm_rope_bwd(DQ, DK, DV, QKV, BIAS, WQ, WK, COS, SIN, DQKV, DW_PART, DB_PART, n_tokens,
+def _qk_norm_rope_bwd(DQ, DK, DV, QKV, WQ, WK, COS, SIN, DQKV, DW_PART, DB_PART, n_tokens,
                       n_tok, H, HD: tl.constexpr, eps, ROW_BUCKET, HAS_BIAS: tl.constexpr,
                       H_PAD: tl.constexpr, BLOCK_HD: tl.constexpr, TILE: tl.constexpr,
                       BLOCK_T: tl.constexpr):
     """Program p handles a run of token tiles and writes its partial sums of the q and k norm
-    weight grads to DW_PART[0 or 1, p], and of the bias grad to DB_PART[p] (3, H, hd)."""
+    weight grads to DW_PART[0 or 1, p], and with HAS_BIAS of the bias grad to DB_PART[p]
+    (3, H, hd). QKV: qkv's q and k parts (rows 3·D apart)."""
     first, last = program_tiles(n_tokens, BLOCK_T)
     D = H * HD
     dw_q = tl.zeros([BLOCK_HD], dtype=tl.float32)
@@ -199,16 +200,16 @@ def _qk_norm_rope_bwd(DQ, DK, DV, QKV, BIAS, WQ, WK, COS, SIN, DQKV, DW_PART, DB
     db_k = tl.zeros([H_PAD, BLOCK_HD], dtype=tl.float32)
     db_v = tl.zeros([H_PAD, BLOCK_HD], dtype=tl.float32)
     for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
-        src, dst, t, head, lanes, mask = _token_tile(tile, n_tokens, n_tok, H, HD, BLOCK_T, H_PAD,
-                                                     BLOCK_HD)
+        src, dst, t, lanes, mask = _token_tile(tile, n_tokens, n_tok, H, HD, BLOCK_T, H_PAD,
+                                               BLOCK_HD)
         cos, sin = _tables(COS, SIN, t, lanes, mask, HD)
         src = src + lanes
         dst = dst + lanes
-        dq, dw = _norm_rope_backward(_rows(QKV, src, 0, BIAS, head, lanes, mask, HD, D, HAS_BIAS),
-                                     WQ, DQ + dst, DQKV + src, lanes, mask, cos, sin, HD, eps)
+        dq, dw = _norm_rope_backward(_rows(QKV, src, 0, mask, D), WQ, DQ + dst, DQKV + src,
+                                     lanes, mask, cos, sin, HD, eps)
         dw_q += dw
-        dk, dw = _norm_rope_backward(_rows(QKV, src, 1, BIAS, head, lanes, mask, HD, D, HAS_BIAS),
-                                     WK, DK + dst, DQKV + src + D, lanes, mask, cos, sin, HD, eps)
+        dk, dw = _norm_rope_backward(_rows(QKV, src, 1, mask, D), WK, DK + dst, DQKV + src + D,
+                                     lanes, mask, cos, sin, HD, eps)
         dw_k += dw
         dv = tl.load(DV + dst, mask=mask)
         tl.store(DQKV + src + 2 * D, dv, mask=mask)
@@ -243,34 +244,40 @@ def bshd(grad):
     return grad.transpose(1, 2).contiguous()
 
 
-def _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv=None):
-    """(q, k, v), and with the tangent tqkv of qkv theirs too."""
+def v_view(qkv, num_heads):
+    """qkv's v part as a (B, H, N, hd) view (its rows 3·D apart)."""
+    B, N, D3 = qkv.shape
+    return qkv.unflatten(-1, (3, num_heads, D3 // 3 // num_heads))[:, :, 2].transpose(1, 2)
+
+
+def _forward(qkv, num_heads, q_weight, k_weight, cos, sin, eps, tqkv=None):
+    """(q, k); with the tangent tqkv of qkv, (q, k, v, tq, tk, tv)."""
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     B, N, D3 = qkv.shape
     hd = D3 // 3 // num_heads
-    outputs = [bshd_empty(qkv, num_heads) for _ in range(3 if tqkv is None else 6)]
-    if tqkv is not None:
-        tqkv = tqkv.contiguous()
+    outputs = [bshd_empty(qkv, num_heads) for _ in range(2 if tqkv is None else 6)]
+    if tqkv is None:  # the kernel reads the q and k parts only
+        source, writes = qkv[..., :2 * D3 // 3], [*outputs, None, None, None, None, None]
+    else:
+        source, writes = qkv, [*outputs[:3], tqkv.contiguous(), *outputs[3:]]
     n_rows = B * N * num_heads
     _qk_norm_rope_fwd[lambda meta: (triton.cdiv(n_rows, meta["BLOCK_M"]),)](
-        qkv, bias, q_weight, k_weight, cos, sin, *outputs[:3], tqkv,
-        *(outputs[3:] or (None, None, None)), n_rows, N, num_heads, hd, eps,
-        ROW_BUCKET=row_bucket(n_rows), HAS_BIAS=bias is not None, TANGENT=tqkv is not None,
-        BLOCK_HD=block(hd, 2))
+        source, q_weight, k_weight, cos, sin, *writes, n_rows, N, num_heads, hd, eps,
+        ROW_BUCKET=row_bucket(n_rows), TANGENT=tqkv is not None, BLOCK_HD=block(hd, 2))
     return tuple(outputs)
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope", mutates_args=())
-def qk_norm_rope_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
-                    q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, eps: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)
+def qk_norm_rope_op(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor,
+                    k_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k); no autograd of its own: ``QKNormRoPE`` is the autograd of q, k and v together."""
+    return _forward(qkv, num_heads, q_weight, k_weight, cos, sin, eps)
 
 
 @qk_norm_rope_op.register_fake
-def _(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps):
-    return tuple(bshd_empty(qkv, num_heads) for _ in range(3))
+def _(qkv, num_heads, q_weight, k_weight, cos, sin, eps):
+    return bshd_empty(qkv, num_heads), bshd_empty(qkv, num_heads)
 
 
 @torch.library.custom_op("jitfast::qk_norm_rope_dual", mutates_args=())
@@ -280,8 +287,8 @@ def qk_norm_rope_dual_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], num_he
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                     torch.Tensor, torch.Tensor]:
     """(q, k, v, tq, tk, tv): ``qk_norm_rope`` and the tangents along tqkv, one pass. Gradients
-    flow through q, k, v only."""
-    return _forward(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps, tqkv)
+    flow through q, k, v only; `bias` (already in qkv) only gets its gradient."""
+    return _forward(qkv, num_heads, q_weight, k_weight, cos, sin, eps, tqkv)
 
 
 @qk_norm_rope_dual_op.register_fake
@@ -306,8 +313,8 @@ def qk_norm_rope_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     db_part = qkv.new_empty(programs, 3 * H * hd, dtype=torch.float32) if bias is not None \
         else empty(qkv)
     dqkv = torch.empty_like(qkv)
-    _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, dqkv,
-                                   dw_part, db_part, n_tokens, N, H, hd, eps,
+    _qk_norm_rope_bwd[(programs,)](dq, dk, dv, qkv[..., :2 * H * hd], q_weight, k_weight, cos,
+                                   sin, dqkv, dw_part, db_part, n_tokens, N, H, hd, eps,
                                    ROW_BUCKET=row_bucket(n_tokens * H), HAS_BIAS=bias is not None,
                                    H_PAD=triton.next_power_of_2(H), BLOCK_HD=block(hd, 2))
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else empty(qkv)
@@ -320,16 +327,8 @@ def _(dq, dk, dv, qkv, bias, q_weight, k_weight, cos, sin, eps):
     return torch.empty_like(qkv), q_weight.new_empty(2, q_weight.shape[0]), dbias
 
 
-def _setup_context(ctx, inputs, output):
-    qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps = inputs[:8]
-    ctx.eps, ctx.num_heads = eps, num_heads
-    if len(output) > 3:
-        ctx.mark_non_differentiable(*output[3:])
-        ctx.set_materialize_grads(False)
-    ctx.save_for_backward(qkv, bias, q_weight, k_weight, cos, sin)
-
-
-def _backward_fn(ctx, dq, dk, dv):
+def _gradients(ctx, dq, dk, dv):
+    """The grads of (qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)."""
     qkv, bias, q_weight, k_weight, cos, sin = ctx.saved_tensors
     dqkv, dweights, dbias = qk_norm_rope_backward(dq, dk, dv, qkv, bias, q_weight, k_weight, cos,
                                                   sin, ctx.eps)
@@ -337,7 +336,30 @@ def _backward_fn(ctx, dq, dk, dv):
             None)
 
 
-qk_norm_rope_op.register_autograd(_backward_fn, setup_context=_setup_context)
+class QKNormRoPE(torch.autograd.Function):
+    """q and k from the kernel, v a view of qkv; the backward one kernel writing all of dqkv. A
+    Function rather than the op's own autograd: a custom op may not return a view of its input,
+    and v's grad must reach the kernel (autograd would sum a separate view's grad into a zeroed
+    copy of qkv)."""
+
+    @staticmethod
+    def forward(ctx, qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(qkv, bias, q_weight, k_weight, cos, sin)
+        return *qk_norm_rope_op(qkv, num_heads, q_weight, k_weight, cos, sin, eps), \
+            v_view(qkv, num_heads)
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        return _gradients(ctx, dq, dk, dv)
+
+
+def _setup_dual_context(ctx, inputs, output):
+    qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps = inputs[:8]
+    ctx.eps, ctx.num_heads = eps, num_heads
+    ctx.mark_non_differentiable(*output[3:])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(qkv, bias, q_weight, k_weight, cos, sin)
 
 
 def _dual_backward_fn(ctx, dq, dk, dv, _tq, _tk, _tv):
@@ -345,16 +367,16 @@ def _dual_backward_fn(ctx, dq, dk, dv, _tq, _tk, _tv):
     if dq is None or dk is None or dv is None:
         zero = bshd_empty(ctx.saved_tensors[0], ctx.num_heads).zero_()
         dq, dk, dv = (zero if g is None else g for g in (dq, dk, dv))
-    return *_backward_fn(ctx, dq, dk, dv), None
+    return *_gradients(ctx, dq, dk, dv), None
 
 
-qk_norm_rope_dual_op.register_autograd(_dual_backward_fn, setup_context=_setup_context)
+qk_norm_rope_dual_op.register_autograd(_dual_backward_fn, setup_context=_setup_dual_context)
 
 
 def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=ref.RMS_EPS, bias=None):
     if not use_kernel(qkv):
         return ref.qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps, bias)
-    return qk_norm_rope_op(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)
+    return QKNormRoPE.apply(qkv, bias, num_heads, q_weight, k_weight, cos, sin, eps)
 
 
 def qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps=ref.RMS_EPS,

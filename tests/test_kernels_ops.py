@@ -96,7 +96,7 @@ def swiglu_case(*shape, bias=False):
 
 def qk_case(B, grid, prefix, H, hd, real_tables, bias=False):
     """RoPE tables from positions.rope_2d (kept float32, as the model's buffers) or random; with
-    the qkv Linear's bias (3D,) added by the op."""
+    the qkv Linear's bias (3D,), whose gradient the op forms (ops.bias_gradient_here)."""
     N = prefix + grid * grid
 
     def make(r):
@@ -205,6 +205,27 @@ def test_kernel_matches_reference(name, make):
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         assert g is not None and g.shape == w.shape, f"grad of input {i}"
         assert rel_err(g, w) < 1e-5, f"grad of input {i}: {rel_err(g, w):.2e}"
+
+
+def test_qk_norm_rope_v_is_a_view_of_qkv():
+    """v is qkv's v part where the Linear wrote it (no copy), and its grad reaches qkv through
+    the one backward kernel, beside q's and k's; no q/k value is read from v's part."""
+    torch.manual_seed(0)
+    B, N, H, hd = 2, 5, 3, 8
+    qkv = randn(B, N, 3 * H * hd).requires_grad_()
+    tables = randn(N, hd), randn(N, hd)
+    q, k, v = kernels.qk_norm_rope(qkv, H, randn(hd), randn(hd), *tables)
+    assert v.data_ptr() == qkv.data_ptr() + 2 * H * hd * qkv.element_size()
+    assert torch.equal(v, qkv.detach().unflatten(-1, (3, H, hd))[:, :, 2].transpose(1, 2))
+    dv = randn(*v.shape)
+    torch.autograd.backward((q, k, v), (torch.zeros_like(q), torch.zeros_like(k), dv))
+    assert torch.equal(qkv.grad.unflatten(-1, (3, H, hd))[:, :, 2], dv.transpose(1, 2))
+    assert not qkv.grad[..., :2 * H * hd].any()
+    with torch.no_grad():
+        qkv_nan_v = qkv.clone()
+        qkv_nan_v[..., 2 * H * hd:] = float("nan")
+        q2, k2, _ = kernels.qk_norm_rope(qkv_nan_v, H, *(randn(hd) for _ in range(2)), *tables)
+    assert not (q2.isnan().any() or k2.isnan().any())
 
 
 TILE_MODULES = {"qk_norm_rope": importlib.import_module("jitfast.kernels.qk_norm_rope"),
@@ -420,8 +441,7 @@ def opcheck_cases():
         (jf.swiglu, (randn(B, N, 2 * D), None)),
         (jf.swiglu, (randn(B, N, 2 * D), randn(2 * D))),
         (jf.swiglu_backward, (x, randn(B, N, 2 * D), randn(2 * D))),
-        (jf.qk_norm_rope, (qkv, None, H, randn(hd), randn(hd), cos, sin, 1e-6)),
-        (jf.qk_norm_rope, (qkv, randn(3 * H * hd), H, randn(hd), randn(hd), cos, sin, 1e-6)),
+        (jf.qk_norm_rope, (qkv, H, randn(hd), randn(hd), cos, sin, 1e-6)),
         (jf.qk_norm_rope_backward, (dq, dq * 2, dq * 3, qkv, randn(3 * H * hd), randn(hd),
                                     randn(hd), cos, sin, 1e-6)),
         (jf.patch_embed, (img, w1, w2, b2, randn(1, 6, D), None, None, 1.0, False)),
@@ -466,9 +486,11 @@ def test_opcheck(case):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes) checks; the
     forward ops get inputs that require grad, so their backward is exercised too (all but the
     sampler's step, which is inference only, the optimizer's in-place update and attention's
-    tangent, which no gradient goes through)."""
+    tangent, which no gradient goes through, and q/k-norm+RoPE's forward, whose autograd is a
+    Function's: test_qk_norm_rope_v_is_a_view_of_qkv)."""
     op, args = opcheck_cases()[case]
-    if not op.__name__.endswith(("_backward", "_", "_jvp")) and op.__name__ != "output_head_step":
+    if not op.__name__.endswith(("_backward", "_", "_jvp")) and \
+            op.__name__ not in ("output_head_step", "qk_norm_rope"):
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)
 
@@ -501,15 +523,17 @@ def test_every_kernel_has_its_own_name():
 
 
 def test_qk_norm_rope_writes_bshd_and_takes_bshd_grads():
-    """q, k, v are (B, H, N, hd) laid out (B, N, H, hd): attention reads that layout natively and
+    """q, k are (B, H, N, hd) laid out (B, N, H, hd), and v too with its rows where qkv has them
+    (3·D apart, test_qk_norm_rope_v_is_a_view_of_qkv): attention reads that layout natively and
     writes its output so, and the model's transpose back to (B, N, D) is then a view. The grads
     attention returns in that layout reach the backward as they are, and match the reference."""
     B, N, H, hd = 2, 7, 3, 8
     qkv = randn(B, N, 3 * H * hd).requires_grad_()
     wq, wk, cos, sin = randn(hd), randn(hd), randn(N, hd), randn(N, hd)
     q, k, v = kernels.qk_norm_rope(qkv, H, wq, wk, cos, sin)
-    for out in (q, k, v):
+    for out in (q, k):
         assert out.shape == (B, H, N, hd) and out.transpose(1, 2).is_contiguous()
+    assert v.shape == (B, H, N, hd) and v.stride() == (N * 3 * H * hd, hd, 3 * H * hd, 1)
     grads = [randn(B, N, H, hd).transpose(1, 2) for _ in range(3)]  # BSHD grads
     (got,) = torch.autograd.grad((q, k, v), qkv, grads)
     ref_qkv = qkv.detach().clone().requires_grad_()

@@ -98,11 +98,18 @@ def rope(x, cos, sin):
     return x * cos + rotate_pairs(x) * sin
 
 
+def bias_gradient_here(x, bias):
+    """x, whose value already holds `bias` (its Linear ran with ``bias.detach()``), now also
+    passing its gradient, summed over the rows, to `bias`: as the fused ops that form a Linear's
+    bias gradient from rows their backward reads anyway."""
+    return x if bias is None else x + (bias - bias.detach()).to(x.dtype)
+
+
 def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=RMS_EPS, bias=None):
-    """qkv Linear output (B, N, 3D), plus its bias (3D,) if given -> q, k, v as (B, H, N, hd)
-    with q/k RMSNorm and RoPE."""
-    if bias is not None:
-        qkv = qkv + bias
+    """qkv Linear output (B, N, 3D), its bias included -> q, k, v as (B, H, N, hd) with q/k
+    RMSNorm and RoPE; v is qkv's v part, as it is. `bias` (3D,), if given, is that Linear's bias, run
+    detached: its gradient is formed here (``bias_gradient_here``)."""
+    qkv = bias_gradient_here(qkv, bias)
     B, N, _ = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     q = rope(rms_norm(q, q_weight, eps), cos, sin)
@@ -184,8 +191,6 @@ def qk_norm_rope_dual(qkv, num_heads, q_weight, k_weight, cos, sin, tqkv, eps=RM
     B, N, _ = tqkv.shape
     tq, tk, tv = tqkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
     with torch.no_grad():
-        if bias is not None:
-            qkv = qkv + bias
         xq, xk, _ = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
         tangents = [rope((w * _normalized_tangent(x, t, eps)[2]).to(x.dtype), cos, sin)
                     for x, t, w in ((xq, tq, q_weight), (xk, tk, k_weight))]

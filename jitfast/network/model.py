@@ -112,9 +112,11 @@ class Attention(nn.Module):
     def forward(self, x, rope, ops):
         """The attention update and the bias still to add to it (``deferred_bias``)."""
         B, N, D = x.shape
-        q, k, v = ops.qk_norm_rope(F.linear(x, self.qkv.weight), self.num_heads,
-                                   self.q_norm.weight, self.k_norm.weight, *rope,
-                                   bias=self.qkv.bias)
+        # the bias in the matmul's epilogue, as the official Linear adds it; its gradient from
+        # the rows the op's backward reads anyway (ops.bias_gradient_here)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias.detach())
+        q, k, v = ops.qk_norm_rope(qkv, self.num_heads, self.q_norm.weight, self.k_norm.weight,
+                                   *rope, bias=self.qkv.bias)
         dropout_p = self.attn_drop if self.training else 0.0
         out = attention(q, k, v, dropout_p, self.scores_fp32).transpose(1, 2).reshape(B, N, D)
         return deferred_bias(self.proj, out, self.proj_drop)

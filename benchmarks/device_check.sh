@@ -73,7 +73,8 @@ if [ "$cuda" -eq 1 ]; then
   echo "== GPU smoke tests ($(left) s left) =="
   # those that would start after the deadline are skipped (tests/conftest.py)
   JITFAST_TEST_DEADLINE=$(($(date +%s) + $(left) - 15)) run $(($(left) - 5)) \
-    "$PYTHON" -m pytest -m gpu -q -rs tests/test_step.py tests/test_gpu_sampling.py \
+    "$PYTHON" -m pytest -m gpu -q -rs tests/test_attention.py tests/test_step.py \
+    tests/test_gpu_sampling.py \
     tests/test_draws.py tests/test_train.py tests/test_kernels_model.py tests/test_kernels_ops.py \
     tests/test_optimizer.py tests/test_kernels_dual.py \
     tests/test_gpu_training.py::test_pmf_training_replays_its_step_from_one_cuda_graph 2>&1 \

@@ -91,7 +91,7 @@ def _normalized(x, HD, eps):
 
 @triton.jit
 def _rows(QKV, src, part, mask, D):
-    """The tile of rows of qkv's q, k or v part (0, 1, 2) at offsets src, in float32."""
+    """The tile of rows of qkv's q or k part (0, 1) at offsets src, in float32."""
     return tl.load(QKV + src + part * D, mask=mask, other=0.0).to(tl.float32)
 
 

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from jitfast.network.attention import attention, attention_backend
@@ -81,3 +82,37 @@ def test_backend_choice_compiles_without_lru_cache_warning(caplog):
     with caplog.at_level("WARNING"):
         assert pick(torch.zeros(2)).tolist() == [len(attention_backend(cuda, torch.bfloat16))] * 2
     assert "lru_cache" not in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
+def test_cuda_backends_take_v_as_a_view_of_qkv(backend):
+    """On CUDA: each SDPA backend that the model's attention may pick reads the q/k op's v, a view
+    of qkv with rows 3·D apart (nanoGPT's layout), as it reads a contiguous copy (output and every
+    grad), and hands v's grad back in the (B, N, H, hd) layout the q/k backward takes without a
+    copy (benchmarks/NOTES.md: the cut is undone if a backend copies)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from jitfast import kernels
+    torch.manual_seed(0)
+    B, N, H, hd = 2, 288, 12, 64
+    qkv = torch.randn(B, N, 3 * H * hd, device="cuda", dtype=torch.bfloat16)
+    tables = (torch.randn(N, hd, device="cuda") for _ in range(2))
+    q, k, v = kernels.qk_norm_rope(qkv, H, *(torch.ones(hd, device="cuda") for _ in range(2)),
+                                   *tables)
+    assert v.data_ptr() == qkv.data_ptr() + 2 * H * hd * qkv.element_size()
+    dout = torch.randn(B, H, N, hd, device="cuda", dtype=torch.bfloat16)
+    results, v_grads = [], []
+    for value in (v, v.contiguous()):
+        inputs = [t.detach().requires_grad_() for t in (q, k, value)]
+        inputs[2].register_hook(v_grads.append)
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            try:
+                out = torch.nn.functional.scaled_dot_product_attention(*inputs)
+            except RuntimeError as error:
+                pytest.skip(f"{backend} does not take these inputs here: {error}")
+            out.backward(dout)
+        results.append([out, *(t.grad for t in inputs)])
+    for got, want in zip(*results):
+        assert (got.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
+    assert v_grads[0].transpose(1, 2).is_contiguous(), v_grads[0].stride()

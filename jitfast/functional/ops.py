@@ -107,8 +107,8 @@ def bias_gradient_here(x, bias):
 
 def qk_norm_rope(qkv, num_heads, q_weight, k_weight, cos, sin, eps=RMS_EPS, bias=None):
     """qkv Linear output (B, N, 3D), its bias included -> q, k, v as (B, H, N, hd) with q/k
-    RMSNorm and RoPE; v is qkv's v part, as it is. `bias` (3D,), if given, is that Linear's bias, run
-    detached: its gradient is formed here (``bias_gradient_here``)."""
+    RMSNorm and RoPE; v is qkv's v part, as it is. `bias` (3D,), if given, is that Linear's
+    bias, run detached: its gradient is formed here (``bias_gradient_here``)."""
     qkv = bias_gradient_here(qkv, bias)
     B, N, _ = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4)

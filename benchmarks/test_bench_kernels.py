@@ -14,6 +14,7 @@ import torch
 
 from conftest import DEVICE, DTYPE, ON_CUDA, skip_unless_cuda
 from jitfast.functional import ops
+from jitfast.network.alignment import padded_width
 from jitfast.network.presets import preset_config
 
 # (preset, image size, batch)
@@ -47,9 +48,11 @@ def dims(preset, image, batch):
     D, heads, p = c["hidden_size"], c["num_heads"], c["patch_size"]
     patches = (image // p) ** 2
     tokens = patches + c["in_context_len"]
+    hidden = int(int(4 * D) * 2 / 3)  # SwiGLU's; the MLP's matmuls run it padded (width)
     return SimpleNamespace(B=batch, S=image, D=D, heads=heads, hd=D // heads, p=p,
                            patches=patches, tokens=tokens, rows=batch * tokens,
-                           bottleneck=c["bottleneck_dim"], hidden=int(int(4 * D) * 2 / 3))
+                           bottleneck=c["bottleneck_dim"], hidden=hidden,
+                           width=padded_width(hidden))
 
 
 def patch_embed_traffic(d, a):
@@ -86,6 +89,15 @@ def output_head_traffic(d, a):
     return u + weights + image, image + 2 * (u + weights)  # reads dout, u, W; writes du, dW, db
 
 
+def swiglu_mlp_traffic(d, a):
+    """The activations each of the MLP's matmuls reads and writes once (the fused path's): the
+    forward reads x, writes x12 and the hidden, reads it and writes y; the backward reads dy and
+    x12 and writes dx12 (dy·w3 with SwiGLU's backward), reads dy and the hidden (w3's grad),
+    dx12 and x (w12's), dx12 and writes dx."""
+    x, hidden = d.rows * d.D * a, d.rows * d.width * a
+    return 2 * x + 4 * hidden, 4 * x + 9 * hidden
+
+
 Op = namedtuple("Op", "inputs macs traffic")
 # op name -> its inputs at dims d, its matmul multiply-adds per image, and the bytes its forward
 # and its backward must move at dims d with activations of a bytes
@@ -112,6 +124,11 @@ OPS = {
     "swiglu": Op(lambda d: (act(d.B, d.tokens, 2 * d.hidden),), lambda d: 0,
                  # x12 read, half as much written; the backward reads dout and x12, writes dx12
                  lambda d, a: (3 * d.rows * d.hidden * a, 5 * d.rows * d.hidden * a)),
+    "swiglu_mlp": Op(
+        lambda d: (act(d.B, d.tokens, d.D), param(2 * d.width, d.D), param(2 * d.width),
+                   param(d.D, d.width)),
+        lambda d: d.tokens * 3 * d.D * d.width,
+        swiglu_mlp_traffic),
     "output_head": Op(
         lambda d: (act(d.B, d.patches, d.D), param(3 * d.p ** 2, d.D), param(3 * d.p ** 2), d.p,
                    3),
@@ -165,3 +182,24 @@ def test_kernel(measure, name, pass_, size, variant):
             baseline=variant == VARIANTS[0], images=batch,
             flops=2 * op.macs(d) * batch * (3 if backward else 1), preset=preset,
             shape=f"{batch}x{image}px", op=name, pass_=pass_, traffic=moved)
+
+
+@pytest.mark.parametrize("matmuls", ["cublas", "fused"])
+@pytest.mark.parametrize("size", SIZES, ids=[s[0] for s in SIZES])
+def test_swiglu_mlp_matmuls(measure, monkeypatch, size, matmuls):
+    """The SwiGLU MLP forward+backward on the Triton kernels: cuBLAS's matmuls around the SwiGLU
+    kernel (JITFAST_FUSED_MLP=0, the baseline) against SwiGLU in the epilogues of Triton matmuls
+    (kernels/swiglu_matmul.py): whether Triton's matmuls keep up with cuBLAS's well enough for
+    the traffic they save (benchmarks/NOTES.md gives the break-even rates)."""
+    skip_unless_cuda("triton")
+    from jitfast.kernels import swiglu_matmul
+    monkeypatch.setattr(swiglu_matmul, "FUSED", matmuls == "fused")
+    d = dims(*size)
+    op = OPS["swiglu_mlp"]
+    args, leaves = materialize(op.inputs(d), True)
+    preset, image, batch = size
+    measure(timed_call(swiglu_matmul.swiglu_mlp, args, leaves),
+            f"swiglu_mlp forward+backward {preset}, the matmuls", "kernel", matmuls,
+            baseline=matmuls == "cublas", images=batch, flops=6 * op.macs(d) * batch,
+            preset=preset, shape=f"{batch}x{image}px", op="swiglu_mlp",
+            pass_="forward+backward", traffic=sum(op.traffic(d, DTYPE.itemsize)))

@@ -27,6 +27,23 @@ def test_train_step(measure, size, variant):
             shape=f"{batch}x{image}px")
 
 
+@pytest.mark.parametrize("matmuls", ["cublas", "fused"])
+@pytest.mark.parametrize("size", SIZES, ids=[f"{s[0]}-b{s[2]}" for s in SIZES])
+def test_train_step_mlp_matmuls(measure, monkeypatch, size, matmuls):
+    """The graphed step (triton+graph) with the SwiGLU MLP as cuBLAS's matmuls around the SwiGLU
+    kernel (JITFAST_FUSED_MLP=0, the baseline) and with SwiGLU in the epilogues of Triton
+    matmuls (the default): benchmarks/NOTES.md predicts the second 3.4 ms faster at B/16."""
+    skip_unless_cuda("triton+graph")
+    from jitfast.kernels import swiglu_matmul
+    monkeypatch.setattr(swiglu_matmul, "FUSED", matmuls == "fused")
+    preset, image, batch = size
+    measure(training_step(*size, "triton+graph", DEVICE),
+            f"train step {preset} batch {batch}, the MLP's matmuls", "train", matmuls,
+            baseline=matmuls == "cublas", images=batch,
+            flops=TRAIN_FACTOR * forward_flops(preset, image) * batch, preset=preset,
+            shape=f"{batch}x{image}px")
+
+
 # (JiT preset, pMF configuration of the same width, image size, batch): pMF-B/16 is JiT-B/16's
 # width and heads with 16 + 8 blocks (8 shared, 8 a head) at 276 tokens; pMF-T/8 is JiT-T/8's
 PAIRS = [("JiT-B/16", "pMF-B/16", 256, 64)] if ON_CUDA else [("JiT-T/8", "pMF-T/8", 64, 8)]

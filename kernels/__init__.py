@@ -7,7 +7,8 @@ Beyond ``jitfast.functional.ops``: ``output_head_v_loss`` (kernels/v_loss.py), t
 JiT's v-loss in its epilogue, and ``output_head_velocity`` and ``output_head_step``, the head
 with the sampler's (guided) velocity, or that velocity and the sampler's Euler/Heun update of
 the ODE state; ``adamw_ema_`` (kernels/adamw_ema.py), the training optimizer's one-pass update
-of a weight. Forward-mode derivatives for pMF's objective: each op's ``*_dual`` carries the
+of a weight; ``swiglu_mlp`` (kernels/swiglu_matmul.py), the SwiGLU MLP with SwiGLU in its
+matmuls' epilogues. Forward-mode derivatives for pMF's objective: each op's ``*_dual`` carries the
 tangents of its inputs in the same pass (the gradient flows through the values only), and
 ``attention_tangent`` (kernels/attention_jvp.py) is attention's, flash-style.
 """
@@ -20,10 +21,12 @@ from .output_head import output_head, output_head_step, output_head_velocity, pm
 from .patch_embed import patch_embed, patch_embed_dual
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_dual
 from .swiglu import swiglu, swiglu_dual
+from .swiglu_matmul import swiglu_mlp
 from .v_loss import output_head_v_loss
 
 __all__ = ["adamw_ema_", "attention_tangent", "gated_residual", "gated_residual_dual",
            "gated_residual_rms_norm_modulate", "gated_residual_rms_norm_modulate_dual",
            "output_head", "output_head_step", "output_head_v_loss", "output_head_velocity",
-           "patch_embed", "patch_embed_dual", "pmf_head_dual", "qk_norm_rope", "qk_norm_rope_dual", "rms_norm",
-           "rms_norm_modulate", "rms_norm_modulate_dual", "swiglu", "swiglu_dual"]
+           "patch_embed", "patch_embed_dual", "pmf_head_dual", "qk_norm_rope", "qk_norm_rope_dual",
+           "rms_norm", "rms_norm_modulate", "rms_norm_modulate_dual", "swiglu", "swiglu_dual",
+           "swiglu_mlp"]

@@ -23,7 +23,7 @@ BWD_CONFIGS = [triton.Config({"BLOCK_R": r, "BLOCK_F": f}, num_warps=w)
 
 
 @triton.jit
-def _halves(X12, B12, rows, cols, mask, F, HAS_BIAS: tl.constexpr):
+def swiglu_halves(X12, B12, rows, cols, mask, F, HAS_BIAS: tl.constexpr):
     """(a, b): the two halves of x12 at rows × cols, plus the bias, in float32."""
     a = tl.load(X12 + rows * 2 * F + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(X12 + rows * 2 * F + F + cols, mask=mask, other=0.0).to(tl.float32)
@@ -41,13 +41,20 @@ def _swiglu_fwd(X12, B12, OUT, T12, TOUT, F, HAS_BIAS: tl.constexpr, TANGENT: tl
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < F
-    a, b = _halves(X12, B12, row, cols, mask, F, HAS_BIAS)
+    a, b = swiglu_halves(X12, B12, row, cols, mask, F, HAS_BIAS)
     sig = tl.sigmoid(a)
     tl.store(OUT + row * F + cols, a * sig * b, mask=mask)
     if TANGENT:
-        ta, tb = _halves(T12, T12, row, cols, mask, F, False)
+        ta, tb = swiglu_halves(T12, T12, row, cols, mask, F, False)
         tout = sig * (1.0 + a * (1.0 - sig)) * ta * b + a * sig * tb
         tl.store(TOUT + row * F + cols, tout, mask=mask)
+
+
+@triton.jit
+def swiglu_grads(dout, a, b):
+    """(da, db): the grads of silu(a)·b given its grad dout, in float32."""
+    sig = tl.sigmoid(a)
+    return dout * b * sig * (1.0 + a * (1.0 - sig)), dout * a * sig
 
 
 @autotune(BWD_CONFIGS, key=["F", "HAS_BIAS"])
@@ -63,11 +70,9 @@ def _swiglu_bwd(DOUT, X12, B12, DX12, DB_PART, n_rows, F, ROW_BUCKET, HAS_BIAS: 
     for tile in tl.range(first, last, num_stages=2):  # loads the next tile during this one
         rows = (tile * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]).to(tl.int64)
         mask = (rows < n_rows) & (cols < F)
-        a, b = _halves(X12, B12, rows, cols, mask, F, HAS_BIAS)
+        a, b = swiglu_halves(X12, B12, rows, cols, mask, F, HAS_BIAS)
         dout = tl.load(DOUT + rows * F + cols, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(a)
-        da = dout * b * sig * (1.0 + a * (1.0 - sig))
-        db = dout * a * sig
+        da, db = swiglu_grads(dout, a, b)
         tl.store(DX12 + rows * 2 * F + cols, da, mask=mask)
         tl.store(DX12 + rows * 2 * F + F + cols, db, mask=mask)
         if HAS_BIAS:

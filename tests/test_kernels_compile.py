@@ -7,7 +7,8 @@ registered op on the opcheck cases in float32 and bfloat16, then runs pMF's samp
 PMFSampler does (1 and 2 guided steps, the update in the head) and its network's plain forward,
 for a tiny PMF and one of pMF-B/16's geometry, and compiles what they launch: the norms with
 stride-0 gates, shifts and scales, the patch embedding with its positions at an offset into the
-table, the head with the pMF grid's time slices.
+table, the head with the pMF grid's time slices. The bf16 Triton matmuls must compile to
+Hopper's tensor-core instructions (wgmma), every config.
 """
 import os
 import subprocess
@@ -20,6 +21,9 @@ import torch
 triton = pytest.importorskip("triton", reason="the fused kernels need Triton")
 
 ARCH = 90  # H100 / H200
+# Triton matmuls that replace cuBLAS's: in bf16 every config must run on Hopper's wgmma (a tile
+# or layout it cannot take falls back to mma.sync, several times slower)
+TENSOR_CORE_MATMULS = ("_swiglu_matmul_fwd", "_swiglu_matmul_bwd")
 SHARDS = 2
 
 
@@ -37,11 +41,17 @@ def test_every_kernel_compiles_for_sm90():
     for shard, (stdout, stderr) in zip(shards, outputs):
         assert shard.returncode == 0, stderr[-5000:]
         assert "kernel variants compiled" in stdout, stdout
+    matmuls = [line.split()[-2:] for stdout, _ in outputs for line in stdout.splitlines()
+               if line.startswith("bf16 matmul:")]
+    from jitfast.kernels import swiglu_matmul
+    assert len(matmuls) >= len(swiglu_matmul.FWD_CONFIGS) + len(swiglu_matmul.BWD_CONFIGS)
+    assert {name for name, _ in matmuls} == set(TENSOR_CORE_MATMULS)
+    assert all(found == "wgmma" for _, found in matmuls), matmuls
     # pMF reached the kernels (not the reference), the sampler's fused head among them
     stdout = outputs[0][0]
     pmf_kernels = stdout.split("pMF launched: ")[1].split()
     assert set(pmf_kernels) == {"_output_head_fwd", "_patch_embed_fwd", "_qk_norm_rope_fwd",
-                                "_residual_norm_fwd", "_swiglu_fwd"}, stdout
+                                "_residual_norm_fwd", "_swiglu_matmul_fwd"}, stdout
 
 
 def pmf_runs():
@@ -87,7 +97,10 @@ def compile_everything(arch, shard=0, shards=1):
         launched.add(key)
         if key not in variants:
             variants.add(key)
-            offline.compile_variant(kernel, args, kwargs)
+            compiled = offline.compile_variant(kernel, args, kwargs)
+            if kernel.fn.__name__ in TENSOR_CORE_MATMULS and args[0].dtype == torch.bfloat16:
+                wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
+                print("bf16 matmul:", kernel.fn.__name__, "wgmma" if wgmma else "no-wgmma")
 
     offline.intercept(arch, compile_new, every_config=True)
     sys.path.insert(0, str(Path(__file__).parent))

@@ -1,7 +1,8 @@
 """The whole JiT on backend="triton" against backend="torch" (forward and every parameter
 gradient), against the official parity fixture, and traced by torch.compile(fullgraph=True); the
 Denoiser's loss and sampler, whose epilogues the triton backend fuses into the output head,
-against the torch backend. (Official loss and sampling parity on both backends: test_diffusion.py
+against the torch backend; the first three also with the SwiGLU MLP's fused matmuls
+(JITFAST_FUSED_MLP=1). (Official loss and sampling parity on both backends: test_diffusion.py
 and test_sampling.py.)"""
 from pathlib import Path
 
@@ -17,6 +18,18 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under the interp
 FIXTURE = Path(__file__).parent / "fixtures" / "official_tiny.pt"
 TINY = dict(input_size=16, patch_size=4, in_channels=3, hidden_size=40, depth=3, num_heads=2,
             num_classes=5, bottleneck_dim=12, in_context_len=3, in_context_start=1)
+
+
+@pytest.fixture(params=[False, True], ids=["mlp-cublas", "mlp-fused"])
+def fused_mlp(request, monkeypatch):
+    """Each test twice: the SwiGLU MLP as cuBLAS matmuls around the SwiGLU kernel, and on the
+    fused matmuls (kernels/swiglu_matmul.py), which the test must then have reached."""
+    from jitfast.kernels import swiglu_matmul
+    monkeypatch.setattr(swiglu_matmul, "FUSED", request.param)
+    calls, apply = [], swiglu_matmul.SwiGLUMLP.apply
+    monkeypatch.setattr(swiglu_matmul.SwiGLUMLP, "apply", lambda *a: calls.append(1) or apply(*a))
+    yield request.param
+    assert bool(calls) == request.param
 
 
 def rel_err(a, b):
@@ -45,7 +58,7 @@ def forward_backward(model, inputs, run=None):
     return out, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_triton_backend_matches_torch_backend():
+def test_triton_backend_matches_torch_backend(fused_mlp):
     (reference, fused), inputs = tiny_pair()
     want, want_grads = forward_backward(reference, inputs)
     got, got_grads = forward_backward(fused, inputs)
@@ -56,7 +69,7 @@ def test_triton_backend_matches_torch_backend():
         assert rel_err(got_grads[name], grad) < 1e-5, name
 
 
-def test_triton_backend_matches_official_fixture():
+def test_triton_backend_matches_official_fixture(fused_mlp):
     fixture = torch.load(FIXTURE, weights_only=True)
     model = JiT(**fixture["config"], backend="triton").to(DEVICE).eval()
     model.load_state_dict(fixture["state_dict"])
@@ -66,7 +79,7 @@ def test_triton_backend_matches_official_fixture():
     assert rel_err(out, case["expected"]) < 1e-5
 
 
-def test_compile_fullgraph_traces_the_kernels():
+def test_compile_fullgraph_traces_the_kernels(fused_mlp):
     """No graph break: every op has a fake implementation and a registered backward."""
     (_, fused), inputs = tiny_pair()
     want, want_grads = forward_backward(fused, inputs)

@@ -94,6 +94,35 @@ def swiglu_case(*shape, bias=False):
                         id="swiglu-bias-" + "x".join(map(str, shape)))
 
 
+def fused_mlp_call(f, *args):
+    """f(*args) with the SwiGLU MLP's fused matmuls on (JITFAST_FUSED_MLP=1)."""
+    module = importlib.import_module("jitfast.kernels.swiglu_matmul")
+    saved, module.FUSED = module.FUSED, True
+    try:
+        return f(*args)
+    finally:
+        module.FUSED = saved
+
+
+def swiglu_mlp_case(B, N, D, F, D_out, bias):
+    """x (B, N, D), w12 (2F, D), the bias (2F,) or None, w3 (D_out, F)."""
+    def make(r):
+        inputs = [r(B, N, D), r(2 * F, D), r(2 * F), r(D_out, F)]
+        if bias:
+            return inputs, fused_mlp_call
+        return [inputs[0], inputs[1], inputs[3]], \
+            lambda f, x, w12, w3: fused_mlp_call(f, x, w12, None, w3)
+    return pytest.param("swiglu_mlp", make,
+                        id=f"swiglu_mlp-{'bias-' if bias else ''}{B}x{N}x{D}-{F}-{D_out}")
+
+
+# row and column tiles cut by M = B·N and F (two of each at 130 × 136: the bias grad's partial
+# sums of two row tiles), K = D past and short of a BLOCK_K
+SWIGLU_MLP_CASES = [swiglu_mlp_case(2, 7, 40, 24, 40, True),
+                    swiglu_mlp_case(3, 5, 72, 100, 56, False),
+                    swiglu_mlp_case(1, 130, 96, 136, 72, True)]
+
+
 def qk_case(B, grid, prefix, H, hd, real_tables, bias=False):
     """RoPE tables from positions.rope_2d (kept float32, as the model's buffers) or random; with
     the qkv Linear's bias (3D,), whose gradient the op forms (ops.bias_gradient_here)."""
@@ -164,6 +193,7 @@ CASES = [
     swiglu_case(3, 7, 2 * 40), swiglu_case(2, 5, 2 * 72), swiglu_case(11, 2 * 36),
     # the bias grad's row chunks: rows spread over several programs and column blocks
     swiglu_case(3, 7, 2 * 40, bias=True), swiglu_case(37, 2 * 600, bias=True),
+    *SWIGLU_MLP_CASES,
     qk_case(1, 2, 3, 5, 8, True), qk_case(3, 3, 0, 2, 12, False), qk_case(2, 2, 1, 3, 20, True),
     *TILED_QK_CASES,
     # the bias grad per (head, lane): 5 heads padded to 8 rows a token (JiT-B's 12 to 16 above)
@@ -207,6 +237,15 @@ def test_kernel_matches_reference(name, make):
         assert rel_err(g, w) < 1e-5, f"grad of input {i}: {rel_err(g, w):.2e}"
 
 
+def test_swiglu_mlp_refuses_mismatched_weights():
+    """The fused matmuls index the weights by the shapes of x and w3: a w12 or bias of another
+    shape is an error that names the shapes, not a wrong result."""
+    x, w3 = randn(2, 3, 8), randn(8, 5)
+    for w12, bias in ((randn(10, 7), None), (randn(12, 8), None), (randn(10, 8), randn(12))):
+        with pytest.raises(ValueError, match=r"need w12 of shape \(10, 8\)"):
+            kernels.swiglu_mlp(x, w12, bias, w3)
+
+
 def test_qk_norm_rope_v_is_a_view_of_qkv():
     """v is qkv's v part where the Linear wrote it (no copy), and its grad reaches qkv through
     the one backward kernel, beside q's and k's; no q/k value is read from v's part."""
@@ -230,6 +269,7 @@ def test_qk_norm_rope_v_is_a_view_of_qkv():
 
 TILE_MODULES = {"qk_norm_rope": importlib.import_module("jitfast.kernels.qk_norm_rope"),
                 "swiglu": importlib.import_module("jitfast.kernels.swiglu"),
+                "swiglu_mlp": importlib.import_module("jitfast.kernels.swiglu_matmul"),
                 "output_head": importlib.import_module("jitfast.kernels.output_head"),
                 **dict.fromkeys(NORM_OPS, importlib.import_module("jitfast.kernels.norm"))}
 
@@ -251,6 +291,7 @@ TILE_CONFIGS = max(len(configs) for m in TILE_MODULES.values()
 @pytest.mark.parametrize("name,make", [*(norm_case(name, 1, 7, 40) for name in NORM_OPS),
                                        *TILED_NORM_CASES, qk_case(1, 2, 3, 5, 8, True),
                                        *TILED_QK_CASES, swiglu_case(37, 2 * 600, bias=True),
+                                       SWIGLU_MLP_CASES[2],
                                        output_head_case(3, 3, 4, 3, 72)])
 def test_every_tile_config_matches_reference(monkeypatch, name, make, config):
     """test_kernel_matches_reference with the row-tile kernels pinned to their config-th autotune
@@ -441,6 +482,9 @@ def opcheck_cases():
         (jf.swiglu, (randn(B, N, 2 * D), None)),
         (jf.swiglu, (randn(B, N, 2 * D), randn(2 * D))),
         (jf.swiglu_backward, (x, randn(B, N, 2 * D), randn(2 * D))),
+        (jf.swiglu_matmul, (randn(B * N, D), randn(2 * 24, D), randn(2 * 24))),
+        (jf.swiglu_matmul, (randn(B * N, D), randn(2 * 24, D), None)),
+        (jf.swiglu_matmul_backward, (randn(B * N, D), randn(D, 24), randn(B * N, 2 * 24), True)),
         (jf.qk_norm_rope, (qkv, H, randn(hd), randn(hd), cos, sin, 1e-6)),
         (jf.qk_norm_rope_backward, (dq, dq * 2, dq * 3, qkv, randn(3 * H * hd), randn(hd),
                                     randn(hd), cos, sin, 1e-6)),
@@ -486,11 +530,12 @@ def test_opcheck(case):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes) checks; the
     forward ops get inputs that require grad, so their backward is exercised too (all but the
     sampler's step, which is inference only, the optimizer's in-place update and attention's
-    tangent, which no gradient goes through, and q/k-norm+RoPE's forward, whose autograd is a
-    Function's: test_qk_norm_rope_v_is_a_view_of_qkv)."""
+    tangent, which no gradient goes through, and q/k-norm+RoPE's and the SwiGLU matmul's
+    forwards, whose autograd is a Function's: test_qk_norm_rope_v_is_a_view_of_qkv, the
+    swiglu_mlp cases of test_kernel_matches_reference)."""
     op, args = opcheck_cases()[case]
     if not op.__name__.endswith(("_backward", "_", "_jvp")) and \
-            op.__name__ not in ("output_head_step", "qk_norm_rope"):
+            op.__name__ not in ("output_head_step", "qk_norm_rope", "swiglu_matmul"):
         args = tuple(a.requires_grad_() if torch.is_tensor(a) and a.numel() else a for a in args)
     torch.library.opcheck(op, args)
 
@@ -501,8 +546,8 @@ def test_every_kernel_has_its_own_name():
     import triton
 
     found = {}
-    for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu", "v_loss",
-                   "adamw_ema", "attention_jvp"):
+    for module in ("norm", "output_head", "patch_embed", "qk_norm_rope", "swiglu",
+                   "swiglu_matmul", "v_loss", "adamw_ema", "attention_jvp"):
         try:
             mod = importlib.import_module(f"jitfast.kernels.{module}")
         except ModuleNotFoundError:

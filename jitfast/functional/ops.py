@@ -126,6 +126,12 @@ def swiglu(x12, bias=None):
     return F.silu(a) * b
 
 
+def swiglu_mlp(x, w12, bias, w3):
+    """The SwiGLU MLP without its output bias: swiglu(x·w12ᵀ, bias)·w3ᵀ, w12 (2F, D) the two
+    halves' weights stacked, w3 (D', F)."""
+    return F.linear(swiglu(F.linear(x, w12), bias), w3)
+
+
 @torch.no_grad()
 def adamw_ema_(param, grad, exp_avg, exp_avg_sq, scalars, betas, eps, weight_decay, emas=(),
                decays=(), copy=None):

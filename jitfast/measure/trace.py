@@ -96,12 +96,20 @@ TRITON_FLOPS = {
     "_patch_embed_fwd": lambda a: 2 * a["M"] * a["K"] * (a["n_cols"] + a["D"]),
     "_patch_embed_bwd": lambda a: 2 * a["M"] * a["K"] * (a["n_cols"] + a["D"]
                                                          + a["n_cols"] * a["NEEDS_DX"]),
+    "_swiglu_matmul_fwd": lambda a: 2 * a["M"] * a["K"] * 2 * a["F"],
+    "_swiglu_matmul_bwd": lambda a: 2 * a["M"] * a["K"] * a["F"],
     # S and the two halves of Ṡ, then P·V, (P⊙Ṡ)·V and P·V̇: six (N × N × hd) products a head
     "_attention_jvp_fwd": lambda a: 12 * a["Q"].shape[0] * a["H"] * a["N"] ** 2 * a["HD"],
 }
-# Triton kernels priced at another measured rate than the Triton matmuls': attention's tangent
-# at SDPA's (an assumption until a GPU measures it)
-TRITON_KIND = {"_attention_jvp_fwd": "attention"}
+# Triton kernels priced at another rate than the Triton matmuls' measured one: attention's
+# tangent at SDPA's, the SwiGLU MLP's matmuls at cuBLAS's (assumptions until a GPU measures them)
+TRITON_KIND = {"_attention_jvp_fwd": "attention", "_swiglu_matmul_fwd": "matmul",
+               "_swiglu_matmul_bwd": "matmul"}
+
+
+# the groups whose work is matrix products: cuBLAS's and the Triton matmuls that replace them
+# (with their epilogues); "everything but the matmuls and attention" leaves these out
+MATMUL_GROUPS = ("GEMM", "jitfast swiglu_matmul_fwd", "jitfast swiglu_matmul_bwd")
 
 
 # Triton kernels that update tensors in place: these arguments are read and written

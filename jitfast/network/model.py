@@ -137,8 +137,10 @@ class SwiGLUFFN(nn.Module, PaddedSwiGLU):
         """The MLP update and the bias still to add to it (``deferred_bias``), the hidden width
         padded to a multiple of 8 (``PaddedSwiGLU``)."""
         w12, b12, w3 = self.swiglu_weights()
-        hidden = ops.swiglu(F.linear(x, w12), bias=b12)
-        return deferred_bias(self.w3, self.ffn_dropout(hidden), weight=w3)
+        if self.ffn_dropout.p > 0 and self.ffn_dropout.training:
+            hidden = ops.swiglu(F.linear(x, w12), bias=b12)
+            return deferred_bias(self.w3, self.ffn_dropout(hidden), weight=w3)
+        return ops.swiglu_mlp(x, w12, b12, w3), self.w3.bias
 
 
 def adaln(hidden_size, chunks):

@@ -95,7 +95,7 @@ class PMFMlp(nn.Module, PaddedSwiGLU):
 
     def forward(self, x, ops):
         w13, w2 = self.weights()
-        return F.linear(ops.swiglu(F.linear(x, w13)), w2)
+        return ops.swiglu_mlp(x, w13, None, w2)
 
     def forward_dual(self, x, tx, ops):
         w13, w2 = self.weights()

@@ -107,9 +107,10 @@ TRITON_KIND = {"_attention_jvp_fwd": "attention", "_swiglu_matmul_fwd": "matmul"
                "_swiglu_matmul_bwd": "matmul"}
 
 
-# the groups whose work is matrix products: cuBLAS's and the Triton matmuls that replace them
+# the groups whose work is matrix products: cuBLAS's and the Triton matmuls priced as cuBLAS's
 # (with their epilogues); "everything but the matmuls and attention" leaves these out
-MATMUL_GROUPS = ("GEMM", "jitfast swiglu_matmul_fwd", "jitfast swiglu_matmul_bwd")
+MATMUL_GROUPS = ("GEMM", *(group_of(name) for name, kind in TRITON_KIND.items()
+                           if kind == "matmul"))
 
 
 # Triton kernels that update tensors in place: these arguments are read and written

@@ -86,13 +86,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
 
+def active(dropout):
+    """Whether a dropout module (or None) drops anything in this mode."""
+    return dropout is not None and dropout.p > 0 and dropout.training
+
+
 def deferred_bias(linear, x, dropout=None, weight=None):
     """(x·Wᵀ, b): `linear` (with `weight` in place of its own, if given) without its bias, which
     the fused op consuming its output adds (its gradient then comes from that op's backward, not
     from a pass over the Linear's output gradient); with an active `dropout` after the Linear,
     that dropout of the biased output and None."""
     weight = linear.weight if weight is None else weight
-    if dropout is not None and dropout.p > 0 and dropout.training:
+    if active(dropout):
         return dropout(F.linear(x, weight, linear.bias)), None
     return F.linear(x, weight), linear.bias
 
@@ -137,7 +142,7 @@ class SwiGLUFFN(nn.Module, PaddedSwiGLU):
         """The MLP update and the bias still to add to it (``deferred_bias``), the hidden width
         padded to a multiple of 8 (``PaddedSwiGLU``)."""
         w12, b12, w3 = self.swiglu_weights()
-        if self.ffn_dropout.p > 0 and self.ffn_dropout.training:
+        if active(self.ffn_dropout):  # the fused matmuls have no dropout between them
             hidden = ops.swiglu(F.linear(x, w12), bias=b12)
             return deferred_bias(self.w3, self.ffn_dropout(hidden), weight=w3)
         return ops.swiglu_mlp(x, w12, b12, w3), self.w3.bias
